@@ -1,0 +1,75 @@
+"""`dreambooth-ray run JOB.yaml`: run a job on a local Ray instance (started here) or a given cluster."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+
+def _worker_env() -> dict[str, str]:
+    # DeepSpeed JIT-builds a few CPU ops; keep them (and their reuse) in one place per checkout.
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
+    return env
+
+
+def init_ray(address: str | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(address=address, runtime_env={"env_vars": _worker_env()}, logging_level=logging.WARNING,
+             include_dashboard=False if address is None else None)
+
+
+def cmd_run(args, console: Console) -> int:
+    from .job import run_job
+    from .spec import load_spec
+
+    spec = load_spec(args.job)
+    init_ray(args.address)
+    t0 = time.perf_counter()
+    results = run_job(spec, console)
+    table = Table(title=f"job {spec.name} ({time.perf_counter() - t0:.0f} s)")
+    for col in ("subject", "status", "steps", "final loss", "model", "samples"):
+        table.add_column(col)
+    for r in results:
+        loss = f"{r.final_loss:.4f}" if r.final_loss is not None else "-"
+        table.add_row(r.name, r.status, str(r.steps), loss, r.model, r.samples)
+    Console().print(table)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dreambooth-ray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a job spec on a local Ray instance (or --address)")
+    run.add_argument("job", help="job spec YAML")
+    run.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
+    run.set_defaults(fn=cmd_run)
+    args = parser.parse_args(argv)
+
+    console = Console(stderr=True)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
+    from .images import ImageError
+    from .models import ModelError
+    from .spec import SpecError
+    from .storage import StorageError
+
+    try:
+        return args.fn(args, console)
+    except (SpecError, ImageError, ModelError, StorageError) as e:
+        console.print(f"[red]error:[/] {e}", highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

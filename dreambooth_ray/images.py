@@ -1,0 +1,115 @@
+"""Subject photos: found in a folder or any fsspec URL, decoded, oriented, made RGB, cropped square."""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .spec import S3Settings
+from .storage import filesystem
+
+log = logging.getLogger("dreambooth_ray")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+MIN_IMAGES, MAX_IMAGES = 3, 50
+
+
+class ImageError(ValueError):
+    """A subject image (or image set) that cannot be used; the message names the file."""
+
+
+@dataclass(frozen=True)
+class SubjectImage:
+    name: str  # path relative to the subject folder
+    image: Image.Image  # RGB, resolution x resolution
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any mode to 8-bit RGB; transparency is flattened onto white, 16-bit is scaled, not clipped."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        peak = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, im)
+    return im.convert("RGB")
+
+
+def square(im: Image.Image, resolution: int) -> Image.Image:
+    """Resize the shorter side to `resolution` and center-crop: the subject is usually centered."""
+    w, h = im.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    im = im.resize((nw, nh), Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
+    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    return im.crop((left, top, left + resolution, top + resolution))
+
+
+def decode(data: bytes, name: str, resolution: int) -> Image.Image:
+    if not data:
+        raise ImageError(f"{name}: empty file")
+    try:
+        im = Image.open(io.BytesIO(data))
+        # JPEG decodes at a reduced scale when the target is much smaller: a 12000px photo stays cheap.
+        im.draft("RGB", (resolution, resolution))
+        n_frames = getattr(im, "n_frames", 1)
+        if n_frames > 1:
+            log.warning("%s: animated image with %d frames; using the first", name, n_frames)
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        return square(to_rgb(im), resolution)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name}: image too large to decode safely ({e})") from None
+    except Exception as e:  # Pillow raises many types for damaged files
+        raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def list_images(url: str, s3: S3Settings | None = None) -> list[str]:
+    fs, root = filesystem(url, s3)
+    if not fs.exists(root):
+        raise ImageError(f"{url}: subject image location does not exist")
+    if not fs.isdir(root):
+        raise ImageError(f"{url}: subject images must be a folder (or prefix), not a file")
+    files = [p for p in fs.find(root) if p.lower().endswith(IMAGE_EXTENSIONS)]
+    skipped = [p for p in fs.find(root) if not p.lower().endswith(IMAGE_EXTENSIONS) and not _hidden(p, root)]
+    for p in skipped:
+        log.warning("%s: not an image extension (%s); ignored", _rel(p, root), ", ".join(IMAGE_EXTENSIONS))
+    return sorted(p for p in files if not _hidden(p, root))
+
+
+def load_subject_images(
+    url: str, resolution: int, s3: S3Settings | None = None, skip_bad: bool = False
+) -> list[SubjectImage]:
+    fs, root = filesystem(url, s3)
+    out: list[SubjectImage] = []
+    for path in list_images(url, s3):
+        name = _rel(path, root)
+        try:
+            out.append(SubjectImage(name, decode(fs.cat_file(path), f"{url.rstrip('/')}/{name}", resolution)))
+        except ImageError as e:
+            if not skip_bad:
+                raise
+            log.warning("skipping bad image: %s", e)
+    if len(out) < MIN_IMAGES:
+        raise ImageError(f"{url}: {len(out)} usable image(s); DreamBooth needs at least {MIN_IMAGES}")
+    if len(out) > MAX_IMAGES:
+        log.warning("%s: %d images; DreamBooth works best with 3-%d", url, len(out), MAX_IMAGES)
+    return out
+
+
+def _rel(path: str, root: str) -> str:
+    return path[len(root):].lstrip("/")
+
+
+def _hidden(path: str, root: str) -> bool:
+    return any(seg.startswith(".") for seg in _rel(path, root).split("/"))

@@ -1,0 +1,101 @@
+"""Base models: 'tiny', a hub id, a local diffusers folder or an s3:// prefix, all loaded one way."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from . import tiny
+from .spec import S3Settings
+from .storage import filesystem, is_remote
+
+
+class ModelError(ValueError):
+    pass
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DREAMBOOTH_RAY_CACHE", Path.home() / ".cache" / "dreambooth-ray"))
+
+
+def _remote_listing(ref: str, s3: S3Settings | None) -> tuple[object, str, dict]:
+    fs, root = filesystem(ref, s3)
+    try:
+        listing = fs.find(root, detail=True)
+    except FileNotFoundError:
+        listing = {}
+    if not any(p.endswith("model_index.json") for p in listing):
+        raise ModelError(f"model {ref!r}: no model_index.json under it (expected a diffusers pipeline folder)")
+    return fs, root, listing
+
+
+def identity(ref: str, s3: S3Settings | None = None) -> str:
+    """A string that changes when the model's weights change: keys the prior-image cache."""
+    if ref == "tiny":
+        return tiny.TINY_VERSION
+    if is_remote(ref):
+        _, root, listing = _remote_listing(ref, s3)
+        sig = sorted((p[len(root):], d.get("size"), d.get("ETag") or d.get("etag")) for p, d in listing.items())
+        return f"{ref}@{hashlib.sha256(json.dumps(sig, default=str).encode()).hexdigest()[:12]}"
+    local = Path(ref)
+    if local.is_dir():
+        sig = sorted((str(p.relative_to(local)), p.stat().st_size, int(p.stat().st_mtime)) for p in local.rglob("*") if p.is_file())
+        return f"{local.resolve()}@{hashlib.sha256(json.dumps(sig).encode()).hexdigest()[:12]}"
+    return ref  # a hub id: its revision is the hub's business
+
+
+def resolve(ref: str, s3: S3Settings | None = None) -> str:
+    """Something `from_pretrained` accepts: the tiny model's folder, a local folder, or a hub id."""
+    if ref == "tiny":
+        return str(tiny.materialize(cache_root()))
+    if is_remote(ref):
+        fs, root, listing = _remote_listing(ref, s3)
+        dest = cache_root() / "models" / hashlib.sha256(identity(ref, s3).encode()).hexdigest()[:16]
+        if not (dest / "model_index.json").exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".dl-"))
+            fs.get(root + "/", str(tmp) + "/", recursive=True)
+            try:
+                os.rename(tmp, dest)
+            except OSError:  # another process on this machine finished first
+                shutil.rmtree(tmp, ignore_errors=True)
+        return str(dest)
+    if Path(ref).exists():
+        if not (Path(ref) / "model_index.json").exists():
+            raise ModelError(f"model {ref!r}: a local folder without model_index.json (not a diffusers pipeline)")
+        return ref
+    return ref
+
+
+def load_pipeline(ref: str, s3: S3Settings | None = None, torch_dtype=None):
+    from diffusers import DiffusionPipeline
+
+    path = resolve(ref, s3)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, safety_checker=None)
+    except OSError as e:
+        raise ModelError(f"model {ref!r}: cannot load ({e})") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_components(ref: str, s3: S3Settings | None = None):
+    """The parts training needs, each from its diffusers subfolder, plus a DDPM noise schedule."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = resolve(ref, s3)
+    try:
+        return dict(
+            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
+            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
+        )
+    except OSError as e:
+        raise ModelError(f"model {ref!r}: cannot load ({e})") from None

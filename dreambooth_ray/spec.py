@@ -1,0 +1,225 @@
+"""The job spec: one YAML file, validated by pydantic. Unknown keys and bad values name the field."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# A subject name becomes a storage path segment: letters, digits, '.', '_' and '-', no leading dot.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+DEFAULT_VALIDATION_PROMPTS = (
+    "a {identifier} {class_noun}",
+    "a {identifier} {class_noun} on the beach",
+    "a {identifier} {class_noun} in the snow",
+    "a {identifier} {class_noun} wearing a hat",
+    "an oil painting of a {identifier} {class_noun}",
+    "a {class_noun}",
+)
+
+
+class SpecError(ValueError):
+    """A job spec that cannot be used; the message names the file and field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+def check_name(name: str, what: str = "name") -> str:
+    if not NAME_RE.match(name) or ".." in name:
+        raise ValueError(
+            f"{what} {name!r} must be 1-64 characters of letters, digits, '.', '_' or '-', "
+            "start with a letter or digit and contain no '..' (it becomes a storage path)"
+        )
+    return name
+
+
+class Subject(_Strict):
+    """One subject: its photos, the class it belongs to, and the identifier that will name it."""
+
+    name: str
+    images: str = Field(description="local folder or fsspec URL (s3://...) of 3-50 photos")
+    class_noun: str = Field(alias="class", min_length=1)
+    identifier: str = Field(default="sks", min_length=1)
+    instance_prompt: str = "a {identifier} {class_noun}"
+    class_prompt: str = "a {class_noun}"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v, "subject name")
+
+    @field_validator("instance_prompt", "class_prompt")
+    @classmethod
+    def _known_placeholders(cls, v: str) -> str:
+        try:
+            v.format(identifier="x", class_noun="x")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"unknown placeholder {e} (use {{identifier}} and {{class_noun}})") from None
+        return v
+
+    def prompt(self, template: str) -> str:
+        return template.format(identifier=self.identifier, class_noun=self.class_noun)
+
+    @property
+    def instance_text(self) -> str:
+        return self.prompt(self.instance_prompt)
+
+    @property
+    def class_text(self) -> str:
+        return self.prompt(self.class_prompt)
+
+
+class S3Settings(_Strict):
+    """Where s3:// URLs point. Credentials come from the environment or the AWS config, never from here."""
+
+    endpoint_url: Optional[str] = None
+    region: Optional[str] = None
+
+
+class PriorConfig(_Strict):
+    enabled: bool = True
+    num_class_images: int = Field(100, ge=1, le=100_000)
+    loss_weight: float = Field(1.0, ge=0.0)
+    inference_steps: int = Field(25, ge=1, le=1000)
+    guidance_scale: float = Field(7.5, ge=0.0)
+    batch_size: int = Field(4, ge=1)
+    num_actors: Optional[int] = Field(None, ge=1, description="default: one per GPU, or 2 CPU actors")
+    seed: int = 0
+
+
+class TrainConfig(_Strict):
+    resolution: int = Field(512, ge=8, le=4096)
+    steps: int = Field(400, ge=1)
+    learning_rate: float = Field(5e-6, gt=0.0, le=1.0)
+    lr_warmup_steps: int = Field(0, ge=0)
+    batch_size: int = Field(1, ge=1, description="instance images per worker per micro-step")
+    gradient_accumulation: int = Field(1, ge=1)
+    mixed_precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    num_workers: int = Field(1, ge=1)
+    use_gpu: Optional[bool] = Field(None, description="default: use GPUs if the cluster has any")
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)
+    train_text_encoder: bool = False
+    center_crop: bool = True
+    random_flip: bool = True
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fp16_needs_gpu(self):
+        if self.mixed_precision == "fp16" and self.use_gpu is False:
+            raise ValueError("mixed_precision 'fp16' needs GPUs (use 'bf16' or 'fp32' on CPU)")
+        return self
+
+
+class SampleConfig(_Strict):
+    prompts: tuple[str, ...] = DEFAULT_VALIDATION_PROMPTS
+    images_per_prompt: int = Field(1, ge=1, le=16)
+    inference_steps: int = Field(25, ge=1)
+    guidance_scale: float = Field(7.5, ge=0.0)
+    seed: int = 0
+
+
+class JobSpec(_Strict):
+    name: str
+    model: str = Field("tiny", description="'tiny', a hub id, a local folder or an s3:// path")
+    storage: str = Field("./runs", description="local folder or s3://bucket/prefix")
+    s3: S3Settings = S3Settings()
+    subjects: tuple[Subject, ...]
+    prior: PriorConfig = PriorConfig()
+    train: TrainConfig = TrainConfig()
+    samples: SampleConfig = SampleConfig()
+    skip_bad_images: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v, "job name")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_subject(cls, data):
+        # `subject:` is shorthand for a one-element `subjects:` list.
+        if isinstance(data, dict) and "subject" in data:
+            if "subjects" in data:
+                raise ValueError("give either 'subject' or 'subjects', not both")
+            data = dict(data)
+            data["subjects"] = [data.pop("subject")]
+        return data
+
+    @model_validator(mode="after")
+    def _unique_subjects(self):
+        if not self.subjects:
+            raise ValueError("a job needs at least one subject")
+        names = [s.name for s in self.subjects]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"subject names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    def fingerprint(self, *parts: object) -> str:
+        """A short stable hash of JSON-able parts: names caches and runs that depend on them."""
+        blob = json.dumps(parts, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid job spec"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_spec(data: object, source: str = "<spec>", base_dir: Path | None = None) -> JobSpec:
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a job spec must be a mapping of fields, got {type(data).__name__}")
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_format_errors(e, source)) from None
+    if base_dir is not None:
+        spec = _resolve_relative(spec, base_dir)
+    return spec
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read job spec ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from None
+    return parse_spec(data, str(path), base_dir=path.parent)
+
+
+def _is_url(s: str) -> bool:
+    return "://" in s
+
+
+def _resolve_relative(spec: JobSpec, base: Path) -> JobSpec:
+    """Relative local paths in a spec file are relative to that file, not to the caller's cwd."""
+
+    def fix(p: str) -> str:
+        return p if _is_url(p) or Path(p).is_absolute() else str((base / p).resolve())
+
+    model = spec.model
+    if model != "tiny" and not _is_url(model) and (base / model).exists():
+        model = fix(model)
+    subjects = tuple(s.model_copy(update={"images": fix(s.images)}) for s in spec.subjects)
+    return spec.model_copy(update={"storage": fix(spec.storage), "model": model, "subjects": subjects})

@@ -1,0 +1,129 @@
+"""Object storage: one fsspec filesystem for our files, one pyarrow filesystem for Ray Train.
+
+Everything the job writes lives under the storage root; path parts are validated names, so a
+user-supplied name can never climb out of its prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+
+from .spec import S3Settings, check_name
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def filesystem(url: str, s3: S3Settings | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for `url` and the path inside it. s3:// uses the job's endpoint."""
+    options: dict[str, Any] = {}
+    if url.startswith(("s3://", "s3a://")) and s3 is not None:
+        client = {k: v for k, v in (("endpoint_url", s3.endpoint_url), ("region_name", s3.region)) if v}
+        if client:
+            options["client_kwargs"] = client
+        # A fresh instance per job: fsspec caches instances, and a stale one outlives a restarted endpoint.
+        options["skip_instance_cache"] = True
+        options.setdefault("config_kwargs", {"retries": {"max_attempts": 8, "mode": "standard"}})
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    return fs, path.rstrip("/")
+
+
+@dataclass
+class Storage:
+    """The job's storage root (a local folder or s3://bucket/prefix)."""
+
+    root: str
+    s3: S3Settings | None = None
+
+    def __post_init__(self):
+        self.root = self.root.rstrip("/")
+        self.fs, self.base = filesystem(self.root, self.s3)
+        self.protocol = "s3" if self.root.startswith(("s3://", "s3a://")) else "file"
+
+    def path(self, *parts: str) -> str:
+        for p in parts:
+            for seg in p.split("/"):
+                check_name(seg, "storage path segment")
+        return "/".join([self.base, *parts])
+
+    def url(self, *parts: str) -> str:
+        p = self.path(*parts)
+        return f"s3://{p}" if self.protocol == "s3" else p
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+    def read_json(self, *parts: str) -> Any | None:
+        try:
+            with self.fs.open(self.path(*parts), "rb") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        """Write so that a reader never sees a partial file: S3 puts are atomic, local files are renamed."""
+        dest = self.path(*parts)
+        if self.protocol == "s3":
+            self.fs.pipe_file(dest, data)
+            return
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        tmp = f"{dest}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, dest)
+
+    def write_json(self, obj: Any, *parts: str) -> None:
+        self.write_bytes(json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), *parts)
+
+    def listdir(self, *parts: str) -> list[str]:
+        try:
+            return sorted(os.path.basename(p.rstrip("/")) for p in self.fs.ls(self.path(*parts), detail=False))
+        except FileNotFoundError:
+            return []
+
+    def put_dir(self, local_dir: str, *parts: str) -> None:
+        dest = self.path(*parts)
+        if self.fs.exists(dest):
+            self.fs.rm(dest, recursive=True)
+        if self.protocol == "file":
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+        self.fs.put(local_dir.rstrip("/") + "/", dest, recursive=True)
+
+    def check_writable(self) -> None:
+        """Fail before any compute if the root is missing or not writable (no bucket, no permission)."""
+        probe = f".probe-{uuid.uuid4().hex}"
+        try:
+            if self.protocol == "file":
+                os.makedirs(self.base, exist_ok=True)
+            self.fs.pipe_file(f"{self.base}/{probe}", b"ok")
+            self.fs.rm_file(f"{self.base}/{probe}")
+        except Exception as e:  # the storage library's own errors vary by backend
+            raise StorageError(f"storage {self.root!r} is not writable: {type(e).__name__}: {e}") from None
+
+    def ray_storage(self, *parts: str) -> tuple[str, Any]:
+        """(storage_path, storage_filesystem) for Ray Train's RunConfig."""
+        path = self.path(*parts)
+        if self.protocol == "file":
+            return path, None
+        import pyarrow.fs as pafs
+
+        kwargs: dict[str, Any] = {}
+        if self.s3 and self.s3.endpoint_url:
+            scheme, _, host = self.s3.endpoint_url.partition("://")
+            kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
+        if self.s3 and self.s3.region:
+            kwargs["region"] = self.s3.region
+        # retry_strategy: transient 5xx/timeouts from the store are retried, not fatal.
+        kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=8)
+        return path, pafs.S3FileSystem(**kwargs)
+
+
+class StorageError(RuntimeError):
+    pass

@@ -1,0 +1,151 @@
+"""The built-in `tiny` model: a randomly initialised Stable Diffusion layout small enough for CPU.
+
+Nothing is downloaded. The tokenizer is a real byte-level BPE (CLIPTokenizer) over a small vocabulary
+generated here, so prompts tokenize exactly as they would with a real CLIP tokenizer, only coarser.
+The pipeline is written to disk once and then loaded by the same code as any user's model folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+TINY_VERSION = "tiny-v1"
+TINY_RESOLUTION = 32  # pixels; the VAE downsamples by 2, so latents are 16x16
+
+# Words that get a single token each; everything else falls back to byte-level pieces.
+_WORDS = (
+    "a an the of in on at with and photo picture dog cat toy backpack vase bowl clock sneaker teapot "
+    "person face man woman sks zwx qlt beach city street snow forest mountain grass table kitchen "
+    "water river lake floor bed sofa moon space desert jungle red blue green yellow purple white black "
+    "wearing hat sunglasses rainbow scarf santa chef police sitting lying running top front behind "
+    "oil painting style van gogh cube sphere cartoon sketch high quality view"
+).split()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # The GPT-2/CLIP byte-to-unicode table: printable stand-ins for every byte.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_tokenizer(path: Path) -> None:
+    chars = list(_bytes_to_unicode().values())
+    vocab: list[str] = chars + [c + "</w>" for c in chars]
+    merges: list[str] = []
+    seen = set(vocab)
+    for word in _WORDS:
+        # Merge left to right: "d o" -> "do", "do g</w>" -> "dog</w>".
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        acc = pieces[0]
+        for p in pieces[1:]:
+            merged = acc + p
+            if f"{acc} {p}" not in merges:
+                merges.append(f"{acc} {p}")
+            if merged not in seen:
+                seen.add(merged)
+                vocab.append(merged)
+            acc = merged
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77,
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+    }))
+
+
+def build_pipeline(seed: int = 0):
+    """A StableDiffusionPipeline with random weights, identical for a given seed on every machine."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=8, sample_size=TINY_RESOLUTION,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_attention_heads=4,
+        num_hidden_layers=2, max_position_embeddings=77, projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def materialize(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Write the tiny pipeline to a local folder once (per machine) and return it."""
+    root = Path(cache_dir or os.environ.get("DREAMBOOTH_RAY_CACHE", Path.home() / ".cache" / "dreambooth-ray"))
+    path = root / "models" / TINY_VERSION
+    if (path / "model_index.json").exists():
+        return path
+    import tempfile
+
+    root.joinpath("models").mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root / "models", prefix=".tiny-"))
+    build_pipeline().save_pretrained(tmp)
+    try:
+        os.rename(tmp, path)  # atomic: concurrent workers on one machine race harmlessly
+    except OSError:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def make_subject_images(folder: str | os.PathLike, n: int = 5, size: int = 64, seed: int = 0, color=(200, 40, 40)) -> list[Path]:
+    """A toy subject for demos and tests: the same red figure, shifted, scaled, on varied backgrounds."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        bg = tuple(rng.randint(90, 250) for _ in range(3))
+        im = Image.new("RGB", (size, size), bg)
+        d = ImageDraw.Draw(im)
+        r = size * rng.uniform(0.22, 0.3)
+        cx, cy = size / 2 + rng.uniform(-6, 6), size / 2 + rng.uniform(-6, 6)
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)  # body
+        for dx in (-r * 0.7, r * 0.7):  # ears
+            d.rectangle([cx + dx - r * 0.25, cy - r * 1.35, cx + dx + r * 0.25, cy - r * 0.7], fill=color)
+        d.ellipse([cx - r * 0.35, cy - r * 0.3, cx - r * 0.1, cy - r * 0.05], fill=(20, 20, 20))  # eyes
+        d.ellipse([cx + r * 0.1, cy - r * 0.3, cx + r * 0.35, cy - r * 0.05], fill=(20, 20, 20))
+        p = folder / f"toy_{i:02d}.{'jpg' if i % 2 else 'png'}"
+        im.save(p, quality=92) if p.suffix == ".jpg" else im.save(p)
+        paths.append(p)
+    return paths
