@@ -18,14 +18,16 @@ import torch
 TAG = "ckpt"  # one DeepSpeed tag per Ray checkpoint directory
 
 
-def save(engine, step: int, metrics: dict) -> None:
+def save(engine, step: int, metrics: dict, started_at: int) -> None:
     """Called by every rank: write this rank's shard and report it (Ray merges the directories)."""
     tmp = tempfile.mkdtemp(prefix="dbr-ckpt-")
     try:
         engine.save_checkpoint(tmp, tag=TAG, client_state={"step": step})
         if ray.train.get_context().get_world_rank() == 0:
             with open(os.path.join(tmp, "state.json"), "w") as f:
-                json.dump({"step": step, "world_size": ray.train.get_context().get_world_size()}, f)
+                # started_at: the step this attempt began from (non-zero after a resume).
+                json.dump({"step": step, "started_at": started_at,
+                           "world_size": ray.train.get_context().get_world_size()}, f)
         ray.train.report(
             metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step-{step:07d}"
         )

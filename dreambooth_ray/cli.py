@@ -21,13 +21,12 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-def init_ray(address: str | None = None) -> None:
+def init_ray(address: str | None = None, **kwargs) -> None:
     import ray
 
     if ray.is_initialized():
         return
-    ray.init(address=address, runtime_env={"env_vars": _worker_env()}, logging_level=logging.WARNING,
-             include_dashboard=False if address is None else None)
+    ray.init(address=address, runtime_env={"env_vars": _worker_env()}, logging_level=logging.WARNING, **kwargs)
 
 
 def cmd_run(args, console: Console) -> int:

@@ -28,8 +28,9 @@ def filesystem(url: str, s3: S3Settings | None = None) -> tuple[fsspec.AbstractF
         client = {k: v for k, v in (("endpoint_url", s3.endpoint_url), ("region_name", s3.region)) if v}
         if client:
             options["client_kwargs"] = client
-        # A fresh instance per job: fsspec caches instances, and a stale one outlives a restarted endpoint.
-        options["skip_instance_cache"] = True
+        # Other processes (actors, workers) write here all the time: never trust a cached listing,
+        # and never reuse a cached instance that may outlive a restarted endpoint.
+        options.update(skip_instance_cache=True, use_listings_cache=False)
         options.setdefault("config_kwargs", {"retries": {"max_attempts": 8, "mode": "standard"}})
     fs, path = fsspec.core.url_to_fs(url, **options)
     return fs, path.rstrip("/")

@@ -142,7 +142,7 @@ def train_loop(config: dict) -> None:
                   f"(subject {metrics['instance_loss']:.4f}, prior {metrics['prior_loss']:.4f}) "
                   f"lr {metrics['lr']:.2e} {metrics['steps_per_s']:.2f} steps/s", flush=True)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            checkpoint.save(engine, done, metrics)
+            checkpoint.save(engine, done, metrics, started_at=start)
             if config.get("fail_at_step") == done and start == 0:
                 raise RuntimeError(f"injected failure after step {done} (test hook)")
         else:

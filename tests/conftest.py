@@ -1,0 +1,80 @@
+"""One local Ray cluster and one moto S3 server (127.0.0.1) for the whole session: real parts, no mocks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    # Dummy credentials for the local server only; set before Ray starts so its workers inherit them.
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing-secret-0123456789",
+                      AWS_DEFAULT_REGION="us-east-1")
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_endpoint):
+    import boto3
+
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint, tmp_path_factory):
+    import ray
+
+    from dreambooth_ray.cli import init_ray
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
+    os.environ["DREAMBOOTH_RAY_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    init_ray(num_cpus=4)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def toy_images(tmp_path):
+    from dreambooth_ray.tiny import make_subject_images
+
+    folder = tmp_path / "toy"
+    make_subject_images(folder, n=4)
+    return folder
+
+
+def tiny_spec(storage: str, images: str, **sections) -> dict:
+    """A small job spec (tiny model, 32 px, few steps) with per-test overrides by section."""
+    spec = {
+        "name": "t",
+        "model": "tiny",
+        "storage": storage,
+        "subjects": [{"name": "toy", "images": images, "class": "toy"}],
+        "prior": {"num_class_images": 4, "inference_steps": 2, "batch_size": 2, "num_actors": 2},
+        "train": {"resolution": 32, "steps": 4, "checkpoint_every": 2, "num_workers": 1, "zero_stage": 2,
+                  "mixed_precision": "fp32", "learning_rate": 1e-3, "max_failures": 0},
+        "samples": {"prompts": ["a {identifier} {class_noun}", "a {class_noun}"], "inference_steps": 2},
+    }
+    for k, v in sections.items():
+        spec[k] = {**spec[k], **v} if isinstance(spec.get(k), dict) else v
+    return spec

@@ -1,0 +1,110 @@
+import io
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dreambooth_ray.images import ImageError, decode, load_subject_images
+from dreambooth_ray.spec import S3Settings
+
+
+def save(im: Image.Image, path, **kw):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path, **kw)
+    return path
+
+
+def red(size=(40, 40), mode="RGB"):
+    return Image.new(mode, size, {"RGB": (255, 0, 0), "RGBA": (255, 0, 0, 255), "L": 128}[mode])
+
+
+def test_modes_are_converted_to_rgb(tmp_path):
+    save(red(), tmp_path / "a.jpg", quality=95)
+    save(Image.new("RGBA", (40, 40), (0, 0, 255, 0)), tmp_path / "transparent.png")  # -> white, not black
+    save(Image.new("L", (40, 40), 128), tmp_path / "gray.png")
+    save(Image.new("CMYK", (40, 40), (0, 255, 255, 0)), tmp_path / "cmyk.jpg")  # red in CMYK
+    save(Image.fromarray(np.full((40, 40), 65535, np.uint16)), tmp_path / "deep.png")  # 16-bit white
+    save(red(), tmp_path / "w.webp")
+    imgs = {s.name: np.asarray(s.image) for s in load_subject_images(str(tmp_path), 16)}
+    assert all(a.shape == (16, 16, 3) and a.dtype == np.uint8 for a in imgs.values())
+    assert imgs["transparent.png"].min() == 255
+    assert abs(int(imgs["gray.png"][0, 0, 0]) - 128) <= 1
+    assert imgs["cmyk.jpg"][8, 8, 0] > 200 and imgs["cmyk.jpg"][8, 8, 1] < 60
+    assert imgs["deep.png"].min() == 255  # scaled, not clipped to a wrong value
+    assert imgs["w.webp"][8, 8, 0] > 200
+
+
+def test_exif_orientation_is_applied():
+    im = Image.new("RGB", (60, 30), (0, 0, 0))
+    im.paste((255, 255, 255), (0, 0, 30, 30))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW when displayed: the white half ends up on top
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", exif=exif, quality=95)
+    out = np.asarray(decode(buf.getvalue(), "rot.jpg", 30)).mean(axis=(1, 2))
+    assert out[:10].mean() > 200 and out[-10:].mean() < 50
+
+
+def test_non_square_images_are_center_cropped():
+    im = Image.new("RGB", (90, 30), (0, 0, 0))
+    im.paste((255, 255, 255), (30, 0, 60, 30))  # white center third
+    assert np.asarray(decode(_png(im), "wide.png", 30)).min() > 240
+
+
+def _png(im):
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_bad_files_are_named(tmp_path):
+    for i in range(3):
+        save(red(), tmp_path / f"ok{i}.png")
+    good = (tmp_path / "ok0.png").read_bytes()
+    (tmp_path / "broken.png").write_bytes(good[: len(good) // 2])
+    with pytest.raises(ImageError, match="broken.png: not a readable image"):
+        load_subject_images(str(tmp_path), 16)
+    (tmp_path / "broken.png").unlink()
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(ImageError, match="empty.jpg: empty file"):
+        load_subject_images(str(tmp_path), 16)
+    (tmp_path / "empty.jpg").unlink()
+    (tmp_path / "notes.png").write_text("this is text")
+    with pytest.raises(ImageError, match="notes.png: not a readable image"):
+        load_subject_images(str(tmp_path), 16)
+
+
+def test_skip_bad_warns_and_keeps_the_rest(tmp_path, caplog):
+    for i in range(3):
+        save(red(), tmp_path / f"ok{i}.png")
+    (tmp_path / "notes.png").write_text("this is text")
+    (tmp_path / "README.txt").write_text("not an image extension")
+    with caplog.at_level(logging.WARNING, logger="dreambooth_ray"):
+        imgs = load_subject_images(str(tmp_path), 16, skip_bad=True)
+    assert [s.name for s in imgs] == ["ok0.png", "ok1.png", "ok2.png"]
+    assert "notes.png" in caplog.text and "README.txt" in caplog.text
+
+
+def test_image_count_limits(tmp_path, caplog):
+    for i in range(2):
+        save(red(), tmp_path / f"ok{i}.png")
+    with pytest.raises(ImageError, match="2 usable image.*at least 3"):
+        load_subject_images(str(tmp_path), 16)
+    for i in range(2, 51):
+        save(red((8, 8)), tmp_path / "nested" / f"ünï cödé {i}.png")
+    with caplog.at_level(logging.WARNING, logger="dreambooth_ray"):
+        assert len(load_subject_images(str(tmp_path), 8)) == 51
+    assert "51 images" in caplog.text
+    with pytest.raises(ImageError, match="does not exist"):
+        load_subject_images(str(tmp_path / "nope"), 8)
+
+
+def test_images_from_s3(s3_endpoint, bucket):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    for i in range(3):
+        fs.pipe_file(f"{bucket}/subj/{i}.png", _png(red()))
+    imgs = load_subject_images(f"s3://{bucket}/subj", 16, S3Settings(endpoint_url=s3_endpoint))
+    assert [s.name for s in imgs] == ["0.png", "1.png", "2.png"]

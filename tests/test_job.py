@@ -1,0 +1,114 @@
+"""End to end on a local Ray cluster and the local S3 server: the job as a user runs it."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from dreambooth_ray import cli, job, models, train
+from dreambooth_ray.checkpoint import consolidated_state_dict, read_state
+from dreambooth_ray.spec import S3Settings, load_spec, parse_spec
+from dreambooth_ray.storage import Storage
+
+from conftest import ROOT, tiny_spec
+
+
+def snapshot(root) -> dict:
+    return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(root) for f in fs}
+
+
+def test_quickstart_end_to_end_then_rerun_does_nothing(ray_cluster, tmp_path, capsys):
+    data = yaml.safe_load((ROOT / "jobs" / "quickstart.yaml").read_text())
+    data["storage"] = str(tmp_path / "store")
+    data["subject"]["images"] = str(ROOT / "jobs" / "quickstart-toy")
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(data))
+
+    assert cli.main(["run", str(spec_file)]) == 0
+    out = tmp_path / "store" / "outputs" / "quickstart" / "toy"
+    assert "toy" in capsys.readouterr().out  # the results table names the subject
+
+    record = json.loads((out / "job.json").read_text())
+    assert record["step"] == 6 and record["metrics"]["step"] == 6
+    assert record["metrics"]["prior_loss"] > 0 and record["metrics"]["loss"] > record["metrics"]["instance_loss"]
+    assert record["versions"]["deepspeed"] and record["spec"]["train"]["zero_stage"] == 2
+    priors = tmp_path / "store" / "priors" / record["priors"]["key"]
+    assert sorted(p.name for p in priors.glob("*.png")) == [f"{i:06d}.png" for i in range(8)]
+
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(out / "model")
+    base = models.load_pipeline("tiny")
+    changed = [n for n, p in pipe.unet.named_parameters() if not np.allclose(p.detach(), base.unet.get_parameter(n).detach())]
+    assert len(changed) > 10, "exported UNet should hold the trained, not the base, weights"
+    assert pipe("a sks toy", num_inference_steps=2, height=32, width=32).images[0].size == (32, 32)
+    grid = Image.open(out / "samples.png")
+    assert grid.size[0] == 4 * 192 and grid.size[1] > 192  # 4 prompts, captioned
+
+    before = snapshot(tmp_path / "store")
+    results = job.run_job(load_spec(spec_file))
+    assert results[0].status == "skipped"
+    assert set(results[0].stages.values()) == {"skipped"}
+    assert snapshot(tmp_path / "store") == before, "a re-run of a finished job must not write anything"
+
+
+def test_s3_two_subjects_share_one_prior_set(ray_cluster, s3_endpoint, bucket, toy_images):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    fs.put(str(toy_images) + "/", f"{bucket}/photos/toy/", recursive=True)
+    data = tiny_spec(f"s3://{bucket}/dreambooth", f"s3://{bucket}/photos/toy",
+                     s3={"endpoint_url": s3_endpoint}, train={"steps": 2, "zero_stage": 0})
+    data["subjects"].append({"name": "toy2", "images": str(toy_images), "class": "toy", "identifier": "zwx"})
+    spec = parse_spec(data)
+
+    results = job.run_job(spec)
+    assert [r.stages["priors"] for r in results] == ["ran", "skipped"]  # generated once, reused
+    keys = fs.ls(f"{bucket}/dreambooth/priors")
+    assert len(keys) == 1
+    assert len(fs.glob(f"{keys[0]}/*.png")) == 4
+    for r in results:
+        rec = json.loads(fs.cat_file(f"{bucket}/dreambooth/outputs/t/{r.name}/job.json"))
+        assert rec["priors"]["url"] == f"s3://{keys[0]}"
+        assert "testing-secret" not in json.dumps(rec)
+        assert r.model == f"s3://{bucket}/dreambooth/outputs/t/{r.name}/model"
+    pipe = models.load_pipeline(results[1].model, S3Settings(endpoint_url=s3_endpoint))
+    assert pipe("a zwx toy", num_inference_steps=2, height=32, width=32).images[0].size == (32, 32)
+    assert fs.exists(f"{bucket}/dreambooth/outputs/t/toy2/samples.png")
+
+
+def _final_weights(ckpt, tmp_path, name):
+    d = tmp_path / name
+    ckpt.to_directory(str(d))
+    return consolidated_state_dict(str(d)), read_state(str(d))
+
+
+@pytest.mark.parametrize("stage,how", [(2, "failure_config"), (3, "rerun")])
+def test_zero_resume_from_s3_gives_identical_weights(ray_cluster, s3_endpoint, bucket, toy_images, tmp_path, stage, how):
+    spec = parse_spec(tiny_spec(f"s3://{bucket}/r", str(toy_images), s3={"endpoint_url": s3_endpoint},
+                                prior={"enabled": False},
+                                train={"zero_stage": stage, "num_workers": 2, "max_failures": 1 if how == "failure_config" else 0}))
+    storage = Storage(spec.storage, spec.s3)
+    subject = spec.subjects[0]
+    ref = train.fit(spec, subject, storage, "straight", None, use_gpu=False)
+
+    if how == "failure_config":  # a worker fails after the step-2 checkpoint; Ray Train restarts it
+        res = train.fit(spec, subject, storage, "interrupted", None, use_gpu=False, fail_at_step=2)
+    else:  # the whole run dies; running it again with the same name resumes
+        with pytest.raises(Exception, match="injected failure"):
+            train.fit(spec, subject, storage, "interrupted", None, use_gpu=False, fail_at_step=2)
+        res = train.fit(spec, subject, storage, "interrupted", None, use_gpu=False)
+
+    a, state_a = _final_weights(ref.checkpoint, tmp_path, "a")
+    b, state_b = _final_weights(res.checkpoint, tmp_path, "b")
+    assert state_a == {"step": 4, "started_at": 0, "world_size": 2}
+    assert state_b == {"step": 4, "started_at": 2, "world_size": 2}  # resumed, not restarted
+    assert a.keys() == b.keys()
+    base = models.load_pipeline("tiny").unet.state_dict()
+    assert any(not torch.allclose(a[k], base[k.removeprefix("unet.")]) for k in a)  # it did train
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff == 0.0, f"resumed weights differ from the uninterrupted run by {diff}"

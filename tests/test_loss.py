@@ -1,0 +1,66 @@
+"""Prior preservation really enters the loss: the class half of the batch is used, and weighted."""
+
+import pytest
+import torch
+from PIL import Image
+
+from dreambooth_ray import tiny
+from dreambooth_ray.data import DreamBoothData, step_generator
+from dreambooth_ray.loss import prior_preservation_loss
+from dreambooth_ray.train import DreamBoothModel, diffusion_step
+
+
+def test_loss_arithmetic():
+    pred, target = torch.zeros(4, 1), torch.tensor([[1.0], [1.0], [2.0], [2.0]])
+    loss, inst, prior = prior_preservation_loss(pred, target, n_instance=2, prior_weight=0.5)
+    assert inst.item() == 1.0 and prior.item() == 4.0 and loss.item() == 1.0 + 0.5 * 4.0
+    with pytest.raises(ValueError, match="not 2 subject \\+ 2 class rows"):
+        prior_preservation_loss(torch.zeros(3, 1), torch.zeros(3, 1), 2, 1.0)
+
+
+def test_batches_hold_subject_then_class_rows():
+    white, black = Image.new("RGB", (8, 8), "white"), Image.new("RGB", (8, 8), "black")
+    data = DreamBoothData([white] * 3, [black] * 5)
+    pixels, n = data.batch(2, step_generator(0, 0))
+    assert n == 2 and pixels.shape == (4, 3, 8, 8)
+    assert (pixels[:2] == 1).all() and (pixels[2:] == -1).all()
+    # Same (seed, step) -> same batch: what makes a resumed run identical.
+    a, _ = DreamBoothData([white, black, white], [black], random_flip=True).batch(3, step_generator(1, 5))
+    b, _ = DreamBoothData([white, black, white], [black], random_flip=True).batch(3, step_generator(1, 5))
+    assert torch.equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def parts():
+    pipe = tiny.build_pipeline()
+    from diffusers import DDPMScheduler
+
+    return pipe, DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def _step(parts, classes, weight):
+    pipe, sched = parts
+    subject = [Image.new("RGB", (32, 32), (200, 30, 30))] * 3
+    data = DreamBoothData(subject, classes, random_flip=False)
+    g = step_generator(0, 0)
+    pixels, n = data.batch(1, g)
+    ids = pipe.tokenizer(["a sks toy", "a toy"][: len(pixels)], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        states = pipe.text_encoder(ids)[0]
+        return diffusion_step(DreamBoothModel(pipe.unet), pipe.vae, sched, pixels, n, g, weight,
+                              torch.float32, torch.device("cpu"), encoder_hidden_states=states)
+
+
+def test_training_step_uses_the_class_images(parts):
+    gray = [Image.new("RGB", (32, 32), (128, 128, 128))]
+    noise = [Image.effect_noise((32, 32), 120).convert("RGB")]
+    loss1, inst1, prior1 = _step(parts, gray, 1.0)
+    loss2, inst2, prior2 = _step(parts, noise, 1.0)
+    loss0, inst0, prior0 = _step(parts, gray, 0.0)
+    assert prior1 > 0 and torch.isclose(loss1, inst1 + prior1)
+    assert torch.isclose(inst1, inst2) and torch.isclose(inst1, inst0)  # the subject half is untouched
+    assert not torch.isclose(prior1, prior2)  # other class images -> other prior loss: they are used
+    assert torch.isclose(loss0, inst0) and torch.isclose(prior0, prior1)  # lambda weights the prior term
+    # Without class images (prior disabled) the batch is subject-only and the prior term is zero.
+    loss_np, inst_np, prior_np = _step(parts, [], 1.0)
+    assert prior_np == 0 and torch.isclose(loss_np, inst_np)

@@ -1,0 +1,88 @@
+import subprocess
+import sys
+
+import pytest
+
+from dreambooth_ray.spec import SpecError, load_spec, parse_spec
+from dreambooth_ray.storage import Storage
+
+from conftest import ROOT, tiny_spec
+
+
+def errors_of(data) -> str:
+    with pytest.raises(SpecError) as e:
+        parse_spec(data, "job.yaml")
+    return str(e.value)
+
+
+def test_quickstart_spec_loads_and_resolves_paths_relative_to_the_file():
+    spec = load_spec(ROOT / "jobs" / "quickstart.yaml")
+    s = spec.subjects[0]
+    assert s.images == str(ROOT / "jobs" / "quickstart-toy")
+    assert spec.storage == str(ROOT / "runs")
+    assert s.instance_text == "a sks toy" and s.class_text == "a toy"
+
+
+def test_unknown_keys_and_bad_values_name_the_field():
+    msg = errors_of(tiny_spec("/tmp/x", "/tmp/y", train={"steps": -3, "zero_stage": 5, "lr": 1e-4}, bogus=1))
+    assert "job.yaml: invalid job spec" in msg
+    assert "train.steps:" in msg and "greater than or equal to 1" in msg
+    assert "train.zero_stage:" in msg
+    assert "train.lr: unknown field" in msg
+    assert "bogus: unknown field" in msg
+
+
+def test_wrong_types_and_missing_class_are_reported():
+    data = tiny_spec("/tmp/x", "/tmp/y", train={"steps": "many", "learning_rate": [1]})
+    del data["subjects"][0]["class"]
+    msg = errors_of(data)
+    assert "train.steps:" in msg and "train.learning_rate:" in msg
+    assert "subjects.0.class: Field required" in msg
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden", "x" * 65, "sp ace", ""])
+def test_subject_names_cannot_escape_storage(name):
+    data = tiny_spec("/tmp/x", "/tmp/y")
+    data["subjects"][0]["name"] = name
+    assert "subjects.0.name" in errors_of(data)
+
+
+def test_storage_paths_are_checked_segment_by_segment(tmp_path):
+    st = Storage(str(tmp_path))
+    assert st.path("outputs", "job", "toy") == f"{tmp_path}/outputs/job/toy"
+    with pytest.raises(ValueError):
+        st.path("outputs", "..", "etc")
+    with pytest.raises(ValueError):
+        st.path("outputs/../../etc")
+
+
+def test_duplicate_subjects_bad_placeholders_and_fp16_on_cpu():
+    data = tiny_spec("/tmp/x", "/tmp/y")
+    data["subjects"].append(dict(data["subjects"][0]))
+    assert "repeated: toy" in errors_of(data)
+    data = tiny_spec("/tmp/x", "/tmp/y")
+    data["subjects"][0]["instance_prompt"] = "a {ident} thing"
+    assert "subjects.0.instance_prompt" in errors_of(data)
+    assert "fp16" in errors_of(tiny_spec("/tmp/x", "/tmp/y", train={"mixed_precision": "fp16", "use_gpu": False}))
+    assert "subject" in errors_of({**tiny_spec("/tmp/x", "/tmp/y"), "subject": {}})
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    bad = tmp_path / "job.yaml"
+    bad.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(SpecError, match="job.yaml: not valid YAML"):
+        load_spec(bad)
+    with pytest.raises(SpecError, match="cannot read job spec"):
+        load_spec(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(SpecError, match="must be a mapping"):
+        load_spec(tmp_path / "list.yaml")
+
+
+def test_cli_reports_spec_errors_without_a_traceback(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("name: q\nsubject: {name: toy, images: x, class: toy}\ntrain: {steps: -1, stepz: 3}\n")
+    p = subprocess.run([sys.executable, "-m", "dreambooth_ray.cli", "run", str(job)], capture_output=True, text=True)
+    assert p.returncode == 2
+    assert "train.steps" in p.stderr and "train.stepz: unknown field" in p.stderr
+    assert "Traceback" not in p.stderr
