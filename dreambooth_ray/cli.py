@@ -26,6 +26,7 @@ def init_ray(address: str | None = None, **kwargs) -> None:
 
     if ray.is_initialized():
         return
+    kwargs.setdefault("include_dashboard", False if address is None else None)
     ray.init(address=address, runtime_env={"env_vars": _worker_env()}, logging_level=logging.WARNING, **kwargs)
 
 
