@@ -39,13 +39,16 @@ def cmd_run(args, console: Console) -> int:
     t0 = time.perf_counter()
     results = run_job(spec, console)
     table = Table(title=f"job {spec.name} ({time.perf_counter() - t0:.0f} s)")
-    for col in ("subject", "status", "steps", "final loss", "model", "samples"):
-        table.add_column(col)
+    for col in ("subject", "status", "steps", "final loss", "time", "output / error"):
+        table.add_column(col, overflow="fold")
     for r in results:
         loss = f"{r.final_loss:.4f}" if r.final_loss is not None else "-"
-        table.add_row(r.name, r.status, str(r.steps), loss, r.model, r.samples)
-    Console().print(table)
-    return 0
+        table.add_row(r.name, r.status, str(r.steps), loss, f"{r.seconds:.0f} s", r.error or r.model)
+    Console(width=max(120, Console().width)).print(table)
+    failed = [r.name for r in results if r.status == "failed"]
+    if failed:
+        console.print(f"[red]{len(failed)} subject(s) failed:[/] {', '.join(failed)}; re-run the job to retry them")
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("job", help="job spec YAML")
     run.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
     run.set_defaults(fn=cmd_run)
+    from . import submit
+
+    submit.add_commands(sub)
     args = parser.parse_args(argv)
 
     console = Console(stderr=True)
@@ -64,9 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     from .spec import SpecError
     from .storage import StorageError
 
+    from .submit import SubmitError
+
     try:
         return args.fn(args, console)
-    except (SpecError, ImageError, ModelError, StorageError) as e:
+    except (SpecError, ImageError, ModelError, StorageError, SubmitError) as e:
         console.print(f"[red]error:[/] {e}", highlight=False)
         return 2
 

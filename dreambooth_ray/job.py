@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import ray
 from rich.console import Console
@@ -26,13 +26,16 @@ log = logging.getLogger("dreambooth_ray")
 @dataclass
 class SubjectResult:
     name: str
-    status: str  # "done" or "skipped" (already complete)
+    status: str  # "done", "skipped" (already complete) or "failed" (see error)
     model: str
     samples: str
     steps: int
     final_loss: float | None
     seconds: float
     stages: dict = field(default_factory=dict)  # stage -> "ran" | "skipped"
+    error: str | None = None
+    train_start: float | None = None  # wall-clock seconds since the epoch, when training ran
+    train_end: float | None = None
 
 
 def run_name(spec: JobSpec, subject: Subject, model_identity: str, prior_key: str | None) -> str:
@@ -57,9 +60,36 @@ def finalize(spec: JobSpec, subject: Subject, ckpt, out: tuple[str, ...], record
     return model_url, storage.url(*out, "samples.png")
 
 
+@ray.remote(num_cpus=0)
+def prior_task(cache: priors.PriorCache, spec: JobSpec, use_gpu: bool) -> dict:
+    """One per distinct class: the subjects that need these images wait on this task's result."""
+    print(f"priors: {cache.prompt!r} -> {cache.url}", flush=True)
+    counts = priors.generate(cache, spec, use_gpu)
+    print(f"priors: {cache.prompt!r}: {counts['cached']} cached, {counts['generated']} generated", flush=True)
+    return {"key": cache.key, "url": cache.url, **counts}
+
+
+@ray.remote(num_cpus=0)
+def subject_task(spec, subject, identity, use_gpu, prior_counts, fail_at_step) -> SubjectResult:
+    """One subject, start to finish; its failure is its own result, never the batch's."""
+    t0 = time.perf_counter()
+    try:
+        return _run_subject(spec, subject, Storage(spec.storage, spec.s3), identity, use_gpu, prior_counts, fail_at_step)
+    except Exception as e:  # isolation: whatever went wrong is recorded, the other subjects go on
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"{subject.name}: FAILED: {msg}", flush=True)
+        return SubjectResult(subject.name, "failed", "", "", 0, None, time.perf_counter() - t0, error=msg)
+
+
+def capacity(spec: JobSpec, use_gpu: bool) -> int:
+    """How many subjects can train at once on this cluster, given each run's worker count."""
+    res = ray.cluster_resources()
+    slots = int(res.get("GPU", 0)) if use_gpu else int(res.get("CPU", 1))
+    return max(1, slots // spec.train.num_workers)
+
+
 def run_job(spec: JobSpec, console: Console | None = None, fail_at_step: int | None = None) -> list[SubjectResult]:
     console = console or Console(stderr=True)
-    say = lambda msg: console.print(msg, highlight=False)  # noqa: E731
     storage = Storage(spec.storage, spec.s3)
     storage.check_writable()  # before any compute: no bucket / no permission fails here
     use_gpu = spec.train.use_gpu
@@ -67,54 +97,80 @@ def run_job(spec: JobSpec, console: Console | None = None, fail_at_step: int | N
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     if spec.train.mixed_precision == "fp16" and not use_gpu:
         raise SpecError("train.mixed_precision: 'fp16' needs GPUs and this cluster has none (use 'bf16' or 'fp32')")
-    # Read every subject's photos now: a bad file fails the job before any GPU time is spent.
-    for s in spec.subjects:
-        load_subject_images(s.images, spec.train.resolution, spec.s3, spec.skip_bad_images)
     identity = models.identity(spec.model, spec.s3)
-    results = []
+
+    # Priors: one task per distinct cache key, started now; subjects depend on their class's task,
+    # so Ray starts each subject as soon as its own priors are ready (others may still be generating).
+    prior_refs: dict[str, ray.ObjectRef] = {}
+    subject_priors = []
     for subject in spec.subjects:
-        results.append(_run_subject(spec, subject, storage, identity, use_gpu, say, fail_at_step))
-    return results
+        cache = priors.PriorCache.for_subject(spec, subject, storage, identity) if spec.prior.enabled else None
+        if cache and cache.key not in prior_refs:
+            prior_refs[cache.key] = prior_task.remote(cache, spec, use_gpu)
+        subject_priors.append(prior_refs[cache.key] if cache else None)
+
+    # Subjects: at most `capacity` in flight, so hundreds of subjects don't start hundreds of idle
+    # trainers; Ray's scheduler places each run's workers wherever resources free up.
+    window = capacity(spec, use_gpu)
+    console.print(f"job {spec.name}: {len(spec.subjects)} subject(s), up to {window} at once, "
+                  f"{len(prior_refs)} prior set(s)", highlight=False)
+    pending = list(zip(spec.subjects, subject_priors))
+    running: dict[ray.ObjectRef, str] = {}
+    results: dict[str, SubjectResult] = {}
+    while pending or running:
+        while pending and len(running) < window:
+            subject, pref = pending.pop(0)
+            ref = subject_task.remote(spec, subject, identity, use_gpu, pref, fail_at_step)
+            running[ref] = subject.name
+        [ready], _ = ray.wait(list(running), num_returns=1)  # blocks until one subject finishes
+        r = ray.get(ready)
+        results[running.pop(ready)] = r
+        console.print(f"{r.name}: {r.status}" + (f" ({r.error})" if r.error else ""), highlight=False)
+
+    ordered = [results[s.name] for s in spec.subjects]
+    storage.write_json({"job": spec.name, "priors": ray.get(list(prior_refs.values())),
+                        "subjects": [asdict(r) for r in ordered]}, "outputs", spec.name, "results.json")
+    return ordered
 
 
-def _run_subject(spec, subject, storage, identity, use_gpu, say, fail_at_step) -> SubjectResult:
+def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, fail_at_step) -> SubjectResult:
     t0 = time.perf_counter()
+    say = lambda msg: print(f"{subject.name}: {msg}", flush=True)  # noqa: E731
     out = ("outputs", spec.name, subject.name)
-    cache = priors.PriorCache.for_subject(spec, subject, storage, identity) if spec.prior.enabled else None
-    name = run_name(spec, subject, identity, cache.key if cache else None)
+    prior_key = prior_counts["key"] if prior_counts else None
+    name = run_name(spec, subject, identity, prior_key)
     record = storage.read_json(*out, "job.json")
     if record and record.get("run") == name:
-        say(f"[bold]{subject.name}[/]: already complete ({record['model']}); nothing to do")
+        say(f"already complete ({record['model']}); nothing to do")
         return SubjectResult(subject.name, "skipped", record["model"], record["samples"], record["step"],
                              record.get("metrics", {}).get("loss"), time.perf_counter() - t0,
-                             {s: "skipped" for s in ("priors", "train", "export", "samples")})
-    stages = {}
-
-    if cache:
-        say(f"[bold]{subject.name}[/]: prior images for {cache.prompt!r} -> {cache.url}")
-        counts = priors.generate(cache, spec, use_gpu, on_progress=lambda d, n: say(f"  priors {d}/{n}"))
-        say(f"  priors: {counts['cached']} cached, {counts['generated']} generated")
-        stages["priors"] = "ran" if counts["generated"] else "skipped"
-
+                             {s: "skipped" for s in ("train", "export", "samples")})
+    # The photos are read here, first: a bad file fails this subject before any training starts.
+    load_subject_images(subject.images, spec.train.resolution, spec.s3, spec.skip_bad_images)
+    stages: dict[str, str] = {}
+    train_start = train_end = None
     trained = storage.read_json(*out, "train.json")
     if trained and trained.get("run") == name:
-        say(f"[bold]{subject.name}[/]: training already finished ({trained['checkpoint']})")
+        say(f"training already finished ({trained['checkpoint']})")
         ckpt = ray.train.Checkpoint(trained["checkpoint"], storage.ray_storage()[1])
         metrics, stages["train"] = trained["metrics"], "skipped"
     else:
         t = spec.train
-        say(f"[bold]{subject.name}[/]: training {t.steps} steps, ZeRO-{t.zero_stage}, {t.num_workers} worker(s), "
+        say(f"training {t.steps} steps, ZeRO-{t.zero_stage}, {t.num_workers} worker(s), "
             f"{t.mixed_precision}, {'GPU' if use_gpu else 'CPU'} (run {name})")
-        result = train.fit(spec, subject, storage, name, cache.key if cache else None, use_gpu, fail_at_step)
+        train_start = time.time()
+        result = train.fit(spec, subject, storage, name, prior_key, use_gpu, fail_at_step)
+        train_end = time.time()
         ckpt, metrics, stages["train"] = result.checkpoint, result.metrics, "ran"
         storage.write_json({"run": name, "checkpoint": ckpt.path, "metrics": metrics}, *out, "train.json")
 
-    say(f"[bold]{subject.name}[/]: exporting and rendering samples")
+    say("exporting and rendering samples")
     record = {"run": name, "subject": subject.name, "metrics": metrics,
-              "priors": {"key": cache.key, "url": cache.url} if cache else None}
+              "priors": {"key": prior_key, "url": prior_counts["url"]} if prior_counts else None}
     model_url, samples_url = ray.get(finalize.options(num_gpus=1 if use_gpu else 0).remote(
         spec, subject, ckpt, out, record))
     stages.update(export="ran", samples="ran")
-    say(f"  model   -> {model_url}\n  samples -> {samples_url}")
+    say(f"model -> {model_url}; samples -> {samples_url}")
     return SubjectResult(subject.name, "done", model_url, samples_url, int(metrics.get("step", spec.train.steps)),
-                         metrics.get("loss"), time.perf_counter() - t0, stages)
+                         metrics.get("loss"), time.perf_counter() - t0, stages, train_start=train_start,
+                         train_end=train_end)

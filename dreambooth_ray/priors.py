@@ -101,13 +101,13 @@ def default_actor_count(cfg: PriorConfig, use_gpu: bool) -> int:
 def generate(cache: PriorCache, spec: JobSpec, use_gpu: bool, on_progress=None) -> dict:
     """Make sure the cache holds `num_class_images` images; returns counts for the job record."""
     n = spec.prior.num_class_images
+    todo = cache.missing(n)
+    if not todo:
+        return {"requested": n, "generated": 0, "cached": n}
     cache.storage.write_json(
         {"prompt": cache.prompt, "resolution": cache.resolution, "model": spec.model, **cache.config.model_dump()},
         "priors", cache.key, "meta.json",
     )
-    todo = cache.missing(n)
-    if not todo:
-        return {"requested": n, "generated": 0, "cached": n}
     bs = spec.prior.batch_size
     batches = [todo[i : i + bs] for i in range(0, len(todo), bs)]
     n_actors = min(default_actor_count(spec.prior, use_gpu), len(batches))

@@ -147,13 +147,16 @@ class JobSpec(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _single_subject(cls, data):
-        # `subject:` is shorthand for a one-element `subjects:` list.
+    def _subject_forms(cls, data):
+        # `subject:` is shorthand for a one-element list; `subjects: <url>` names a CSV/JSONL manifest.
         if isinstance(data, dict) and "subject" in data:
             if "subjects" in data:
                 raise ValueError("give either 'subject' or 'subjects', not both")
             data = dict(data)
             data["subjects"] = [data.pop("subject")]
+        if isinstance(data, dict) and isinstance(data.get("subjects"), str):
+            data = dict(data)
+            data["subjects"] = read_manifest(data["subjects"], S3Settings.model_validate(data.get("s3") or {}))
         return data
 
     @model_validator(mode="after")
@@ -170,6 +173,43 @@ class JobSpec(_Strict):
         """A short stable hash of JSON-able parts: names caches and runs that depend on them."""
         blob = json.dumps(parts, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def read_manifest(url: str, s3: S3Settings) -> list[dict]:
+    """Subjects from a CSV (header: name,images,class,identifier) or JSONL file at any fsspec URL.
+
+    Relative `images` entries are relative to the manifest's own location.
+    """
+    import csv
+    import io
+    import posixpath
+
+    from .storage import filesystem
+
+    try:
+        fs, path = filesystem(url, s3)
+        text = fs.cat_file(path).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read subject manifest {url!r}: {e}") from None
+    if url.lower().endswith((".jsonl", ".ndjson")):
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{url} line {n}: not JSON ({e.msg})") from None
+    elif url.lower().endswith(".csv"):
+        rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k and (v or "").strip()}
+                for r in csv.DictReader(io.StringIO(text))]
+    else:
+        raise ValueError(f"subject manifest {url!r} must end in .csv or .jsonl")
+    base = url.rsplit("/", 1)[0] if "/" in url else "."
+    for r in rows:
+        img = r.get("images") if isinstance(r, dict) else None
+        if isinstance(img, str) and "://" not in img and not img.startswith("/"):
+            r["images"] = posixpath.normpath(f"{base}/{img}") if "://" not in base else f"{base}/{img}"
+    return rows
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -205,6 +245,9 @@ def load_spec(path: str | Path) -> JobSpec:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise SpecError(f"{path}: not valid YAML: {e}") from None
+    subjects = data.get("subjects") if isinstance(data, dict) else None
+    if isinstance(subjects, str) and not _is_url(subjects) and not Path(subjects).is_absolute():
+        data["subjects"] = str((path.parent / subjects).resolve())  # a manifest next to the spec
     return parse_spec(data, str(path), base_dir=path.parent)
 
 

@@ -49,11 +49,15 @@ def test_quickstart_end_to_end_then_rerun_does_nothing(ray_cluster, tmp_path, ca
     grid = Image.open(out / "samples.png")
     assert grid.size[0] == 4 * 192 and grid.size[1] > 192  # 4 prompts, captioned
 
+    table = tmp_path / "store" / "outputs" / "quickstart" / "results.json"
     before = snapshot(tmp_path / "store")
     results = job.run_job(load_spec(spec_file))
     assert results[0].status == "skipped"
     assert set(results[0].stages.values()) == {"skipped"}
-    assert snapshot(tmp_path / "store") == before, "a re-run of a finished job must not write anything"
+    after = snapshot(tmp_path / "store")
+    assert after.pop(str(table)) > before.pop(str(table))  # only the new run's results table is written
+    assert after == before, "a re-run of a finished job must not write anything else"
+    assert json.loads(table.read_text())["subjects"][0]["status"] == "skipped"
 
 
 def test_s3_two_subjects_share_one_prior_set(ray_cluster, s3_endpoint, bucket, toy_images):

@@ -1,0 +1,150 @@
+"""`dreambooth-ray submit/status/logs/stop`: a job spec as a Ray Job on a remote cluster.
+
+The spec is validated here, before anything is sent. The cluster gets the validated spec and this
+package's code (`py_modules`), so it runs the same version as the submitter. A Ray cluster with
+token auth takes the token from RAY_AUTH_TOKEN, from the file RAY_AUTH_TOKEN_PATH names, from
+--token-file, or from ~/.ray/auth_token. It is sent as a header and never printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import yaml
+
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+class SubmitError(RuntimeError):
+    pass
+
+
+def _token(token_file: str | None) -> str | None:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    for p in (token_file, os.environ.get("RAY_AUTH_TOKEN_PATH"), Path.home() / ".ray" / "auth_token"):
+        if p and Path(p).is_file():
+            return Path(p).read_text().strip()
+    return None
+
+
+def client(address: str, token_file: str | None = None):
+    from ray.job_submission import JobSubmissionClient
+
+    token = _token(token_file)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except Exception as e:  # connection refused, 401/403, not a Ray dashboard
+        raise SubmitError(f"cannot reach the Ray cluster at {address}: {e}") from None
+
+
+def default_submission_id(spec) -> str:
+    # Deterministic: the same spec submitted twice is refused instead of running twice.
+    return f"{spec.name}-{spec.fingerprint(spec.model_dump(by_alias=True))}"
+
+
+def submit(job_file: str, address: str, submission_id: str | None = None, token_file: str | None = None) -> str:
+    import dreambooth_ray
+
+    from .spec import load_spec
+
+    spec = load_spec(job_file)
+    sid = submission_id or default_submission_id(spec)
+    c = client(address, token_file)
+    try:
+        info = c.get_job_info(sid)
+    except RuntimeError:
+        info = None  # no such job: the normal case
+    if info is not None:
+        raise SubmitError(
+            f"submission id {sid!r} already exists on {address} (status {info.status}); "
+            "see `dreambooth-ray status/logs`, or pass --submission-id to submit again"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "job.yaml").write_text(yaml.safe_dump(json.loads(spec.model_dump_json(by_alias=True)), sort_keys=False))
+        try:
+            return c.submit_job(
+                entrypoint="python -m dreambooth_ray.cli run job.yaml --address auto",
+                submission_id=sid,
+                runtime_env={"working_dir": tmp, "py_modules": [str(Path(dreambooth_ray.__file__).parent)]},
+                metadata={"dreambooth_ray_job": spec.name},
+            )
+        except RuntimeError as e:
+            if "already exists" in str(e):
+                raise SubmitError(f"submission id {sid!r} already exists on {address}") from None
+            raise SubmitError(f"submission to {address} failed: {e}") from None
+
+
+def _existing(c, sid: str):
+    try:
+        return c.get_job_info(sid)
+    except RuntimeError:
+        raise SubmitError(f"no job with submission id {sid!r}") from None
+
+
+def cmd_submit(args, console) -> int:
+    sid = submit(args.job, args.address, args.submission_id, args.token_file)
+    print(sid)
+    console.print(f"submitted; follow with: dreambooth-ray logs {sid} --address {args.address} --follow", highlight=False)
+    return 0
+
+
+def cmd_status(args, console) -> int:
+    info = _existing(client(args.address, args.token_file), args.id)
+    print(info.status)
+    if info.message:
+        console.print(info.message, highlight=False)
+    return 0
+
+
+def cmd_logs(args, console) -> int:
+    c = client(args.address, args.token_file)
+    _existing(c, args.id)
+    if not args.follow:
+        print(c.get_job_logs(args.id), end="")
+        return 0
+
+    async def follow():
+        async for lines in c.tail_job_logs(args.id):
+            print(lines, end="", flush=True)
+
+    asyncio.run(follow())
+    return 0
+
+
+def cmd_stop(args, console) -> int:
+    c = client(args.address, args.token_file)
+    info = _existing(c, args.id)
+    if info.status in TERMINAL:
+        console.print(f"{args.id} already ended ({info.status})", highlight=False)
+        return 0
+    c.stop_job(args.id)
+    console.print(f"stop requested for {args.id}", highlight=False)
+    return 0
+
+
+def add_commands(sub) -> None:
+    def common(p):
+        p.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"),
+                       help="Ray dashboard address (default: $RAY_ADDRESS or http://127.0.0.1:8265)")
+        p.add_argument("--token-file", default=None, help="Ray auth token file (default: ~/.ray/auth_token)")
+
+    p = sub.add_parser("submit", help="submit a job spec to a Ray cluster as a Ray Job")
+    p.add_argument("job")
+    p.add_argument("--submission-id", default=None, help="default: derived from the spec (same spec, same id)")
+    common(p)
+    p.set_defaults(fn=cmd_submit)
+    for name, fn, text in (("status", cmd_status, "a submitted job's status"),
+                           ("logs", cmd_logs, "a submitted job's logs"),
+                           ("stop", cmd_stop, "stop a submitted job")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("id", help="submission id")
+        common(p)
+        if name == "logs":
+            p.add_argument("--follow", action="store_true")
+        p.set_defaults(fn=fn)
