@@ -19,8 +19,8 @@ def cli(*args, env=None):
     return subprocess.run([str(BIN / "dreambooth-ray"), *args], capture_output=True, text=True, env=env, timeout=300)
 
 
-@pytest.fixture
-def ray_head(tmp_path):
+@pytest.fixture(scope="module")
+def ray_head():
     port, dash = _free_port(), _free_port()
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     head = subprocess.Popen(
@@ -35,7 +35,11 @@ def ray_head(tmp_path):
         time.sleep(2)
     yield address
     os.killpg(head.pid, signal.SIGTERM)
-    head.wait(timeout=60)
+    try:
+        head.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    os.killpg(head.pid, signal.SIGKILL)  # the head's own children (gcs, raylet, workers) share its group
 
 
 def test_submit_status_logs_round_trip(ray_head, tmp_path, toy_images):
