@@ -63,9 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--address", default=None,
                      help="an existing Ray cluster ('auto', or host:port); default: start a local instance")
     run.set_defaults(fn=cmd_run)
-    from . import submit
+    from . import k8s, submit
 
     submit.add_commands(sub)
+    k8s.add_commands(sub)
     args = parser.parse_args(argv)
 
     console = Console(stderr=True)
@@ -75,11 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     from .spec import SpecError
     from .storage import StorageError
 
+    from .k8s import K8sError
     from .submit import SubmitError
 
     try:
         return args.fn(args, console)
-    except (SpecError, ImageError, ModelError, StorageError, SubmitError) as e:
+    except (SpecError, ImageError, ModelError, StorageError, SubmitError, K8sError) as e:
         console.print(f"[red]error:[/] {e}", highlight=False)
         return 2
 

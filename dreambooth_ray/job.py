@@ -85,7 +85,7 @@ def capacity(spec: JobSpec, use_gpu: bool) -> int:
     """How many subjects can train at once on this cluster, given each run's worker count."""
     res = ray.cluster_resources()
     slots = int(res.get("GPU", 0)) if use_gpu else int(res.get("CPU", 1))
-    return max(1, slots // spec.train.num_workers)
+    return min(max(1, slots // spec.train.num_workers), spec.max_concurrent_subjects or 1 << 30)
 
 
 def run_job(spec: JobSpec, console: Console | None = None, fail_at_step: int | None = None) -> list[SubjectResult]:

@@ -110,7 +110,6 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
     train_text_encoder: bool = False
-    center_crop: bool = True
     random_flip: bool = True
     seed: int = 0
 
@@ -139,6 +138,7 @@ class JobSpec(_Strict):
     train: TrainConfig = TrainConfig()
     samples: SampleConfig = SampleConfig()
     skip_bad_images: bool = False
+    max_concurrent_subjects: Optional[int] = Field(None, ge=1, description="default: as many as the cluster fits")
 
     @field_validator("name")
     @classmethod

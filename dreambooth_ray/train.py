@@ -136,6 +136,7 @@ def train_loop(config: dict) -> None:
         metrics = {
             "step": done, "loss": sums[0].item(), "instance_loss": sums[1].item(), "prior_loss": sums[2].item(),
             "lr": lr_sched.get_last_lr()[0], "steps_per_s": (done - last) / max(elapsed, 1e-9),
+            "node_id": ray.get_runtime_context().get_node_id(),  # rank 0's node: where the run was placed
         }
         if rank == 0:
             print(f"[{subject.name}] step {done}/{cfg.steps} loss {metrics['loss']:.4f} "
