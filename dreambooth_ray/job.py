@@ -7,7 +7,6 @@ checkpoint), and a subject whose `job.json` exists (written last, so it means "c
 
 from __future__ import annotations
 
-import logging
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,9 +18,6 @@ from . import export, models, priors, samples, train
 from .images import load_subject_images
 from .spec import JobSpec, SpecError, Subject
 from .storage import Storage
-
-log = logging.getLogger("dreambooth_ray")
-
 
 @dataclass
 class SubjectResult:
@@ -70,15 +66,29 @@ def prior_task(cache: priors.PriorCache, spec: JobSpec, use_gpu: bool) -> dict:
 
 
 @ray.remote(num_cpus=0)
-def subject_task(spec, subject, identity, use_gpu, prior_counts, fail_at_step) -> SubjectResult:
+def subject_task(spec, subject, identity, use_gpu, prior_counts) -> SubjectResult:
     """One subject, start to finish; its failure is its own result, never the batch's."""
     t0 = time.perf_counter()
     try:
-        return _run_subject(spec, subject, Storage(spec.storage, spec.s3), identity, use_gpu, prior_counts, fail_at_step)
+        return _run_subject(spec, subject, Storage(spec.storage, spec.s3), identity, use_gpu, prior_counts)
     except Exception as e:  # isolation: whatever went wrong is recorded, the other subjects go on
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = _first_line(e)
         print(f"{subject.name}: FAILED: {msg}", flush=True)
         return SubjectResult(subject.name, "failed", "", "", 0, None, time.perf_counter() - t0, error=msg)
+
+
+def _first_line(e: BaseException) -> str:
+    if isinstance(e, ray.exceptions.RayTaskError):
+        e = e.cause or e
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _outcome(ref: ray.ObjectRef) -> dict:
+    try:
+        return ray.get(ref)
+    except Exception as e:
+        return {"error": _first_line(e)}
 
 
 def capacity(spec: JobSpec, use_gpu: bool) -> int:
@@ -88,7 +98,7 @@ def capacity(spec: JobSpec, use_gpu: bool) -> int:
     return min(max(1, slots // spec.train.num_workers), spec.max_concurrent_subjects or 1 << 30)
 
 
-def run_job(spec: JobSpec, console: Console | None = None, fail_at_step: int | None = None) -> list[SubjectResult]:
+def run_job(spec: JobSpec, console: Console | None = None) -> list[SubjectResult]:
     console = console or Console(stderr=True)
     storage = Storage(spec.storage, spec.s3)
     storage.check_writable()  # before any compute: no bucket / no permission fails here
@@ -120,20 +130,24 @@ def run_job(spec: JobSpec, console: Console | None = None, fail_at_step: int | N
     while pending or running:
         while pending and len(running) < window:
             subject, pref = pending.pop(0)
-            ref = subject_task.remote(spec, subject, identity, use_gpu, pref, fail_at_step)
+            ref = subject_task.remote(spec, subject, identity, use_gpu, pref)
             running[ref] = subject.name
         [ready], _ = ray.wait(list(running), num_returns=1)  # blocks until one subject finishes
-        r = ray.get(ready)
-        results[running.pop(ready)] = r
+        name = running.pop(ready)
+        try:
+            r = ray.get(ready)
+        except Exception as e:  # its class's prior task failed, so the subject never started
+            r = SubjectResult(name, "failed", "", "", 0, None, 0.0, error=_first_line(e))
+        results[name] = r
         console.print(f"{r.name}: {r.status}" + (f" ({r.error})" if r.error else ""), highlight=False)
 
     ordered = [results[s.name] for s in spec.subjects]
-    storage.write_json({"job": spec.name, "priors": ray.get(list(prior_refs.values())),
+    storage.write_json({"job": spec.name, "priors": [_outcome(ref) for ref in prior_refs.values()],
                         "subjects": [asdict(r) for r in ordered]}, "outputs", spec.name, "results.json")
     return ordered
 
 
-def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, fail_at_step) -> SubjectResult:
+def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts) -> SubjectResult:
     t0 = time.perf_counter()
     say = lambda msg: print(f"{subject.name}: {msg}", flush=True)  # noqa: E731
     out = ("outputs", spec.name, subject.name)
@@ -147,6 +161,11 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, fail_a
                              {s: "skipped" for s in ("train", "export", "samples")})
     # The photos are read here, first: a bad file fails this subject before any training starts.
     load_subject_images(subject.images, spec.train.resolution, spec.s3, spec.skip_bad_images)
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(models.resolve(spec.model, spec.s3), subfolder="tokenizer")
+    for w in models.identifier_warnings(tokenizer, subject.identifier, subject.class_noun):
+        say(f"warning: {w}")
     stages: dict[str, str] = {}
     train_start = train_end = None
     trained = storage.read_json(*out, "train.json")
@@ -159,7 +178,7 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, fail_a
         say(f"training {t.steps} steps, ZeRO-{t.zero_stage}, {t.num_workers} worker(s), "
             f"{t.mixed_precision}, {'GPU' if use_gpu else 'CPU'} (run {name})")
         train_start = time.time()
-        result = train.fit(spec, subject, storage, name, prior_key, use_gpu, fail_at_step)
+        result = train.fit(spec, subject, storage, name, prior_key, use_gpu)
         train_end = time.time()
         ckpt, metrics, stages["train"] = result.checkpoint, result.metrics, "ran"
         storage.write_json({"run": name, "checkpoint": ckpt.path, "metrics": metrics}, *out, "train.json")

@@ -99,3 +99,15 @@ def load_components(ref: str, s3: S3Settings | None = None):
         )
     except OSError as e:
         raise ModelError(f"model {ref!r}: cannot load ({e})") from None
+
+
+def identifier_warnings(tokenizer, identifier: str, class_noun: str) -> list[str]:
+    """What is wrong with an identifier for this tokenizer: it should be one rare token, not the class."""
+    out = []
+    pieces = tokenizer.tokenize(identifier)
+    if len(pieces) > 1:
+        out.append(f"identifier {identifier!r} is {len(pieces)} tokens ({' '.join(pieces)}) for this model; "
+                   "a single rare token binds the subject more cleanly")
+    if identifier.strip().lower() == class_noun.strip().lower():
+        out.append(f"identifier {identifier!r} is the class noun itself; the subject would overwrite the class")
+    return out

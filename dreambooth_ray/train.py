@@ -144,10 +144,25 @@ def train_loop(config: dict) -> None:
                   f"lr {metrics['lr']:.2e} {metrics['steps_per_s']:.2f} steps/s", flush=True)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             checkpoint.save(engine, done, metrics, started_at=start)
-            if config.get("fail_at_step") == done and start == 0:
-                raise RuntimeError(f"injected failure after step {done} (test hook)")
+            _maybe_inject_fault(config.get("fault"), done, start, rank)
         else:
             ray.train.report(metrics)
+
+
+def _maybe_inject_fault(fault: tuple[str, int] | None, step: int, start: int, rank: int) -> None:
+    """Test hook, first attempt only: ("raise", N) fails every rank after step N's checkpoint;
+    ("kill", N) SIGKILLs rank 0's process, a real worker death for Ray's FailureConfig to handle."""
+    if not fault or fault[1] != step or start != 0:
+        return
+    how = fault[0]
+    if how == "raise":
+        raise RuntimeError(f"injected failure after step {step} (test hook)")
+    if how == "kill" and rank == 0:
+        import os
+        import signal
+
+        time.sleep(3)  # let the controller register the reported checkpoint first
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -157,13 +172,13 @@ class TrainResult:
 
 
 def fit(spec: JobSpec, subject: Subject, storage: Storage, run_name: str, prior_key: str | None,
-        use_gpu: bool, fail_at_step: int | None = None) -> TrainResult:
+        use_gpu: bool, fault: tuple[str, int] | None = None) -> TrainResult:
     """Run (or resume) one subject's training. Same `run_name` + storage = resume from the last checkpoint."""
     storage_path, storage_fs = storage.ray_storage("checkpoints", spec.name)
     cfg = spec.train
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"spec": spec, "subject": subject, "prior_key": prior_key, "fail_at_step": fail_at_step},
+        train_loop_config={"spec": spec, "subject": subject, "prior_key": prior_key, "fault": fault},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu),
         run_config=RunConfig(
             name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,

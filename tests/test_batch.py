@@ -1,10 +1,9 @@
 """Many subjects in one job: concurrent runs, one prior set per class, a broken subject isolated."""
 
 import json
-import shutil
 
 from dreambooth_ray import job
-from dreambooth_ray.spec import load_spec, parse_spec
+from dreambooth_ray.spec import parse_spec
 from dreambooth_ray.tiny import make_subject_images
 
 from conftest import tiny_spec

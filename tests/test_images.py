@@ -108,3 +108,17 @@ def test_images_from_s3(s3_endpoint, bucket):
         fs.pipe_file(f"{bucket}/subj/{i}.png", _png(red()))
     imgs = load_subject_images(f"s3://{bucket}/subj", 16, S3Settings(endpoint_url=s3_endpoint))
     assert [s.name for s in imgs] == ["0.png", "1.png", "2.png"]
+
+
+def test_extreme_sizes_and_animations(tmp_path, caplog):
+    save(Image.new("RGB", (12000, 12000), (0, 200, 0)), tmp_path / "huge.jpg", quality=50)
+    save(Image.new("RGB", (1, 1), (0, 0, 255)), tmp_path / "tiny.png")
+    frames = [Image.new("RGB", (20, 20), c) for c in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(tmp_path / "anim.webp", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    with caplog.at_level(logging.WARNING, logger="dreambooth_ray"):
+        imgs = {s.name: np.asarray(s.image) for s in load_subject_images(str(tmp_path), 16)}
+    assert set(imgs) == {"huge.jpg", "tiny.png", "anim.webp"}  # .gif is not a photo format we take
+    assert imgs["huge.jpg"][8, 8, 1] > 150 and imgs["tiny.png"][8, 8, 2] == 255
+    assert imgs["anim.webp"][8, 8, 0] > 200  # the first frame
+    assert "anim.webp: animated image with 2 frames" in caplog.text and "anim.gif" in caplog.text

@@ -4,6 +4,8 @@ import json
 import os
 
 import numpy as np
+import ray
+from pathlib import Path
 import pytest
 import torch
 import yaml
@@ -71,7 +73,9 @@ def test_s3_two_subjects_share_one_prior_set(ray_cluster, s3_endpoint, bucket, t
     spec = parse_spec(data)
 
     results = job.run_job(spec)
-    assert [r.stages["priors"] for r in results] == ["ran", "skipped"]  # generated once, reused
+    assert [r.status for r in results] == ["done", "done"]
+    summary = json.loads(fs.cat_file(f"{bucket}/dreambooth/outputs/t/results.json"))
+    assert [p["generated"] for p in summary["priors"]] == [4]  # one class, generated once, used twice
     keys = fs.ls(f"{bucket}/dreambooth/priors")
     assert len(keys) == 1
     assert len(fs.glob(f"{keys[0]}/*.png")) == 4
@@ -80,6 +84,12 @@ def test_s3_two_subjects_share_one_prior_set(ray_cluster, s3_endpoint, bucket, t
         assert rec["priors"]["url"] == f"s3://{keys[0]}"
         assert "testing-secret" not in json.dumps(rec)
         assert r.model == f"s3://{bucket}/dreambooth/outputs/t/{r.name}/model"
+    # Credentials from the environment never reach storage or Ray's logs.
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    leaked = [p for p in fs.find(bucket) if secret.encode() in fs.cat_file(p)]
+    assert not leaked, leaked
+    logs = ray._private.worker._global_node.get_logs_dir_path()
+    assert not [p for p in Path(logs).rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     pipe = models.load_pipeline(results[1].model, S3Settings(endpoint_url=s3_endpoint))
     assert pipe("a zwx toy", num_inference_steps=2, height=32, width=32).images[0].size == (32, 32)
     assert fs.exists(f"{bucket}/dreambooth/outputs/t/toy2/samples.png")
@@ -91,20 +101,20 @@ def _final_weights(ckpt, tmp_path, name):
     return consolidated_state_dict(str(d)), read_state(str(d))
 
 
-@pytest.mark.parametrize("stage,how", [(2, "failure_config"), (3, "rerun")])
+@pytest.mark.parametrize("stage,how", [(2, "killed_worker"), (3, "rerun")])
 def test_zero_resume_from_s3_gives_identical_weights(ray_cluster, s3_endpoint, bucket, toy_images, tmp_path, stage, how):
     spec = parse_spec(tiny_spec(f"s3://{bucket}/r", str(toy_images), s3={"endpoint_url": s3_endpoint},
                                 prior={"enabled": False},
-                                train={"zero_stage": stage, "num_workers": 2, "max_failures": 1 if how == "failure_config" else 0}))
+                                train={"zero_stage": stage, "num_workers": 2, "max_failures": 1 if how == "killed_worker" else 0}))
     storage = Storage(spec.storage, spec.s3)
     subject = spec.subjects[0]
     ref = train.fit(spec, subject, storage, "straight", None, use_gpu=False)
 
-    if how == "failure_config":  # a worker fails after the step-2 checkpoint; Ray Train restarts it
-        res = train.fit(spec, subject, storage, "interrupted", None, use_gpu=False, fail_at_step=2)
-    else:  # the whole run dies; running it again with the same name resumes
+    if how == "killed_worker":  # a worker process is SIGKILLed after the step-2 checkpoint; Ray Train restarts
+        res = train.fit(spec, subject, storage, "interrupted", None, use_gpu=False, fault=("kill", 2))
+    else:  # the whole run fails and is given up; running it again with the same name resumes
         with pytest.raises(Exception, match="injected failure"):
-            train.fit(spec, subject, storage, "interrupted", None, use_gpu=False, fail_at_step=2)
+            train.fit(spec, subject, storage, "interrupted", None, use_gpu=False, fault=("raise", 2))
         res = train.fit(spec, subject, storage, "interrupted", None, use_gpu=False)
 
     a, state_a = _final_weights(ref.checkpoint, tmp_path, "a")

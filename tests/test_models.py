@@ -57,3 +57,14 @@ def test_bad_model_locations_are_clear(tmp_path, s3_endpoint, bucket):
 def test_tiny_is_identical_everywhere():
     a, b = tiny.build_pipeline(), tiny.build_pipeline()
     assert torch.equal(_weights(a), _weights(b))
+
+
+def test_identifier_warnings(tmp_path):
+    from transformers import CLIPTokenizer
+
+    tiny.write_tokenizer(tmp_path)
+    tok = CLIPTokenizer.from_pretrained(tmp_path)
+    assert models.identifier_warnings(tok, "sks", "dog") == []
+    [many] = models.identifier_warnings(tok, "xyzzyplugh", "dog")
+    assert "tokens" in many and "xyzzyplugh" in many
+    assert any("class noun" in w for w in models.identifier_warnings(tok, "dog", "dog"))

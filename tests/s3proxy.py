@@ -1,0 +1,80 @@
+"""A fault-injecting HTTP proxy on loopback, in front of the local S3 server.
+
+Every `fail_every`-th request (when > 0) is answered with 503 SlowDown instead of being forwarded,
+and while `down` is set every request gets its connection closed with no response, as from a store
+that went away. Counts what it did, so a test can prove the faults happened.
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}
+SLOWDOWN = b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code><Message>injected</Message></Error>"
+
+
+class FaultyS3Proxy:
+    def __init__(self, upstream: str):
+        u = urlsplit(upstream)
+        self.upstream = (u.hostname, u.port)
+        self.fail_every = 0
+        self.down = False
+        self.requests = self.injected = self.dropped = 0
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _handle(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with proxy._lock:
+                    proxy.requests += 1
+                    n = proxy.requests
+                    drop = proxy.down
+                    fail = not drop and proxy.fail_every and n % proxy.fail_every == 0
+                    proxy.dropped += drop
+                    proxy.injected += bool(fail)
+                if drop:
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                if fail:
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(SLOWDOWN)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(SLOWDOWN)
+                    return
+                conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    if k.lower() not in HOP and k.lower() != "content-length":
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

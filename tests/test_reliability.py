@@ -1,0 +1,148 @@
+"""Faults injected into the real system: killed actors, missing buckets, credentials kept out of output."""
+
+import io
+import threading
+import time
+
+import psutil
+import pytest
+from PIL import Image
+
+from dreambooth_ray import job, models, priors
+from dreambooth_ray.spec import parse_spec
+from dreambooth_ray.storage import Storage, StorageError
+
+from conftest import tiny_spec
+
+
+def test_prior_actor_killed_mid_shard_still_gives_exactly_the_requested_images(ray_cluster, tmp_path):
+    n = 12
+    spec = parse_spec(tiny_spec(str(tmp_path / "store"), "unused",
+                                prior={"num_class_images": n, "batch_size": 1, "num_actors": 2, "inference_steps": 6}))
+    storage = Storage(spec.storage)
+    cache = priors.PriorCache.for_subject(spec, spec.subjects[0], storage, models.identity("tiny"))
+    killed = []
+
+    def killer():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            if len([f for f in storage.listdir("priors", cache.key) if f.endswith(".png")]) >= 2:
+                for p in psutil.process_iter(["cmdline"]):
+                    if "ray::PriorGenerator.generate" in " ".join(p.info["cmdline"] or []):
+                        p.kill()
+                        killed.append(p.pid)
+                        return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    counts = priors.generate(cache, spec, use_gpu=False)
+    t.join()
+    assert killed, "the test never caught an actor mid-shard"
+    assert counts["generated"] == n
+    names = sorted(f for f in storage.listdir("priors", cache.key) if f.endswith(".png"))
+    assert names == [f"{i:06d}.png" for i in range(n)]  # exactly n, none duplicated, no temp leftovers
+    assert not [f for f in storage.listdir("priors", cache.key) if f.endswith(".tmp")]
+    for f in names:  # none corrupt
+        Image.open(io.BytesIO((tmp_path / "store" / "priors" / cache.key / f).read_bytes())).load()
+
+
+def test_missing_bucket_is_a_clear_error_before_any_work(ray_cluster, s3_endpoint, toy_images):
+    spec = parse_spec(tiny_spec("s3://no-such-bucket-dbr/x", str(toy_images), s3={"endpoint_url": s3_endpoint}))
+    t0 = time.time()
+    with pytest.raises(StorageError, match="no-such-bucket-dbr.*not writable"):
+        job.run_job(spec)
+    assert time.time() - t0 < 30
+
+
+def test_killed_driver_rerun_resumes_and_ignores_partial_checkpoints(ray_cluster, tmp_path, toy_images):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    store = tmp_path / "store"
+    spec_data = tiny_spec(str(store), str(toy_images), train={"steps": 30, "checkpoint_every": 2})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec_data))
+    cli = Path(sys.executable).with_name("dreambooth-ray")
+    proc = subprocess.Popen([str(cli), "run", str(tmp_path / "job.yaml")], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    # Step 4 on disk means step 2 is registered with Ray (registration trails the upload a little).
+    while not list(store.glob("checkpoints/t/*/step-0000004/state.json")):
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    tree = [proc, *psutil.Process(proc.pid).children(recursive=True)]
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started, mid-training
+    for p in tree:
+        try:
+            p.kill()
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass
+    proc.wait()
+    assert not (store / "outputs" / "t" / "toy" / "job.json").exists()
+
+    [run_dir] = list((store / "checkpoints" / "t").iterdir())
+    partial = run_dir / "step-9999999" / "ckpt"  # what a crash mid-upload could leave: never to be chosen
+    partial.mkdir(parents=True)
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"\0" * 100)
+
+    [result] = job.run_job(parse_spec(spec_data))
+    assert result.status == "done" and result.steps == 30
+    record = json.loads((store / "outputs" / "t" / "toy" / "job.json").read_text())
+    final = json.loads((Path(run_dir) / "step-0000030" / "state.json").read_text())
+    assert final["started_at"] >= 2, "the re-run should resume from a checkpoint, not start over"
+    assert record["priors"]["key"] and len(list((store / "priors").iterdir())) == 1
+    summary = json.loads((store / "outputs" / "t" / "results.json").read_text())
+    assert summary["priors"][0]["generated"] == 0  # finished prior images were not redone
+
+
+def test_jobs_sharing_a_storage_root_keep_separate_checkpoints(tmp_path):
+    from dreambooth_ray.job import run_name
+
+    a = parse_spec(tiny_spec(str(tmp_path), "x", name="job-a"))
+    b = parse_spec(tiny_spec(str(tmp_path), "x", name="job-b"))
+    c = parse_spec(tiny_spec(str(tmp_path), "x", name="job-a", train={"learning_rate": 1e-5}))
+    storage = Storage(str(tmp_path))
+    paths = {storage.ray_storage("checkpoints", s.name)[0] + "/" + run_name(s, s.subjects[0], "m", None)
+             for s in (a, b, c)}
+    assert len(paths) == 3  # other job, or other weights-relevant settings: another checkpoint folder
+    same = parse_spec(tiny_spec(str(tmp_path), "x", name="job-a", train={"checkpoint_every": 1}))
+    assert run_name(same, same.subjects[0], "m", None) == run_name(a, a.subjects[0], "m", None)
+
+
+def test_transient_storage_faults_are_retried(ray_cluster, s3_endpoint, bucket, toy_images):
+    """Every 4th request to the store fails with 503, and for 2 s mid-training it drops connections."""
+    import s3fs
+
+    from s3proxy import FaultyS3Proxy
+
+    proxy = FaultyS3Proxy(s3_endpoint)
+    proxy.fail_every = 4
+    direct = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, use_listings_cache=False)
+
+    def outage():
+        deadline = time.time() + 300
+        while time.time() < deadline and not direct.glob(f"{bucket}/flaky/checkpoints/t/*/step-0000002/state.json"):
+            time.sleep(0.2)
+        proxy.down = True
+        time.sleep(2)
+        proxy.down = False
+
+    t = threading.Thread(target=outage, daemon=True)
+    t.start()
+    try:
+        spec = parse_spec(tiny_spec(f"s3://{bucket}/flaky", str(toy_images), s3={"endpoint_url": proxy.url},
+                                    train={"steps": 6, "checkpoint_every": 2}))
+        [result] = job.run_job(spec)
+    finally:
+        t.join(timeout=5)
+        proxy.close()
+    assert result.status == "done", result.error
+    assert result.steps == 6
+    assert proxy.injected >= 10 and proxy.dropped >= 1, (proxy.injected, proxy.dropped)
+    assert direct.exists(f"{bucket}/flaky/outputs/t/toy/job.json")
