@@ -6,6 +6,7 @@ never offered for resume; `state.json` records the step that the checkpoint hold
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -18,7 +19,7 @@ import torch
 TAG = "ckpt"  # one DeepSpeed tag per Ray checkpoint directory
 
 
-def save(engine, step: int, metrics: dict, started_at: int) -> None:
+def save(engine, step: int, metrics: dict, started_at: int, run_root: tuple[str, object]) -> None:
     """Called by every rank: write this rank's shard and report it (Ray merges the directories)."""
     tmp = tempfile.mkdtemp(prefix="dbr-ckpt-")
     try:
@@ -29,10 +30,75 @@ def save(engine, step: int, metrics: dict, started_at: int) -> None:
                 json.dump({"step": step, "started_at": started_at,
                            "world_size": ray.train.get_context().get_world_size()}, f)
         ray.train.report(
-            metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step-{step:07d}"
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step-{step:07d}",
+            checkpoint_upload_fn=verified_upload(*run_root),
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def verified_upload(root: str, fs, attempts: int = 6):
+    """A checkpoint upload that fails loudly and retries, in place of Ray's default copy.
+
+    Ray's default (pyarrow copy_files) can drop an S3 multipart-upload error on the floor ("Error
+    ignored when destroying file") and register a checkpoint with a missing file. Here each file is
+    streamed with an explicit close (which raises), its stored size is checked, and a failed file is
+    retried with backoff; only then does Ray register the checkpoint.
+    """
+    import time
+
+    import pyarrow.fs as pafs
+
+    fs = fs or pafs.LocalFileSystem()
+
+    def upload(ckpt: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
+        dest = f"{root}/{dir_name}"
+        for d, _, files in os.walk(ckpt.path):
+            for name in files:
+                src = os.path.join(d, name)
+                target = f"{dest}/{os.path.relpath(src, ckpt.path)}"
+                size = os.path.getsize(src)
+                for attempt in range(attempts):
+                    try:
+                        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+                        with open(src, "rb") as f, fs.open_output_stream(target) as out:
+                            shutil.copyfileobj(f, out, 8 << 20)
+                        stored = fs.get_file_info(target).size
+                        if stored != size:
+                            raise OSError(f"{target}: stored {stored} bytes of {size}")
+                        break
+                    except OSError:
+                        if attempt == attempts - 1:
+                            raise
+                        time.sleep(min(0.5 * 2**attempt, 8))
+        return ray.train.Checkpoint(dest, fs)
+
+    return upload
+
+
+@contextlib.contextmanager
+def local_copy(ckpt: ray.train.Checkpoint, attempts: int = 6):
+    """The checkpoint as a local folder: used in place if it is local, else downloaded with retries
+    (a transient store error mid-download surfaces from pyarrow as an OSError, not retried by it)."""
+    import time
+
+    import pyarrow.fs as pafs
+
+    if isinstance(ckpt.filesystem, pafs.LocalFileSystem) and os.path.isdir(ckpt.path):
+        yield ckpt.path
+        return
+    with tempfile.TemporaryDirectory(prefix="dbr-restore-") as tmp:
+        for attempt in range(attempts):
+            try:
+                ckpt.to_directory(tmp)
+                break
+            except OSError:
+                if attempt == attempts - 1:
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.makedirs(tmp)
+                time.sleep(min(0.5 * 2**attempt, 8))
+        yield tmp
 
 
 def restore(engine) -> int:
@@ -40,7 +106,7 @@ def restore(engine) -> int:
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return 0
-    with ckpt.as_directory() as d:
+    with local_copy(ckpt) as d:
         state = read_state(d)
         world = ray.train.get_context().get_world_size()
         if state["world_size"] != world:

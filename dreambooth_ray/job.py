@@ -7,14 +7,13 @@ checkpoint), and a subject whose `job.json` exists (written last, so it means "c
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
 import ray
 from rich.console import Console
 
-from . import export, models, priors, samples, train
+from . import checkpoint, export, models, priors, samples, train
 from .images import load_subject_images
 from .spec import JobSpec, SpecError, Subject
 from .storage import Storage
@@ -46,10 +45,9 @@ def run_name(spec: JobSpec, subject: Subject, model_identity: str, prior_key: st
 def finalize(spec: JobSpec, subject: Subject, ckpt, out: tuple[str, ...], record: dict) -> tuple[str, str]:
     """Export the trained pipeline, render its sample grid, then write job.json (the completion mark)."""
     storage = Storage(spec.storage, spec.s3)
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt.to_directory(tmp)
-        pipe = export.trained_pipeline(spec, tmp)
-        model_url = export.save(storage, pipe, out)
+    with checkpoint.local_copy(ckpt) as ckpt_dir:
+        pipe = export.trained_pipeline(spec, ckpt_dir)
+    model_url = export.save(storage, pipe, out)
     items = samples.render(pipe, subject, spec.samples, spec.train.resolution)
     storage.write_bytes(samples.png_bytes(samples.grid(items)), *out, "samples.png")
     export.write_record(spec, storage, out, {**record, "samples": storage.url(*out, "samples.png")})

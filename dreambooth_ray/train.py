@@ -117,6 +117,7 @@ def train_loop(config: dict) -> None:
     if start and rank == 0:
         print(f"[{subject.name}] resumed from checkpoint at step {start}", flush=True)
 
+    run_root = config["run_root"]  # (path, pyarrow filesystem) of this run's checkpoints
     t0, last = time.perf_counter(), start
     for step in range(start, cfg.steps):
         sums = torch.zeros(3)
@@ -143,7 +144,7 @@ def train_loop(config: dict) -> None:
                   f"(subject {metrics['instance_loss']:.4f}, prior {metrics['prior_loss']:.4f}) "
                   f"lr {metrics['lr']:.2e} {metrics['steps_per_s']:.2f} steps/s", flush=True)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            checkpoint.save(engine, done, metrics, started_at=start)
+            checkpoint.save(engine, done, metrics, started_at=start, run_root=run_root)
             _maybe_inject_fault(config.get("fault"), done, start, rank)
         else:
             ray.train.report(metrics)
@@ -178,7 +179,8 @@ def fit(spec: JobSpec, subject: Subject, storage: Storage, run_name: str, prior_
     cfg = spec.train
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"spec": spec, "subject": subject, "prior_key": prior_key, "fault": fault},
+        train_loop_config={"spec": spec, "subject": subject, "prior_key": prior_key, "fault": fault,
+                           "run_root": (f"{storage_path}/{run_name}", storage_fs)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu),
         run_config=RunConfig(
             name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,

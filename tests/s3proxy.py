@@ -32,8 +32,21 @@ class FaultyS3Proxy:
             def log_message(self, *args):
                 pass
 
+            def _body(self) -> bytes:
+                if "chunked" not in self.headers.get("Transfer-Encoding", "").lower():
+                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                data = b""  # HTTP/1.1 chunked upload: forward it de-chunked, with a length
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                            pass  # trailers
+                        return data
+                    data += self.rfile.read(size)
+                    self.rfile.readline()
+
             def _handle(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = self._body()
                 with proxy._lock:
                     proxy.requests += 1
                     n = proxy.requests
@@ -54,7 +67,8 @@ class FaultyS3Proxy:
                         self.wfile.write(SLOWDOWN)
                     return
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP | {"content-length"}}
+                headers["Content-Length"] = str(len(body))
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
@@ -62,7 +76,9 @@ class FaultyS3Proxy:
                 for k, v in resp.getheaders():
                     if k.lower() not in HOP and k.lower() != "content-length":
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                # HEAD carries the object's size in Content-Length, with no body.
+                size = resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", size)
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
