@@ -1,8 +1,8 @@
 """A fault-injecting HTTP proxy on loopback, in front of the local S3 server.
 
-Every `fail_every`-th request (when > 0) is answered with 503 SlowDown instead of being forwarded,
-and while `down` is set every request gets its connection closed with no response, as from a store
-that went away. Counts what it did, so a test can prove the faults happened.
+Every `fail_every`-th request (when > 0) is answered with 503 SlowDown instead of being forwarded;
+while `down` is set every request gets its connection closed with no response, as from a store
+that went away; while `deny` is set every request gets 403 AccessDenied (no permission). Counts what it did, so a test can prove the faults happened.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}
+DENIED = b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
 SLOWDOWN = b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code><Message>injected</Message></Error>"
 
 
@@ -22,6 +23,7 @@ class FaultyS3Proxy:
         self.upstream = (u.hostname, u.port)
         self.fail_every = 0
         self.down = False
+        self.deny = False
         self.requests = self.injected = self.dropped = 0
         self._lock = threading.Lock()
         proxy = self
@@ -58,13 +60,14 @@ class FaultyS3Proxy:
                     self.close_connection = True
                     self.connection.close()
                     return
-                if fail:
-                    self.send_response(503)
+                if fail or proxy.deny:
+                    status, payload = (403, DENIED) if proxy.deny else (503, SLOWDOWN)
+                    self.send_response(status)
                     self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(SLOWDOWN)))
+                    self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
                     if self.command != "HEAD":
-                        self.wfile.write(SLOWDOWN)
+                        self.wfile.write(payload)
                     return
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP | {"content-length"}}

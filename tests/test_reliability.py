@@ -47,12 +47,27 @@ def test_prior_actor_killed_mid_shard_still_gives_exactly_the_requested_images(r
         Image.open(io.BytesIO((tmp_path / "store" / "priors" / cache.key / f).read_bytes())).load()
 
 
-def test_missing_bucket_is_a_clear_error_before_any_work(ray_cluster, s3_endpoint, toy_images):
+def test_missing_bucket_or_no_permission_is_a_clear_error_before_any_work(ray_cluster, s3_endpoint, bucket,
+                                                                         toy_images):
+    from s3proxy import FaultyS3Proxy
+
     spec = parse_spec(tiny_spec("s3://no-such-bucket-dbr/x", str(toy_images), s3={"endpoint_url": s3_endpoint}))
     t0 = time.time()
     with pytest.raises(StorageError, match="no-such-bucket-dbr.*not writable"):
         job.run_job(spec)
-    assert time.time() - t0 < 30
+    proxy = FaultyS3Proxy(s3_endpoint)
+    proxy.deny = True  # the store answers 403 AccessDenied: credentials without permission
+    try:
+        spec = parse_spec(tiny_spec(f"s3://{bucket}/x", str(toy_images), s3={"endpoint_url": proxy.url}))
+        with pytest.raises(StorageError, match=f"{bucket}/x.*not writable.*(AccessDenied|Forbidden|Permission)"):
+            job.run_job(spec)
+    finally:
+        proxy.close()
+    assert time.time() - t0 < 60
+    import boto3
+
+    listed = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket=bucket, Prefix="x/")
+    assert listed.get("KeyCount", 0) == 0  # nothing was started, nothing was written
 
 
 def test_killed_driver_rerun_resumes_and_ignores_partial_checkpoints(ray_cluster, tmp_path, toy_images):
