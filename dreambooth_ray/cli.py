@@ -63,10 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--address", default=None,
                      help="an existing Ray cluster ('auto', or host:port); default: start a local instance")
     run.set_defaults(fn=cmd_run)
-    from . import k8s, submit
+    from . import identifiers, k8s, submit
 
     submit.add_commands(sub)
     k8s.add_commands(sub)
+    identifiers.add_commands(sub)
     args = parser.parse_args(argv)
 
     console = Console(stderr=True)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import ray
 from rich.console import Console
 
-from . import checkpoint, export, models, priors, samples, train
+from . import checkpoint, export, identifiers, models, priors, samples, train
 from .images import load_subject_images
 from .spec import JobSpec, SpecError, Subject
 from .storage import Storage
@@ -146,9 +146,15 @@ def run_job(spec: JobSpec, console: Console | None = None) -> list[SubjectResult
 
 
 def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts) -> SubjectResult:
+    from transformers import CLIPTokenizer
+
     t0 = time.perf_counter()
     say = lambda msg: print(f"{subject.name}: {msg}", flush=True)  # noqa: E731
     out = ("outputs", spec.name, subject.name)
+    tokenizer = CLIPTokenizer.from_pretrained(models.resolve(spec.model, spec.s3), subfolder="tokenizer")
+    if subject.identifier == "auto":
+        subject = identifiers.resolve(subject, tokenizer, spec.train.seed, spec.identifiers)
+        say(f"identifier: auto -> {subject.identifier!r} ({subject.instance_text!r})")
     prior_key = prior_counts["key"] if prior_counts else None
     name = run_name(spec, subject, identity, prior_key)
     record = storage.read_json(*out, "job.json")
@@ -159,9 +165,6 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts) -> Sub
                              {s: "skipped" for s in ("train", "export", "samples")})
     # The photos are read here, first: a bad file fails this subject before any training starts.
     load_subject_images(subject.images, spec.train.resolution, spec.s3, spec.skip_bad_images)
-    from transformers import CLIPTokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(models.resolve(spec.model, spec.s3), subfolder="tokenizer")
     for w in models.identifier_warnings(tokenizer, subject.identifier, subject.class_noun):
         say(f"warning: {w}")
     stages: dict[str, str] = {}
@@ -182,7 +185,8 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts) -> Sub
         storage.write_json({"run": name, "checkpoint": ckpt.path, "metrics": metrics}, *out, "train.json")
 
     say("exporting and rendering samples")
-    record = {"run": name, "subject": subject.name, "metrics": metrics,
+    record = {"run": name, "subject": subject.name, "identifier": subject.identifier,
+              "instance_prompt": subject.instance_text, "metrics": metrics,
               "priors": {"key": prior_key, "url": prior_counts["url"]} if prior_counts else None}
     model_url, samples_url = ray.get(finalize.options(num_gpus=1 if use_gpu else 0).remote(
         spec, subject, ckpt, out, record))

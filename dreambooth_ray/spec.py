@@ -47,7 +47,7 @@ class Subject(_Strict):
     name: str
     images: str = Field(description="local folder or fsspec URL (s3://...) of 3-50 photos")
     class_noun: str = Field(alias="class", min_length=1)
-    identifier: str = Field(default="sks", min_length=1)
+    identifier: str = Field(default="sks", min_length=1, description="'auto': a rare token picked from the vocabulary")
     instance_prompt: str = "a {identifier} {class_noun}"
     class_prompt: str = "a {class_noun}"
 
@@ -75,6 +75,20 @@ class Subject(_Strict):
     @property
     def class_text(self) -> str:
         return self.prompt(self.class_prompt)
+
+
+class IdentifierConfig(_Strict):
+    """How `identifier: auto` picks a rare token (see identifiers.py)."""
+
+    rank_min: int = Field(5000, ge=0)
+    rank_max: int = Field(10000, ge=1)
+    max_chars: int = Field(3, ge=1, le=10)
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.rank_max <= self.rank_min:
+            raise ValueError("rank_max must be above rank_min")
+        return self
 
 
 class S3Settings(_Strict):
@@ -137,6 +151,7 @@ class JobSpec(_Strict):
     prior: PriorConfig = PriorConfig()
     train: TrainConfig = TrainConfig()
     samples: SampleConfig = SampleConfig()
+    identifiers: IdentifierConfig = IdentifierConfig()
     skip_bad_images: bool = False
     max_concurrent_subjects: Optional[int] = Field(None, ge=1, description="default: as many as the cluster fits")
 

@@ -69,7 +69,7 @@ def test_s3_two_subjects_share_one_prior_set(ray_cluster, s3_endpoint, bucket, t
     fs.put(str(toy_images) + "/", f"{bucket}/photos/toy/", recursive=True)
     data = tiny_spec(f"s3://{bucket}/dreambooth", f"s3://{bucket}/photos/toy",
                      s3={"endpoint_url": s3_endpoint}, train={"steps": 2, "zero_stage": 0})
-    data["subjects"].append({"name": "toy2", "images": str(toy_images), "class": "toy", "identifier": "zwx"})
+    data["subjects"].append({"name": "toy2", "images": str(toy_images), "class": "toy", "identifier": "auto"})
     spec = parse_spec(data)
 
     results = job.run_job(spec)
@@ -91,7 +91,9 @@ def test_s3_two_subjects_share_one_prior_set(ray_cluster, s3_endpoint, bucket, t
     logs = ray._private.worker._global_node.get_logs_dir_path()
     assert not [p for p in Path(logs).rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     pipe = models.load_pipeline(results[1].model, S3Settings(endpoint_url=s3_endpoint))
-    assert pipe("a zwx toy", num_inference_steps=2, height=32, width=32).images[0].size == (32, 32)
+    rec = json.loads(fs.cat_file(f"{bucket}/dreambooth/outputs/t/toy2/job.json"))
+    assert rec["identifier"] in {"sks", "zwx", "qlt"} and rec["instance_prompt"] == f"a {rec['identifier']} toy"
+    assert pipe(rec["instance_prompt"], num_inference_steps=2, height=32, width=32).images[0].size == (32, 32)
     assert fs.exists(f"{bucket}/dreambooth/outputs/t/toy2/samples.png")
 
 
