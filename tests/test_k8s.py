@@ -38,6 +38,7 @@ def strict(schema):
 
 @pytest.fixture(scope="module")
 def crd():
+    assert SCHEMAS.is_dir(), f"KubeRay CRD schemas not found at {SCHEMAS} (the shared/ folder beside the checkout)"
     return {kind: jsonschema.Draft7Validator(strict(json.loads((SCHEMAS / f"{plural}.v1.schema.json").read_text())))
             for kind, plural in (("RayJob", "rayjobs"), ("RayCluster", "rayclusters"))}
 

@@ -81,7 +81,8 @@ def test_killed_driver_rerun_resumes_and_ignores_partial_checkpoints(ray_cluster
     import yaml
 
     store = tmp_path / "store"
-    spec_data = tiny_spec(str(store), str(toy_images), train={"steps": 30, "checkpoint_every": 2})
+    spec_data = tiny_spec(str(store), str(toy_images), prior={"num_class_images": 2},
+                          train={"steps": 30, "checkpoint_every": 2}, samples={"prompts": ["a {class_noun}"]})
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec_data))
     cli = Path(sys.executable).with_name("dreambooth-ray")
     proc = subprocess.Popen([str(cli), "run", str(tmp_path / "job.yaml")], start_new_session=True,
@@ -152,12 +153,13 @@ def test_transient_storage_faults_are_retried(ray_cluster, s3_endpoint, bucket, 
     t.start()
     try:
         spec = parse_spec(tiny_spec(f"s3://{bucket}/flaky", str(toy_images), s3={"endpoint_url": proxy.url},
-                                    train={"steps": 6, "checkpoint_every": 2}))
+                                    prior={"num_class_images": 2}, train={"steps": 4, "checkpoint_every": 2},
+                                    samples={"prompts": ["a {identifier} {class_noun}"]}))
         [result] = job.run_job(spec)
     finally:
         t.join(timeout=5)
         proxy.close()
     assert result.status == "done", result.error
-    assert result.steps == 6
+    assert result.steps == 4
     assert proxy.injected >= 10 and proxy.dropped >= 1, (proxy.injected, proxy.dropped)
     assert direct.exists(f"{bucket}/flaky/outputs/t/toy/job.json")
