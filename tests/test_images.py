@@ -66,6 +66,12 @@ def test_bad_files_are_named(tmp_path):
     with pytest.raises(ImageError, match="broken.png: not a readable image"):
         load_subject_images(str(tmp_path), 16)
     (tmp_path / "broken.png").unlink()
+    jpg = io.BytesIO()
+    Image.effect_noise((64, 64), 80).convert("RGB").save(jpg, format="JPEG", quality=90)
+    (tmp_path / "cut.jpg").write_bytes(jpg.getvalue()[: len(jpg.getvalue()) * 2 // 3])
+    with pytest.raises(ImageError, match="cut.jpg: not a readable image"):
+        load_subject_images(str(tmp_path), 16)
+    (tmp_path / "cut.jpg").unlink()
     (tmp_path / "empty.jpg").write_bytes(b"")
     with pytest.raises(ImageError, match="empty.jpg: empty file"):
         load_subject_images(str(tmp_path), 16)
@@ -87,6 +93,10 @@ def test_skip_bad_warns_and_keeps_the_rest(tmp_path, caplog):
 
 
 def test_image_count_limits(tmp_path, caplog):
+    save(red(), tmp_path / "one" / "only.png")
+    with pytest.raises(ImageError, match="one: 1 usable image.*at least 3"):
+        load_subject_images(str(tmp_path / "one"), 16)
+    (tmp_path / "one" / "only.png").unlink()
     for i in range(2):
         save(red(), tmp_path / f"ok{i}.png")
     with pytest.raises(ImageError, match="2 usable image.*at least 3"):
