@@ -19,11 +19,14 @@ import torch
 TAG = "ckpt"  # one DeepSpeed tag per Ray checkpoint directory
 
 
-def save(engine, step: int, metrics: dict, started_at: int, run_root: tuple[str, object]) -> None:
-    """Called by every rank: write this rank's shard and report it (Ray merges the directories)."""
+def save(engine, step: int, metrics: dict, started_at: int, run_root: tuple[str, object], lora: bool = False) -> None:
+    """Called by every rank: write this rank's shard and report it (Ray merges the directories).
+
+    With LoRA only the adapters (the trainable parameters) are saved: the base weights never change.
+    """
     tmp = tempfile.mkdtemp(prefix="dbr-ckpt-")
     try:
-        engine.save_checkpoint(tmp, tag=TAG, client_state={"step": step})
+        engine.save_checkpoint(tmp, tag=TAG, client_state={"step": step}, exclude_frozen_parameters=lora)
         if ray.train.get_context().get_world_rank() == 0:
             with open(os.path.join(tmp, "state.json"), "w") as f:
                 # started_at: the step this attempt began from (non-zero after a resume).
@@ -101,7 +104,7 @@ def local_copy(ckpt: ray.train.Checkpoint, attempts: int = 6):
         yield tmp
 
 
-def restore(engine) -> int:
+def restore(engine, lora: bool = False) -> int:
     """Load the latest reported checkpoint into `engine`; returns the step to continue from (0 if none)."""
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
@@ -114,7 +117,7 @@ def restore(engine) -> int:
                 f"checkpoint at step {state['step']} was written by {state['world_size']} workers; "
                 f"this run has {world}. ZeRO checkpoints only resume on the same worker count."
             )
-        _, client = engine.load_checkpoint(d, tag=TAG)
+        _, client = engine.load_checkpoint(d, tag=TAG, load_module_strict=not lora)
     return int(client["step"])
 
 

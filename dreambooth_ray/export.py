@@ -6,6 +6,7 @@ import json
 import platform
 import tempfile
 from importlib.metadata import version
+from pathlib import Path
 
 import torch
 
@@ -29,11 +30,34 @@ def split_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.T
 
 
 def trained_pipeline(spec: JobSpec, ckpt_dir: str):
-    """The base pipeline with the trained weights from a checkpoint folder swapped in."""
+    """The base pipeline with the trained weights (or LoRA adapters) from a checkpoint folder."""
     pipe = models.load_pipeline(spec.model, spec.s3)
+    lora = spec.train.method == "lora"
+    if lora:
+        from .train import add_lora
+
+        add_lora(pipe.unet, pipe.text_encoder, spec.train)
     for part, sd in split_state_dict(checkpoint.consolidated_state_dict(ckpt_dir)).items():
-        getattr(pipe, part).load_state_dict(sd, strict=True)
+        result = getattr(pipe, part).load_state_dict(sd, strict=not lora)
+        if lora and result.unexpected_keys:
+            raise RuntimeError(f"checkpoint has {part} weights the adapter lacks: {result.unexpected_keys[:3]}")
     return pipe
+
+
+def save_lora(storage: Storage, pipe, out: tuple[str, ...], with_text_encoder: bool) -> tuple[str, int]:
+    """Write the adapters as a diffusers LoRA (`pipe.load_lora_weights(url)` loads it); returns (URL, bytes)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))}
+    if with_text_encoder:
+        layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder))
+    with tempfile.TemporaryDirectory() as tmp:
+        StableDiffusionPipeline.save_lora_weights(tmp, safe_serialization=True, **layers)
+        size = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
+        storage.put_dir(tmp, *out, "lora")
+    return storage.url(*out, "lora"), size
 
 
 def save(storage: Storage, pipe, out: tuple[str, ...]) -> str:
@@ -50,7 +74,6 @@ def write_record(spec: JobSpec, storage: Storage, out: tuple[str, ...], record: 
         **record,
         "spec": json.loads(spec.model_dump_json(by_alias=True)),
         "versions": versions(),
-        "model": storage.url(*out, "model"),
         "step": int(record["metrics"].get("step", spec.train.steps)),
     }
     storage.write_json(record, *out, "job.json")

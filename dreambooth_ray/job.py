@@ -47,10 +47,15 @@ def finalize(spec: JobSpec, subject: Subject, ckpt, out: tuple[str, ...], record
     storage = Storage(spec.storage, spec.s3)
     with checkpoint.local_copy(ckpt) as ckpt_dir:
         pipe = export.trained_pipeline(spec, ckpt_dir)
-    model_url = export.save(storage, pipe, out)
+    if spec.train.method == "lora":  # the adapter alone: load it onto the base model with load_lora_weights
+        model_url, size = export.save_lora(storage, pipe, out, spec.train.lora.text_encoder)
+        record.update(lora=model_url, lora_bytes=size, base_model=spec.model)
+    else:
+        model_url = export.save(storage, pipe, out)
     items = samples.render(pipe, subject, spec.samples, spec.train.resolution)
     storage.write_bytes(samples.png_bytes(samples.grid(items)), *out, "samples.png")
-    export.write_record(spec, storage, out, {**record, "samples": storage.url(*out, "samples.png")})
+    export.write_record(spec, storage, out, {**record, "model": model_url,
+                                             "samples": storage.url(*out, "samples.png")})
     return model_url, storage.url(*out, "samples.png")
 
 

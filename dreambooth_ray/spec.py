@@ -109,6 +109,16 @@ class PriorConfig(_Strict):
     seed: int = 0
 
 
+class LoraConfig(_Strict):
+    """`train.method: lora`: low-rank adapters (peft) instead of full fine-tuning."""
+
+    rank: int = Field(4, ge=1, le=1024)
+    alpha: float = Field(4.0, gt=0)
+    target_modules: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")  # UNet attention
+    text_encoder: bool = False  # also adapt the text encoder (q/k/v/out projections)
+    text_encoder_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
 class TrainConfig(_Strict):
     resolution: int = Field(512, ge=8, le=4096)
     steps: int = Field(400, ge=1)
@@ -124,6 +134,8 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
     train_text_encoder: bool = False
+    method: Literal["full", "lora"] = "full"
+    lora: LoraConfig = LoraConfig()
     random_flip: bool = True
     seed: int = 0
 

@@ -114,7 +114,21 @@ def materialize(cache_dir: str | os.PathLike | None = None) -> Path:
 
     root.joinpath("models").mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root / "models", prefix=".tiny-"))
-    build_pipeline().save_pretrained(tmp)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # transformers writes weights only on rank 0 of an initialized process group, so a Ray Train
+        # worker of rank > 0 would save configs without weights: write from a clean process instead.
+        import subprocess
+        import sys
+
+        subprocess.run([sys.executable, "-c", "import sys; from dreambooth_ray.tiny import build_pipeline; "
+                        "build_pipeline().save_pretrained(sys.argv[1])", str(tmp)], check=True)
+    else:
+        build_pipeline().save_pretrained(tmp)
+    missing = [d for d in ("unet", "vae", "text_encoder") if not any((tmp / d).glob("*.safetensors"))]
+    if missing:
+        raise RuntimeError(f"tiny model written to {tmp} lacks weights for {missing}")
     try:
         os.rename(tmp, path)  # atomic: concurrent workers on one machine race harmlessly
     except OSError:

@@ -36,6 +36,20 @@ class DreamBoothModel(torch.nn.Module):
         return self.unet(noisy_latents, timesteps, encoder_hidden_states).sample
 
 
+def add_lora(unet, text_encoder, cfg: TrainConfig) -> None:
+    """Freeze the base weights and add trainable low-rank adapters (peft), as diffusers' LoRA scripts do."""
+    from peft import LoraConfig
+
+    lc = cfg.lora
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=lc.rank, lora_alpha=lc.alpha, init_lora_weights="gaussian",
+                                target_modules=list(lc.target_modules)))
+    if lc.text_encoder:
+        text_encoder.requires_grad_(False)
+        text_encoder.add_adapter(LoraConfig(r=lc.rank, lora_alpha=lc.alpha, init_lora_weights="gaussian",
+                                            target_modules=list(lc.text_encoder_modules)))
+
+
 def deepspeed_config(cfg: TrainConfig) -> dict:
     zero: dict = {"stage": cfg.zero_stage}
     if cfg.zero_stage >= 2:
@@ -96,7 +110,10 @@ def train_loop(config: dict) -> None:
 
     prompt_ids = torch.cat([ids(subject.instance_text)] * cfg.batch_size
                            + ([ids(subject.class_text)] * cfg.batch_size if data.with_prior else []))
-    if cfg.train_text_encoder:
+    lora = cfg.method == "lora"
+    if lora:
+        add_lora(parts["unet"], te, cfg)
+    if cfg.train_text_encoder or (lora and cfg.lora.text_encoder):
         model = DreamBoothModel(parts["unet"], te)
         text = {"input_ids": prompt_ids.to(device)}
     else:
@@ -113,7 +130,7 @@ def train_loop(config: dict) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (cfg.lr_warmup_steps + 1)))
     engine, _, _, lr_sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                   config=deepspeed_config(cfg))
-    start = checkpoint.restore(engine)
+    start = checkpoint.restore(engine, lora)
     if start and rank == 0:
         print(f"[{subject.name}] resumed from checkpoint at step {start}", flush=True)
 
@@ -144,7 +161,7 @@ def train_loop(config: dict) -> None:
                   f"(subject {metrics['instance_loss']:.4f}, prior {metrics['prior_loss']:.4f}) "
                   f"lr {metrics['lr']:.2e} {metrics['steps_per_s']:.2f} steps/s", flush=True)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            checkpoint.save(engine, done, metrics, started_at=start, run_root=run_root)
+            checkpoint.save(engine, done, metrics, started_at=start, run_root=run_root, lora=lora)
             _maybe_inject_fault(config.get("fault"), done, start, rank)
         else:
             ray.train.report(metrics)

@@ -11,7 +11,7 @@ from conftest import tiny_spec
 
 def test_runs_are_placed_on_different_nodes(tmp_path, toy_images):
     spec = tiny_spec(str(tmp_path / "store"), str(toy_images), prior={"enabled": False},
-                     train={"steps": 1, "checkpoint_every": 1}, samples={"prompts": ["a {class_noun}"]})
+                     train={"steps": 1, "checkpoint_every": 1, "method": "lora"}, samples={"prompts": ["a {class_noun}"]})
     spec["subjects"].append({"name": "toy2", "images": str(toy_images), "class": "toy", "identifier": "zwx"})
     # Its own process: one Ray cluster per process, and this session already has one.
     p = subprocess.run([sys.executable, str(Path(__file__).with_name("multinode_job.py")), json.dumps(spec)],
@@ -24,5 +24,6 @@ def test_runs_are_placed_on_different_nodes(tmp_path, toy_images):
     for name in ("toy", "toy2"):
         rec = json.loads((tmp_path / "store" / "outputs" / "t" / name / "job.json").read_text())
         nodes[name] = rec["metrics"]["node_id"]
+        assert rec["model"] == rec["lora"] and rec["lora"].endswith(f"/{name}/lora") and rec["lora_bytes"] > 0
     assert nodes["toy"] != nodes["toy2"], "the two runs should have been placed on the two worker nodes"
     assert set(nodes.values()) == set(out["workers"]) and out["head"] not in nodes.values()
