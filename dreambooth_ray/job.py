@@ -156,11 +156,9 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts) -> Sub
     t0 = time.perf_counter()
     say = lambda msg: print(f"{subject.name}: {msg}", flush=True)  # noqa: E731
     out = ("outputs", spec.name, subject.name)
-    tokenizer = CLIPTokenizer.from_pretrained(models.resolve(spec.model, spec.s3), subfolder="tokenizer")
-    if subject.identifier == "auto":
-        subject = identifiers.resolve(subject, tokenizer, spec.train.seed, spec.identifiers)
-        say(f"identifier: auto -> {subject.identifier!r} ({subject.instance_text!r})")
     prior_key = prior_counts["key"] if prior_counts else None
+    # `identifier: auto` is deterministic given the model identity and seed, so the run is named
+    # before resolving it: a finished subject is skipped without loading anything.
     name = run_name(spec, subject, identity, prior_key)
     record = storage.read_json(*out, "job.json")
     if record and record.get("run") == name:
@@ -170,6 +168,10 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts) -> Sub
                              {s: "skipped" for s in ("train", "export", "samples")})
     # The photos are read here, first: a bad file fails this subject before any training starts.
     load_subject_images(subject.images, spec.train.resolution, spec.s3, spec.skip_bad_images)
+    tokenizer = CLIPTokenizer.from_pretrained(models.resolve(spec.model, spec.s3), subfolder="tokenizer")
+    if subject.identifier == "auto":
+        subject = identifiers.resolve(subject, tokenizer, spec.train.seed, spec.identifiers)
+        say(f"identifier: auto -> {subject.identifier!r} ({subject.instance_text!r})")
     for w in models.identifier_warnings(tokenizer, subject.identifier, subject.class_noun):
         say(f"warning: {w}")
     stages: dict[str, str] = {}
