@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -67,17 +68,23 @@ def submit(job_file: str, address: str, submission_id: str | None = None, token_
         )
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "job.yaml").write_text(yaml.safe_dump(json.loads(spec.model_dump_json(by_alias=True)), sort_keys=False))
-        try:
-            return c.submit_job(
-                entrypoint="python -m dreambooth_ray.cli run job.yaml --address auto",
-                submission_id=sid,
-                runtime_env={"working_dir": tmp, "py_modules": [str(Path(dreambooth_ray.__file__).parent)]},
-                metadata={"dreambooth_ray_job": spec.name},
-            )
-        except RuntimeError as e:
-            if "already exists" in str(e):
-                raise SubmitError(f"submission id {sid!r} already exists on {address}") from None
-            raise SubmitError(f"submission to {address} failed: {e}") from None
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                return c.submit_job(
+                    entrypoint="python -m dreambooth_ray.cli run job.yaml --address auto",
+                    submission_id=sid,
+                    runtime_env={"working_dir": tmp, "py_modules": [str(Path(dreambooth_ray.__file__).parent)]},
+                    metadata={"dreambooth_ray_job": spec.name},
+                )
+            except RuntimeError as e:
+                if "already exists" in str(e):
+                    raise SubmitError(f"submission id {sid!r} already exists on {address}") from None
+                # A cluster that is still starting answers 500 "No available agent ... try again later".
+                if "No available agent" in str(e) and time.monotonic() < deadline:
+                    time.sleep(3)
+                    continue
+                raise SubmitError(f"submission to {address} failed: {e}") from None
 
 
 def _existing(c, sid: str):
