@@ -22,10 +22,15 @@ def cli(*args, env=None):
 @pytest.fixture(scope="module")
 def ray_head():
     port, dash = _free_port(), _free_port()
+    # Every port of its own: the session's Ray already holds the agent's default (52365), and a
+    # second head whose dashboard agent cannot bind never accepts a job ("No available agent").
+    agent, agent_grpc, metrics, runtime_env = (_free_port() for _ in range(4))
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
-         "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats", "--include-dashboard=true"],
+         "--dashboard-host=127.0.0.1", "--num-cpus=2",
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}", "--disable-usage-stats", "--include-dashboard=true"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash}"
