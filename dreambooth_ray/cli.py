@@ -65,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     run.set_defaults(fn=cmd_run)
     from . import identifiers, k8s, submit
 
+    bench = sub.add_parser("bench", help="time our training path against the standard DreamBooth recipe")
+    bench.set_defaults(fn=lambda a, c: __import__("dreambooth_ray.bench").bench.cmd_bench(a, c))
+    from .bench import add_arguments
+
+    add_arguments(bench)
+
     submit.add_commands(sub)
     k8s.add_commands(sub)
     identifiers.add_commands(sub)

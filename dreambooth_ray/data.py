@@ -23,26 +23,38 @@ def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch
 
 
 class DreamBoothData:
-    def __init__(self, instance: list[Image.Image], classes: list[Image.Image], random_flip: bool = True):
+    """Pools of subject and class rows, each row stored once per flip variant.
+
+    With `encode` (see engine.latent_encoder) the rows are VAE latent distributions computed here,
+    once: a flipped image's latents are not its latents flipped, so both variants are encoded.
+    """
+
+    def __init__(self, instance: list[Image.Image], classes: list[Image.Image], random_flip: bool = True,
+                 encode=None):
         if not instance:
             raise ValueError("no instance images")
-        self.instance = to_tensor(instance)
-        self.classes = to_tensor(classes) if classes else None
         self.random_flip = random_flip
+        self.latent = encode is not None
+
+        def pool(images: list[Image.Image]) -> torch.Tensor:
+            px = to_tensor(images)
+            variants = [px, px.flip(-1)] if random_flip else [px]
+            return torch.stack([encode(v) if encode else v for v in variants], dim=1)
+
+        self.instance = pool(instance)
+        self.classes = pool(classes) if classes else None
 
     @property
     def with_prior(self) -> bool:
         return self.classes is not None
 
     def _pick(self, pool: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
-        x = pool[torch.randint(len(pool), (n,), generator=g)]
-        if self.random_flip:
-            flip = torch.rand(n, generator=g) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return x
+        idx = torch.randint(len(pool), (n,), generator=g)
+        flip = (torch.rand(n, generator=g) < 0.5).long() if self.random_flip else torch.zeros(n, dtype=torch.long)
+        return pool[idx, flip]
 
     def batch(self, batch_size: int, g: torch.Generator) -> tuple[torch.Tensor, int]:
-        """(pixels, n_instance): the first n_instance rows are the subject, the rest class images."""
+        """(rows, n_instance): the first n_instance rows are the subject, the rest class images."""
         x = self._pick(self.instance, batch_size, g)
         if self.with_prior:
             x = torch.cat([x, self._pick(self.classes, batch_size, g)])

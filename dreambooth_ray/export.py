@@ -34,7 +34,7 @@ def trained_pipeline(spec: JobSpec, ckpt_dir: str):
     pipe = models.load_pipeline(spec.model, spec.s3)
     lora = spec.train.method == "lora"
     if lora:
-        from .train import add_lora
+        from .engine import add_lora
 
         add_lora(pipe.unet, pipe.text_encoder, spec.train)
     for part, sd in split_state_dict(checkpoint.consolidated_state_dict(ckpt_dir)).items():

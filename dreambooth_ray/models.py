@@ -101,6 +101,25 @@ def load_components(ref: str, s3: S3Settings | None = None):
         raise ModelError(f"model {ref!r}: cannot load ({e})") from None
 
 
+def prepare_sampler(pipe, device: str):
+    """An inference pipeline set up for throughput: fp16 on GPUs, SDPA attention, channels_last UNet."""
+    import torch
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    pipe = pipe.to(device, torch.float16 if device == "cuda" else torch.float32)
+    pipe.unet.set_attn_processor(AttnProcessor2_0())
+    pipe.unet.to(memory_format=torch.channels_last)
+    return pipe
+
+
+def sampler_scheduler(model_scheduler, kind: str):
+    if kind == "model":
+        return model_scheduler
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler.from_config(model_scheduler.config, algorithm_type="dpmsolver++")
+
+
 def identifier_warnings(tokenizer, identifier: str, class_noun: str) -> list[str]:
     """What is wrong with an identifier for this tokenizer: it should be one rare token, not the class."""
     out = []

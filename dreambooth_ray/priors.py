@@ -35,7 +35,7 @@ class PriorCache:
         p = spec.prior
         key = spec.fingerprint(
             model_identity, subject.class_text, spec.train.resolution,
-            p.inference_steps, p.guidance_scale, p.seed,
+            p.inference_steps, p.guidance_scale, p.seed, *([] if p.scheduler == "model" else [p.scheduler]),
         )
         return cls(storage, key, subject.class_text, spec.train.resolution, p)
 
@@ -67,8 +67,8 @@ class PriorGenerator:
         import torch
 
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        dtype = torch.float16 if self.device == "cuda" else torch.float32
-        self.pipe = models.load_pipeline(model, s3, torch_dtype=dtype).to(self.device)
+        self.pipe = models.prepare_sampler(models.load_pipeline(model, s3), self.device)
+        self.model_scheduler = self.pipe.scheduler
         self.storage = Storage(storage_root, s3)
 
     def generate(self, key: str, prompt: str, indices: list[int], cfg: PriorConfig, resolution: int) -> list[int]:
@@ -79,6 +79,7 @@ class PriorGenerator:
         todo = [i for i in indices if PriorCache.image_name(i) not in have]
         if not todo:
             return []
+        self.pipe.scheduler = models.sampler_scheduler(self.model_scheduler, cfg.scheduler)
         gens = [torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + i) for i in todo]
         images = self.pipe(
             [prompt] * len(todo), height=resolution, width=resolution, generator=gens,

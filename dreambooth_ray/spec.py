@@ -103,6 +103,9 @@ class PriorConfig(_Strict):
     num_class_images: int = Field(100, ge=1, le=100_000)
     loss_weight: float = Field(1.0, ge=0.0)
     inference_steps: int = Field(25, ge=1, le=1000)
+    # DPM-Solver++ matches the 50-step default samplers' quality in ~20-25 steps; 'model' keeps the
+    # model's own scheduler (the standard recipe's choice).
+    scheduler: Literal["dpm++", "model"] = "dpm++"
     guidance_scale: float = Field(7.5, ge=0.0)
     batch_size: int = Field(4, ge=1)
     num_actors: Optional[int] = Field(None, ge=1, description="default: one per GPU, or 2 CPU actors")
@@ -126,7 +129,10 @@ class TrainConfig(_Strict):
     lr_warmup_steps: int = Field(0, ge=0)
     batch_size: int = Field(1, ge=1, description="instance images per worker per micro-step")
     gradient_accumulation: int = Field(1, ge=1)
-    mixed_precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    # bf16: bf16 autocast over fp32 weights (the fp32 weights are the master copy);
+    # bf16-weights: DeepSpeed's bf16 engine (bf16 weights, fp32 master copy in the optimizer: least memory);
+    # fp16: DeepSpeed's fp16 engine with loss scaling (GPUs only). `dreambooth-ray bench` compares them.
+    mixed_precision: Literal["fp32", "bf16", "bf16-weights", "fp16"] = "bf16"
     zero_stage: Literal[0, 1, 2, 3] = 2
     num_workers: int = Field(1, ge=1)
     use_gpu: Optional[bool] = Field(None, description="default: use GPUs if the cluster has any")
@@ -138,6 +144,11 @@ class TrainConfig(_Strict):
     lora: LoraConfig = LoraConfig()
     random_flip: bool = True
     seed: int = 0
+    # Speed: each is measured on and off by `dreambooth-ray bench`.
+    cache_latents: bool = Field(True, description="encode subject and class images with the VAE once, not every step")
+    attention: Literal["sdpa", "classic"] = "sdpa"
+    channels_last: bool = False  # measured: no gain on an H100 at batch 1+1 (see benchmarks/results)
+    compile: bool = Field(False, description="torch.compile the UNet (pays off for long runs on GPUs)")
 
     @model_validator(mode="after")
     def _fp16_needs_gpu(self):

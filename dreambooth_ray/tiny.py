@@ -104,6 +104,39 @@ def build_pipeline(seed: int = 0):
     )
 
 
+def sd15_pipeline(seed: int = 0):
+    """Stable Diffusion 1.5's architecture (UNet 860M, VAE, CLIP ViT-L text) with random weights.
+
+    For throughput benchmarks: cost does not depend on weight values, and nothing is downloaded.
+    """
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # SD 1.x config
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=512,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+        max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              skip_prk_steps=True, steps_offset=1)  # SD 1.5's shipped scheduler
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
 def materialize(cache_dir: str | os.PathLike | None = None) -> Path:
     """Write the tiny pipeline to a local folder once (per machine) and return it."""
     root = Path(cache_dir or os.environ.get("DREAMBOOTH_RAY_CACHE", Path.home() / ".cache" / "dreambooth-ray"))

@@ -7,7 +7,7 @@ from PIL import Image
 from dreambooth_ray import tiny
 from dreambooth_ray.data import DreamBoothData, step_generator
 from dreambooth_ray.loss import prior_preservation_loss
-from dreambooth_ray.train import DreamBoothModel, diffusion_step
+from dreambooth_ray.engine import DreamBoothModel, diffusion_step, latent_encoder
 
 
 def test_loss_arithmetic():
@@ -38,17 +38,20 @@ def parts():
     return pipe, DDPMScheduler.from_config(pipe.scheduler.config)
 
 
-def _step(parts, classes, weight):
+def _step(parts, classes, weight, cached=False, flip=False):
     pipe, sched = parts
-    subject = [Image.new("RGB", (32, 32), (200, 30, 30))] * 3
-    data = DreamBoothData(subject, classes, random_flip=False)
+    subject = [Image.new("RGB", (32, 32), (200, 30, 30)), Image.effect_noise((32, 32), 60).convert("RGB")]
+    cpu = torch.device("cpu")
+    encode = latent_encoder(pipe.vae, cpu) if cached else None
+    data = DreamBoothData(subject, classes, random_flip=flip, encode=encode)
     g = step_generator(0, 0)
-    pixels, n = data.batch(1, g)
-    ids = pipe.tokenizer(["a sks toy", "a toy"][: len(pixels)], padding="max_length", return_tensors="pt").input_ids
+    rows, n = data.batch(1, g)
+    ids = pipe.tokenizer(["a sks toy", "a toy"][: len(rows)], padding="max_length", return_tensors="pt").input_ids
+    kw = {"scaling_factor": pipe.vae.config.scaling_factor} if cached else {"vae": pipe.vae}
     with torch.no_grad():
         states = pipe.text_encoder(ids)[0]
-        return diffusion_step(DreamBoothModel(pipe.unet), pipe.vae, sched, pixels, n, g, weight,
-                              torch.float32, torch.device("cpu"), encoder_hidden_states=states)
+        return diffusion_step(DreamBoothModel(pipe.unet), sched, rows, n, g, weight,
+                              torch.float32, cpu, encoder_hidden_states=states, **kw)
 
 
 def test_training_step_uses_the_class_images(parts):
@@ -64,3 +67,18 @@ def test_training_step_uses_the_class_images(parts):
     # Without class images (prior disabled) the batch is subject-only and the prior term is zero.
     loss_np, inst_np, prior_np = _step(parts, [], 1.0)
     assert prior_np == 0 and torch.isclose(loss_np, inst_np)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_cached_latents_give_the_same_step(parts, flip):
+    """Latents encoded once (both flip variants) reproduce the per-step VAE encoding exactly."""
+    noise = [Image.effect_noise((32, 32), 120).convert("RGB"), Image.new("RGB", (32, 32), (10, 200, 90))]
+    per_step = _step(parts, noise, 1.0, cached=False, flip=flip)
+    cached = _step(parts, noise, 1.0, cached=True, flip=flip)
+    for a, b in zip(per_step, cached):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a, b)
+    # ...and the flip variant is the encoding of the flipped image, not the flipped latents.
+    pipe, _ = parts
+    data = DreamBoothData(noise, [], random_flip=True, encode=latent_encoder(pipe.vae, torch.device("cpu")))
+    mean_flipped_image = data.instance[0, 1].chunk(2)[0]
+    assert not torch.allclose(mean_flipped_image, data.instance[0, 0].chunk(2)[0].flip(-1), atol=1e-3)
