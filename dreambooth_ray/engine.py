@@ -8,6 +8,7 @@ VAE latents cached once (both flip variants), SDPA attention, channels_last, tor
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -33,10 +34,10 @@ class DreamBoothModel(torch.nn.Module):
         self.unet = unet
         self.text_encoder = text_encoder
 
-    def forward(self, noisy_latents, timesteps, input_ids=None, encoder_hidden_states=None):
+    def forward(self, noisy_latents, timesteps, input_ids=None, encoder_hidden_states=None, class_labels=None):
         if self.text_encoder is not None:
             encoder_hidden_states = self.text_encoder(input_ids)[0]
-        return self.unet(noisy_latents, timesteps, encoder_hidden_states).sample
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states, class_labels=class_labels).sample
 
 
 def add_lora(unet, text_encoder, cfg: TrainConfig) -> None:
@@ -133,15 +134,12 @@ def diffusion_step(model, noise_scheduler, rows, n_instance, g, prior_weight, dt
 
 @dataclass
 class Engine:
-    """A worker's DeepSpeed engine with its data and the fixed inputs of every step."""
+    """A worker's DeepSpeed engine, its data, and the stage's loss (base: `diffusion_step`; SR: sr.py)."""
 
     ds: object  # deepspeed.DeepSpeedEngine
     data: DreamBoothData
-    noise_scheduler: object
     cfg: TrainConfig
-    prior_weight: float
-    device: torch.device
-    step_kw: dict  # vae or cached-latent scale, text embeddings or token ids, layout
+    loss: Callable  # (model, rows, n_instance, generator) -> (loss, subject loss, prior loss)
 
     def step(self, step: int, rank: int = 0) -> torch.Tensor:
         """One optimizer step (all micro-steps); returns [loss, subject loss, prior loss], averaged."""
@@ -149,8 +147,7 @@ class Engine:
         for micro in range(cfg.gradient_accumulation):
             g = step_generator(cfg.seed, step, micro, rank)
             rows, n_inst = self.data.batch(cfg.batch_size, g)
-            loss, inst, prior = diffusion_step(self.ds, self.noise_scheduler, rows, n_inst, g, self.prior_weight,
-                                               weight_dtype(cfg), self.device, **self.step_kw)
+            loss, inst, prior = self.loss(self.ds, rows, n_inst, g)
             self.ds.backward(loss)
             self.ds.step()
             sums += torch.stack([loss.detach().float().cpu(), inst.float().cpu(), prior.float().cpu()])
@@ -160,11 +157,20 @@ class Engine:
         return self.ds.lr_scheduler.get_last_lr()[0]
 
 
-def build(parts: dict, instance, classes, instance_text: str, class_text: str, cfg: TrainConfig,
-          prior_weight: float, device: torch.device, fused: bool | None = None) -> Engine:
-    """Data, model and DeepSpeed engine for one subject on this worker (torch.distributed initialised)."""
+def initialize(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, fused: bool | None = None):
+    """The DeepSpeed engine over `model`'s trainable parameters (torch.distributed initialised)."""
     import deepspeed
 
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = optimizer(params, cfg, on_gpu=device.type == "cuda", fused=fused)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (cfg.lr_warmup_steps + 1)))
+    ds, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg))
+    return ds
+
+
+def build(parts: dict, instance, classes, instance_text: str, class_text: str, cfg: TrainConfig,
+          prior_weight: float, device: torch.device, fused: bool | None = None) -> Engine:
+    """Data, model and DeepSpeed engine for one subject's base stage on this worker."""
     dtype = weight_dtype(cfg)
     if device.type == "cuda":  # fp32 matmuls (frozen parts, fp32 mode) on TF32 tensor cores
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -180,12 +186,7 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
         data = DreamBoothData(instance, classes, cfg.random_flip)
         step_kw["vae"] = vae.to(device, torch.float32 if dtype == torch.float16 else dtype)
 
-    def ids(prompt: str) -> torch.Tensor:
-        return tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                   return_tensors="pt").input_ids
-
-    prompt_ids = torch.cat([ids(instance_text)] * cfg.batch_size
-                           + ([ids(class_text)] * cfg.batch_size if data.with_prior else []))
+    prompt_ids = token_ids(tok, [instance_text] * cfg.batch_size + ([class_text] * cfg.batch_size if data.with_prior else []))
     lora = cfg.method == "lora"
     if lora:
         add_lora(parts["unet"], te, cfg)
@@ -195,14 +196,24 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
         step_kw["input_ids"] = prompt_ids.to(device)
     else:
         # Frozen text encoder: the two prompts' embeddings never change, so compute them once.
-        te.requires_grad_(False).to(device)
-        with torch.no_grad():
-            step_kw["encoder_hidden_states"] = te(prompt_ids.to(device))[0].to(dtype)
-        te.to("cpu")
+        step_kw["encoder_hidden_states"] = frozen_text_embeddings(te, prompt_ids, device).to(dtype)
         model = DreamBoothModel(parts["unet"])
+    noise_scheduler = parts["noise_scheduler"]
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = optimizer(params, cfg, on_gpu=device.type == "cuda", fused=fused)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (cfg.lr_warmup_steps + 1)))
-    ds, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg))
-    return Engine(ds, data, parts["noise_scheduler"], cfg, prior_weight, device, step_kw)
+    def loss(model, rows, n, g):
+        return diffusion_step(model, noise_scheduler, rows, n, g, prior_weight, dtype, device, **step_kw)
+
+    return Engine(initialize(model, cfg, device, fused), data, cfg, loss)
+
+
+def token_ids(tok, prompts: list[str], with_mask: bool = False):
+    t = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    return (t.input_ids, t.attention_mask) if with_mask else t.input_ids
+
+
+@torch.no_grad()
+def frozen_text_embeddings(te, ids, device, attention_mask=None) -> torch.Tensor:
+    te.requires_grad_(False).to(device)
+    out = te(ids.to(device), attention_mask=None if attention_mask is None else attention_mask.to(device))[0]
+    te.to("cpu")
+    return out
