@@ -31,6 +31,9 @@ def init_ray(address: str | None = None, **kwargs) -> None:
         # --address auto for that). No dashboard: half the start-up time and memory.
         address = "local"
         kwargs.setdefault("include_dashboard", False)
+        # One machine has no node drains to watch for: skip Ray Train's per-run watcher actor (a
+        # Python process per fit, a few CPU-seconds each on a small machine).
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(address=address, runtime_env={"env_vars": _worker_env()}, logging_level=logging.WARNING, **kwargs)
 
 
@@ -74,10 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     submit.add_commands(sub)
     k8s.add_commands(sub)
     identifiers.add_commands(sub)
+    from .eval import add_commands as add_eval
+
+    add_eval(sub)
     args = parser.parse_args(argv)
 
     console = Console(stderr=True)
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
+    from .eval import EvalError
     from .images import ImageError
     from .models import ModelError
     from .spec import SpecError
@@ -88,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.fn(args, console)
-    except (SpecError, ImageError, ModelError, StorageError, SubmitError, K8sError) as e:
+    except (SpecError, ImageError, ModelError, StorageError, SubmitError, K8sError, EvalError) as e:
         console.print(f"[red]error:[/] {e}", highlight=False)
         return 2
 

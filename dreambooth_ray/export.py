@@ -29,10 +29,11 @@ def split_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.T
     return out
 
 
-def trained_pipeline(spec: JobSpec, ckpt_dir: str):
-    """The base pipeline with the trained weights (or LoRA adapters) from a checkpoint folder."""
-    pipe = models.load_pipeline(spec.model, spec.s3)
-    lora = spec.train.method == "lora"
+def trained_pipeline(spec: JobSpec, ckpt_dir: str, stage: str = "base"):
+    """The stage's pipeline (base, or the IF stage II SR one) with the trained weights (or LoRA
+    adapters) from a checkpoint folder."""
+    pipe = models.load_pipeline(spec.model if stage == "base" else spec.sr.model, spec.s3)
+    lora = stage == "base" and spec.train.method == "lora"
     if lora:
         from .engine import add_lora
 
@@ -41,6 +42,8 @@ def trained_pipeline(spec: JobSpec, ckpt_dir: str):
         result = getattr(pipe, part).load_state_dict(sd, strict=not lora)
         if lora and result.unexpected_keys:
             raise RuntimeError(f"checkpoint has {part} weights the adapter lacks: {result.unexpected_keys[:3]}")
+    if stage == "sr":  # the resolution it was fine-tuned for becomes the pipeline's default
+        pipe.unet.register_to_config(sample_size=spec.sr.output_resolution)
     return pipe
 
 
@@ -60,12 +63,12 @@ def save_lora(storage: Storage, pipe, out: tuple[str, ...], with_text_encoder: b
     return storage.url(*out, "lora"), size
 
 
-def save(storage: Storage, pipe, out: tuple[str, ...]) -> str:
-    """Write `<out>/model` in diffusers format; returns its URL."""
+def save(storage: Storage, pipe, out: tuple[str, ...], folder: str = "model") -> str:
+    """Write `<out>/<folder>` in diffusers format; returns its URL."""
     with tempfile.TemporaryDirectory() as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        storage.put_dir(tmp, *out, "model")
-    return storage.url(*out, "model")
+        storage.put_dir(tmp, *out, folder)
+    return storage.url(*out, folder)
 
 
 def write_record(spec: JobSpec, storage: Storage, out: tuple[str, ...], record: dict) -> None:

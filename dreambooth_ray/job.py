@@ -1,4 +1,4 @@
-"""A job, stage by stage: spec -> priors -> train -> export -> samples, for each subject.
+"""A job, stage by stage: spec -> priors -> train -> SR -> export -> samples, for each subject.
 
 Every stage leaves a record in storage when it finishes, and a re-run skips what is recorded:
 prior images that exist, a training run whose `train.json` exists (or resumes it from its last
@@ -41,9 +41,18 @@ def run_name(spec: JobSpec, subject: Subject, model_identity: str, prior_key: st
     return f"{subject.name}-{key}"
 
 
+def sr_run_name(spec: JobSpec, subject: Subject, sr_identity: str, prior_key: str | None) -> str:
+    # The SR stage learns from the subject's photos alone, not from the base stage's weights.
+    s = spec.sr.model_dump(exclude={"enabled", "checkpoint_every", "inference_steps"})
+    key = spec.fingerprint(sr_identity, subject.model_dump(by_alias=True), s, prior_key, spec.train.seed,
+                           spec.train.random_flip, spec.train.resolution)
+    return f"{subject.name}-sr-{key}"
+
+
 @ray.remote(num_cpus=1)
-def finalize(spec: JobSpec, subject: Subject, ckpt, out: tuple[str, ...], record: dict) -> tuple[str, str]:
-    """Export the trained pipeline, render its sample grid, then write job.json (the completion mark)."""
+def finalize(spec: JobSpec, subject: Subject, ckpt, out: tuple[str, ...], record: dict, sr_ckpt=None) -> tuple[str, str]:
+    """Export the trained pipeline(s), render the sample grid (through the SR stage when there is
+    one), then write job.json (the completion mark)."""
     storage = Storage(spec.storage, spec.s3)
     with checkpoint.local_copy(ckpt) as ckpt_dir:
         pipe = export.trained_pipeline(spec, ckpt_dir)
@@ -53,6 +62,11 @@ def finalize(spec: JobSpec, subject: Subject, ckpt, out: tuple[str, ...], record
     else:
         model_url = export.save(storage, pipe, out)
     items = samples.render(pipe, subject, spec.samples, spec.train.resolution)
+    if sr_ckpt is not None:
+        with checkpoint.local_copy(sr_ckpt) as ckpt_dir:
+            sr_pipe = export.trained_pipeline(spec, ckpt_dir, stage="sr")
+        record["sr_model"] = export.save(storage, sr_pipe, out, "sr")
+        items = samples.through_sr(items, sr_pipe, spec.sr, spec.samples.seed)
     storage.write_bytes(samples.png_bytes(samples.grid(items)), *out, "samples.png")
     export.write_record(spec, storage, out, {**record, "model": model_url,
                                              "samples": storage.url(*out, "samples.png")})
@@ -160,8 +174,14 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts) -> Sub
     # `identifier: auto` is deterministic given the model identity and seed, so the run is named
     # before resolving it: a finished subject is skipped without loading anything.
     name = run_name(spec, subject, identity, prior_key)
+    sr_name = sr_prior = None
+    if spec.sr.enabled:
+        sr_prior = (priors.PriorCache.for_subject(spec, subject, storage, identity, spec.sr.output_resolution)
+                    if spec.sr.prior_preservation else None)
+        sr_name = sr_run_name(spec, subject, models.identity(spec.sr.model, spec.s3), sr_prior and sr_prior.key)
+    complete = f"{name}+{sr_name}" if sr_name else name  # what job.json's "run" says when all is done
     record = storage.read_json(*out, "job.json")
-    if record and record.get("run") == name:
+    if record and record.get("run") == complete:
         say(f"already complete ({record['model']}); nothing to do")
         return SubjectResult(subject.name, "skipped", record["model"], record["samples"], record["step"],
                              record.get("metrics", {}).get("loss"), time.perf_counter() - t0,
@@ -191,14 +211,35 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts) -> Sub
         ckpt, metrics, stages["train"] = result.checkpoint, result.metrics, "ran"
         storage.write_json({"run": name, "checkpoint": ckpt.path, "metrics": metrics}, *out, "train.json")
 
+    sr_ckpt = sr_metrics = None
+    if sr_name:
+        sr_ckpt, sr_metrics, stages["sr"] = _run_sr(spec, subject, storage, out, sr_name, sr_prior, use_gpu, say)
+
     say("exporting and rendering samples")
-    record = {"run": name, "subject": subject.name, "identifier": subject.identifier,
+    record = {"run": complete, "subject": subject.name, "sr_metrics": sr_metrics, "identifier": subject.identifier,
               "instance_prompt": subject.instance_text, "metrics": metrics,
               "priors": {"key": prior_key, "url": prior_counts["url"]} if prior_counts else None}
     model_url, samples_url = ray.get(finalize.options(num_gpus=1 if use_gpu else 0).remote(
-        spec, subject, ckpt, out, record))
+        spec, subject, ckpt, out, record, sr_ckpt))
     stages.update(export="ran", samples="ran")
     say(f"model -> {model_url}; samples -> {samples_url}")
     return SubjectResult(subject.name, "done", model_url, samples_url, int(metrics.get("step", spec.train.steps)),
                          metrics.get("loss"), time.perf_counter() - t0, stages, train_start=train_start,
                          train_end=train_end)
+
+
+def _run_sr(spec, subject, storage, out, name, prior_cache, use_gpu, say):
+    """The SR stage: fine-tune the SR model on the subject (resumable like the base stage)."""
+    done = storage.read_json(*out, "sr.json")
+    if done and done.get("run") == name:
+        say(f"SR training already finished ({done['checkpoint']})")
+        return ray.train.Checkpoint(done["checkpoint"], storage.ray_storage()[1]), done["metrics"], "skipped"
+    if prior_cache is not None:
+        counts = priors.generate(prior_cache, spec, use_gpu)
+        say(f"SR class images at {prior_cache.resolution}px: {counts['cached']} cached, {counts['generated']} generated")
+    s = spec.sr
+    say(f"SR stage: {s.input_resolution or spec.train.resolution}->{s.output_resolution}px, {s.steps} steps, "
+        f"noise augmentation {s.noise_aug:g} (run {name})")
+    result = train.fit(spec, subject, storage, name, prior_cache and prior_cache.key, use_gpu, stage="sr")
+    storage.write_json({"run": name, "checkpoint": result.checkpoint.path, "metrics": result.metrics}, *out, "sr.json")
+    return result.checkpoint, result.metrics, "ran"

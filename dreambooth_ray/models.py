@@ -22,23 +22,27 @@ def cache_root() -> Path:
     return Path(os.environ.get("DREAMBOOTH_RAY_CACHE", Path.home() / ".cache" / "dreambooth-ray"))
 
 
-def _remote_listing(ref: str, s3: S3Settings | None) -> tuple[object, str, dict]:
+def _remote_listing(ref: str, s3: S3Settings | None, marker: str = "model_index.json") -> tuple[object, str, dict]:
     fs, root = filesystem(ref, s3)
     try:
         listing = fs.find(root, detail=True)
     except FileNotFoundError:
         listing = {}
-    if not any(p.endswith("model_index.json") for p in listing):
-        raise ModelError(f"model {ref!r}: no model_index.json under it (expected a diffusers pipeline folder)")
+    if not any(p.endswith(marker) for p in listing):
+        raise ModelError(f"model {ref!r}: no {marker} under it (expected a {_KIND[marker]} folder)")
     return fs, root, listing
 
 
-def identity(ref: str, s3: S3Settings | None = None) -> str:
+_KIND = {"model_index.json": "diffusers pipeline", "config.json": "transformers model",
+         "pytorch_lora_weights.safetensors": "diffusers LoRA"}
+
+
+def identity(ref: str, s3: S3Settings | None = None, marker: str = "model_index.json") -> str:
     """A string that changes when the model's weights change: keys the prior-image cache."""
-    if ref == "tiny":
-        return tiny.TINY_VERSION
+    if ref in tiny.BUILT_IN:
+        return tiny.BUILT_IN[ref][0]
     if is_remote(ref):
-        _, root, listing = _remote_listing(ref, s3)
+        _, root, listing = _remote_listing(ref, s3, marker)
         sig = sorted((p[len(root):], d.get("size"), d.get("ETag") or d.get("etag")) for p, d in listing.items())
         return f"{ref}@{hashlib.sha256(json.dumps(sig, default=str).encode()).hexdigest()[:12]}"
     local = Path(ref)
@@ -48,14 +52,15 @@ def identity(ref: str, s3: S3Settings | None = None) -> str:
     return ref  # a hub id: its revision is the hub's business
 
 
-def resolve(ref: str, s3: S3Settings | None = None) -> str:
-    """Something `from_pretrained` accepts: the tiny model's folder, a local folder, or a hub id."""
-    if ref == "tiny":
-        return str(tiny.materialize(cache_root()))
+def resolve(ref: str, s3: S3Settings | None = None, marker: str = "model_index.json") -> str:
+    """Something `from_pretrained` accepts: a built-in tiny model's folder, a local folder (an s3://
+    one downloaded once per machine), or a hub id. `marker`: the file that makes a folder a model."""
+    if ref in tiny.BUILT_IN:
+        return str(tiny.materialize(cache_root(), ref))
     if is_remote(ref):
-        fs, root, listing = _remote_listing(ref, s3)
-        dest = cache_root() / "models" / hashlib.sha256(identity(ref, s3).encode()).hexdigest()[:16]
-        if not (dest / "model_index.json").exists():
+        fs, root, listing = _remote_listing(ref, s3, marker)
+        dest = cache_root() / "models" / hashlib.sha256(identity(ref, s3, marker).encode()).hexdigest()[:16]
+        if not (dest / marker).exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".dl-"))
             fs.get(root + "/", str(tmp) + "/", recursive=True)
@@ -65,8 +70,8 @@ def resolve(ref: str, s3: S3Settings | None = None) -> str:
                 shutil.rmtree(tmp, ignore_errors=True)
         return str(dest)
     if Path(ref).exists():
-        if not (Path(ref) / "model_index.json").exists():
-            raise ModelError(f"model {ref!r}: a local folder without model_index.json (not a diffusers pipeline)")
+        if not (Path(ref) / marker).exists():
+            raise ModelError(f"model {ref!r}: a local folder without {marker} (not a {_KIND[marker]})")
         return ref
     return ref
 
@@ -118,6 +123,28 @@ def sampler_scheduler(model_scheduler, kind: str):
     from diffusers import DPMSolverMultistepScheduler
 
     return DPMSolverMultistepScheduler.from_config(model_scheduler.config, algorithm_type="dpmsolver++")
+
+
+def load_sr_components(ref: str, s3: S3Settings | None = None):
+    """A DeepFloyd IF stage II layout's parts: the SR UNet, its text side and both schedules."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    path = resolve(ref, s3)
+    try:
+        parts = dict(
+            tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
+            text_encoder=T5EncoderModel.from_pretrained(path, subfolder="text_encoder"),
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
+            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
+            image_noising_scheduler=DDPMScheduler.from_pretrained(path, subfolder="image_noising_scheduler"),
+        )
+    except OSError as e:
+        raise ModelError(f"sr.model {ref!r}: cannot load an IF stage II pipeline ({e})") from None
+    if parts["unet"].config.in_channels != 6 or parts["unet"].config.class_embed_type is None:
+        raise ModelError(f"sr.model {ref!r}: its UNet is not a super-resolution UNet (6 input channels, "
+                         "noise-level class labels)")
+    return parts
 
 
 def identifier_warnings(tokenizer, identifier: str, class_noun: str) -> list[str]:

@@ -31,13 +31,14 @@ class PriorCache:
     config: PriorConfig
 
     @classmethod
-    def for_subject(cls, spec: JobSpec, subject: Subject, storage: Storage, model_identity: str) -> "PriorCache":
-        p = spec.prior
+    def for_subject(cls, spec: JobSpec, subject: Subject, storage: Storage, model_identity: str,
+                    resolution: int | None = None) -> "PriorCache":
+        p, resolution = spec.prior, resolution or spec.train.resolution
         key = spec.fingerprint(
-            model_identity, subject.class_text, spec.train.resolution,
+            model_identity, subject.class_text, resolution,
             p.inference_steps, p.guidance_scale, p.seed, *([] if p.scheduler == "model" else [p.scheduler]),
         )
-        return cls(storage, key, subject.class_text, spec.train.resolution, p)
+        return cls(storage, key, subject.class_text, resolution, p)
 
     @property
     def url(self) -> str:

@@ -24,6 +24,17 @@ def render(pipe, subject: Subject, cfg: SampleConfig, resolution: int) -> list[t
     return out
 
 
+def through_sr(items: list[tuple[str, Image.Image]], sr_pipe, cfg, seed: int) -> list[tuple[str, Image.Image]]:
+    """The cascade: each base image upscaled by the trained SR stage, shown beside it."""
+    from .sr import upscale
+
+    out = []
+    for k, (prompt, im) in enumerate(items):
+        hi = upscale(sr_pipe, prompt, im, cfg, seed + k)
+        out += [(f"{prompt} [{im.size[0]}px]", im), (f"{prompt} [SR {hi.size[0]}px]", hi)]
+    return out
+
+
 def grid(items: list[tuple[str, Image.Image]], cell: int = 192, cols: int | None = None) -> Image.Image:
     """Images in a grid, each captioned with its prompt underneath."""
     cols = cols or min(len(items), 4)

@@ -24,6 +24,14 @@ DEFAULT_VALIDATION_PROMPTS = (
 )
 
 
+def check_template(v: str) -> str:
+    try:
+        v.format(identifier="x", class_noun="x")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"unknown placeholder {e} (use {{identifier}} and {{class_noun}})") from None
+    return v
+
+
 class SpecError(ValueError):
     """A job spec that cannot be used; the message names the file and field."""
 
@@ -59,11 +67,7 @@ class Subject(_Strict):
     @field_validator("instance_prompt", "class_prompt")
     @classmethod
     def _known_placeholders(cls, v: str) -> str:
-        try:
-            v.format(identifier="x", class_noun="x")
-        except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(f"unknown placeholder {e} (use {{identifier}} and {{class_noun}})") from None
-        return v
+        return check_template(v)
 
     def prompt(self, template: str) -> str:
         return template.format(identifier=self.identifier, class_noun=self.class_noun)
@@ -157,12 +161,73 @@ class TrainConfig(_Strict):
         return self
 
 
+class SRConfig(_Strict):
+    """The paper's super-resolution stage: an SR diffusion model fine-tuned on the subject, conditioned
+    on the subject's real low-res images, with little noise augmentation of that low-res input."""
+
+    enabled: bool = False
+    model: str = Field("tiny-sr", description="'tiny-sr', or a DeepFloyd IF stage II pipeline: hub id, folder, s3://")
+    input_resolution: Optional[int] = Field(None, ge=8, le=4096, description="default: train.resolution")
+    output_resolution: int = Field(128, ge=16, le=4096)
+    # Level s in [0, 1] of the noising schedule applied to the low-res input (the conditioning label
+    # is s * (T - 1)); the paper lowers it from 1e-3 to 1e-5 to keep the subject's fine detail.
+    noise_aug: float = Field(1e-5, ge=0.0, le=1.0)
+    steps: int = Field(200, ge=1)
+    learning_rate: float = Field(5e-6, gt=0.0, le=1.0)
+    batch_size: int = Field(1, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    num_workers: Optional[int] = Field(None, ge=1, description="default: train.num_workers")
+    mixed_precision: Optional[Literal["fp32", "bf16", "bf16-weights", "fp16"]] = None  # default: train's
+    checkpoint_every: int = Field(100, ge=1)
+    prior_preservation: bool = Field(False, description="class images at output resolution, down/upsampled alike")
+    prior_loss_weight: float = Field(1.0, ge=0.0)
+    inference_steps: int = Field(25, ge=1, description="SR steps when rendering the samples")
+
+    @model_validator(mode="after")
+    def _upscales(self):
+        if self.input_resolution is not None and self.input_resolution >= self.output_resolution:
+            raise ValueError("output_resolution must be above input_resolution")
+        return self
+
+    def train_config(self, base: "TrainConfig") -> "TrainConfig":
+        """The SR run's training settings: the base stage's, with the SR section's overrides."""
+        return base.model_copy(update=dict(
+            resolution=self.output_resolution, steps=self.steps, learning_rate=self.learning_rate,
+            batch_size=self.batch_size, zero_stage=self.zero_stage, checkpoint_every=self.checkpoint_every,
+            num_workers=self.num_workers or base.num_workers, mixed_precision=self.mixed_precision or base.mixed_precision,
+            method="full", train_text_encoder=False, cache_latents=False, lr_warmup_steps=0,
+        ))
+
+
 class SampleConfig(_Strict):
     prompts: tuple[str, ...] = DEFAULT_VALIDATION_PROMPTS
     images_per_prompt: int = Field(1, ge=1, le=16)
     inference_steps: int = Field(25, ge=1)
     guidance_scale: float = Field(7.5, ge=0.0)
     seed: int = 0
+
+
+class EvalConfig(_Strict):
+    """`dreambooth-ray eval`: the paper's metrics over its prompt set (see eval.py)."""
+
+    prompts: Literal["auto", "objects", "live"] | tuple[str, ...] = Field(
+        "auto", description="the paper's 25 prompts for objects or live subjects ('auto': by class noun), or a list")
+    images_per_prompt: int = Field(4, ge=1, le=64)
+    class_images: int = Field(16, ge=0, le=1000, description="'a {class_noun}' renders for PRES; 0: skip PRES")
+    inference_steps: int = Field(50, ge=1)
+    guidance_scale: float = Field(7.5, ge=0.0)
+    seed: int = 0
+    dino: str = Field("facebook/dino-vits16", description="DINO ViT: 'tiny-dino', hub id, folder or s3://")
+    clip: str = Field("openai/clip-vit-base-patch32", description="CLIP: 'tiny-clip', hub id, folder or s3://")
+    num_actors: Optional[int] = Field(None, ge=1, description="renderers; default: one per GPU, else up to 2")
+    batch_size: int = Field(8, ge=1)
+
+    @field_validator("prompts")
+    @classmethod
+    def _templates(cls, v):
+        for t in () if isinstance(v, str) else v:
+            check_template(t)
+        return v
 
 
 class JobSpec(_Strict):
@@ -173,7 +238,9 @@ class JobSpec(_Strict):
     subjects: tuple[Subject, ...]
     prior: PriorConfig = PriorConfig()
     train: TrainConfig = TrainConfig()
+    sr: SRConfig = SRConfig()
     samples: SampleConfig = SampleConfig()
+    eval: EvalConfig = EvalConfig()
     identifiers: IdentifierConfig = IdentifierConfig()
     skip_bad_images: bool = False
     max_concurrent_subjects: Optional[int] = Field(None, ge=1, description="default: as many as the cluster fits")
@@ -196,6 +263,13 @@ class JobSpec(_Strict):
             data = dict(data)
             data["subjects"] = read_manifest(data["subjects"], S3Settings.model_validate(data.get("s3") or {}))
         return data
+
+    @model_validator(mode="after")
+    def _sr_resolution(self):
+        if self.sr.enabled and self.sr.output_resolution <= (self.sr.input_resolution or self.train.resolution):
+            raise ValueError(f"sr.output_resolution ({self.sr.output_resolution}) must be above the base "
+                             f"stage's resolution ({self.sr.input_resolution or self.train.resolution})")
+        return self
 
     @model_validator(mode="after")
     def _unique_subjects(self):
@@ -299,8 +373,10 @@ def _resolve_relative(spec: JobSpec, base: Path) -> JobSpec:
     def fix(p: str) -> str:
         return p if _is_url(p) or Path(p).is_absolute() else str((base / p).resolve())
 
-    model = spec.model
+    model, sr_model = spec.model, spec.sr.model
     if model != "tiny" and not _is_url(model) and (base / model).exists():
         model = fix(model)
+    if sr_model != "tiny-sr" and not _is_url(sr_model) and (base / sr_model).exists():
+        spec = spec.model_copy(update={"sr": spec.sr.model_copy(update={"model": fix(sr_model)})})
     subjects = tuple(s.model_copy(update={"images": fix(s.images)}) for s in spec.subjects)
     return spec.model_copy(update={"storage": fix(spec.storage), "model": model, "subjects": subjects})

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 
 TINY_VERSION = "tiny-v1"
+TINY_SR_VERSION = "tiny-sr-v1"
+TINY_METRICS_VERSION = "tiny-metrics-v1"
 TINY_RESOLUTION = 32  # pixels; the VAE downsamples by 2, so latents are 16x16
 
 # Words that get a single token each; everything else falls back to byte-level pieces.
@@ -104,6 +106,40 @@ def build_pipeline(seed: int = 0):
     )
 
 
+def build_sr_pipeline(seed: int = 0, out_resolution: int = 128):
+    """A DeepFloyd IF stage II layout (IFSuperResolutionPipeline), tiny and random.
+
+    The UNet takes [noisy image; upsampled low-res image] (6 channels) and the low-res image's
+    noise-augmentation level as a timestep-embedded class label; it predicts noise and variance.
+    The tokenizer is the tiny CLIP one (IF ships T5's); the text encoder is a tiny T5 encoder.
+    """
+    import tempfile
+
+    import torch
+    from diffusers import DDPMScheduler, IFSuperResolutionPipeline, UNet2DConditionModel
+    from transformers import CLIPTokenizer, T5Config, T5EncoderModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(
+        sample_size=out_resolution, in_channels=6, out_channels=6, layers_per_block=1,
+        block_out_channels=(16, 32, 64), down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=8, class_embed_type="timestep",
+    )
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                           num_heads=4, pad_token_id=tokenizer.pad_token_id))
+    # IF stage II's schedules: a learned-variance DDPM for the image, a plain one for noise augmentation.
+    scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", variance_type="learned_range",
+                              thresholding=True, clip_sample=True)
+    noising = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
+    return IFSuperResolutionPipeline(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, scheduler=scheduler,
+                                     image_noising_scheduler=noising, safety_checker=None, feature_extractor=None,
+                                     watermarker=None, requires_safety_checker=False)
+
+
 def sd15_pipeline(seed: int = 0):
     """Stable Diffusion 1.5's architecture (UNet 860M, VAE, CLIP ViT-L text) with random weights.
 
@@ -137,11 +173,67 @@ def sd15_pipeline(seed: int = 0):
     )
 
 
-def materialize(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Write the tiny pipeline to a local folder once (per machine) and return it."""
+class _Folder:
+    """Parts saved side by side in one folder (a transformers model and its processor)."""
+
+    def __init__(self, *parts):
+        self.parts = parts
+
+    def save_pretrained(self, path) -> None:
+        for part in self.parts:
+            part.save_pretrained(path)
+
+
+def build_dino(seed: int = 0) -> _Folder:
+    """A DINO-layout ViT (ViT-S/16's shape, scaled down) with random weights, and its processor."""
+    import torch
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(seed + 2)
+    model = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                               intermediate_size=64), add_pooling_layer=False)
+    return _Folder(model, ViTImageProcessor(size={"height": 32, "width": 32}))
+
+
+def build_clip(seed: int = 0) -> _Folder:
+    """A CLIP dual encoder with random weights, its image processor and the tiny tokenizer."""
+    import tempfile
+
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    torch.manual_seed(seed + 3)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_hidden_layers=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                           num_hidden_layers=2),
+        projection_dim=16,
+    )
+    processor = CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                              tokenizer)
+    return _Folder(CLIPModel(config), processor)
+
+
+# name -> (version, builder, the file whose presence makes the folder complete)
+BUILT_IN = {
+    "tiny": (TINY_VERSION, "build_pipeline", "model_index.json"),
+    "tiny-sr": (TINY_SR_VERSION, "build_sr_pipeline", "model_index.json"),
+    "tiny-dino": (f"{TINY_METRICS_VERSION}-dino", "build_dino", "config.json"),
+    "tiny-clip": (f"{TINY_METRICS_VERSION}-clip", "build_clip", "config.json"),
+}
+
+
+def materialize(cache_dir: str | os.PathLike | None = None, name: str = "tiny") -> Path:
+    """Write a built-in tiny model (see BUILT_IN) to a local folder once (per machine)."""
+    version, builder, marker = BUILT_IN[name]
     root = Path(cache_dir or os.environ.get("DREAMBOOTH_RAY_CACHE", Path.home() / ".cache" / "dreambooth-ray"))
-    path = root / "models" / TINY_VERSION
-    if (path / "model_index.json").exists():
+    path = root / "models" / version
+    if (path / marker).exists():
         return path
     import tempfile
 
@@ -155,11 +247,12 @@ def materialize(cache_dir: str | os.PathLike | None = None) -> Path:
         import subprocess
         import sys
 
-        subprocess.run([sys.executable, "-c", "import sys; from dreambooth_ray.tiny import build_pipeline; "
-                        "build_pipeline().save_pretrained(sys.argv[1])", str(tmp)], check=True)
+        subprocess.run([sys.executable, "-c", f"import sys; from dreambooth_ray.tiny import {builder}; "
+                        f"{builder}().save_pretrained(sys.argv[1])", str(tmp)], check=True)
     else:
-        build_pipeline().save_pretrained(tmp)
-    missing = [d for d in ("unet", "vae", "text_encoder") if not any((tmp / d).glob("*.safetensors"))]
+        globals()[builder]().save_pretrained(tmp)
+    parts = ("unet", "vae", "text_encoder") if marker == "model_index.json" else (".",)
+    missing = [d for d in parts if (d == parts[0] or (tmp / d).exists()) and not any((tmp / d).glob("*.safetensors"))]
     if missing:
         raise RuntimeError(f"tiny model written to {tmp} lacks weights for {missing}")
     try:

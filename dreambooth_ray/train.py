@@ -11,7 +11,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from . import checkpoint, engine, models
+from . import checkpoint, engine, models, sr
 from .images import load_subject_images
 from .priors import PriorCache
 from .spec import JobSpec, Subject, TrainConfig
@@ -24,24 +24,29 @@ def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
     spec: JobSpec = config["spec"]
     subject: Subject = config["subject"]
-    cfg = spec.train
+    stage = config.get("stage", "base")
+    cfg = stage_config(spec, stage)
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
 
-    parts = models.load_components(spec.model, spec.s3)
     instance = [s.image for s in load_subject_images(subject.images, cfg.resolution, spec.s3, spec.skip_bad_images)]
     classes = []
-    if spec.prior.enabled:
+    if config["prior_key"]:  # class images at this stage's resolution
         classes = PriorCache(Storage(spec.storage, spec.s3), config["prior_key"], subject.class_text,
                              cfg.resolution, spec.prior).load(spec.prior.num_class_images)
-    eng = engine.build(parts, instance, classes, subject.instance_text, subject.class_text, cfg,
-                       spec.prior.loss_weight, device)
+    if stage == "sr":
+        eng = sr.build(models.load_sr_components(spec.sr.model, spec.s3), instance, classes, subject.instance_text,
+                       subject.class_text, cfg, spec.sr, spec.sr.input_resolution or spec.train.resolution, device)
+    else:
+        eng = engine.build(models.load_components(spec.model, spec.s3), instance, classes, subject.instance_text,
+                           subject.class_text, cfg, spec.prior.loss_weight, device)
     lora = cfg.method == "lora"
+    tag = subject.name if stage == "base" else f"{subject.name} {stage}"
     start = checkpoint.restore(eng.ds, lora)
     if start and rank == 0:
-        print(f"[{subject.name}] resumed from checkpoint at step {start}", flush=True)
+        print(f"[{tag}] resumed from checkpoint at step {start}", flush=True)
 
     run_root = config["run_root"]  # (path, pyarrow filesystem) of this run's checkpoints
     t0, last = time.perf_counter(), start
@@ -57,7 +62,7 @@ def train_loop(config: dict) -> None:
             "node_id": ray.get_runtime_context().get_node_id(),  # rank 0's node: where the run was placed
         }
         if rank == 0:
-            print(f"[{subject.name}] step {done}/{cfg.steps} loss {metrics['loss']:.4f} "
+            print(f"[{tag}] step {done}/{cfg.steps} loss {metrics['loss']:.4f} "
                   f"(subject {metrics['instance_loss']:.4f}, prior {metrics['prior_loss']:.4f}) "
                   f"lr {metrics['lr']:.2e} {metrics['steps_per_s']:.2f} steps/s", flush=True)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
@@ -89,14 +94,19 @@ class TrainResult:
     metrics: dict
 
 
+def stage_config(spec: JobSpec, stage: str) -> TrainConfig:
+    return spec.train if stage == "base" else spec.sr.train_config(spec.train)
+
+
 def fit(spec: JobSpec, subject: Subject, storage: Storage, run_name: str, prior_key: str | None,
-        use_gpu: bool, fault: tuple[str, int] | None = None) -> TrainResult:
-    """Run (or resume) one subject's training. Same `run_name` + storage = resume from the last checkpoint."""
+        use_gpu: bool, fault: tuple[str, int] | None = None, stage: str = "base") -> TrainResult:
+    """Run (or resume) one subject's training stage ('base' or 'sr'). Same `run_name` + storage =
+    resume from the last checkpoint."""
     storage_path, storage_fs = storage.ray_storage("checkpoints", spec.name)
-    cfg = spec.train
+    cfg = stage_config(spec, stage)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"spec": spec, "subject": subject, "prior_key": prior_key, "fault": fault,
+        train_loop_config={"spec": spec, "subject": subject, "prior_key": prior_key, "fault": fault, "stage": stage,
                            "run_root": (f"{storage_path}/{run_name}", storage_fs)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu),
         run_config=RunConfig(

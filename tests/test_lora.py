@@ -41,3 +41,7 @@ def test_lora_trains_resumes_exports_and_loads(ray_cluster, tmp_path, toy_images
     before = render(base)
     base.load_lora_weights(url)
     assert not np.array_equal(before, render(base)), "the adapter should change the output"
+    # `dreambooth-ray eval` loads a LoRA subject the same way: base model plus the exported adapter.
+    from dreambooth_ray.eval import load_trained
+
+    assert np.array_equal(render(load_trained(spec, {"lora": url, "base_model": "tiny", "model": url})), render(base))

@@ -1,0 +1,124 @@
+"""The super-resolution stage: conditioned on the real low-res image, at the configured noise level."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from dreambooth_ray import job, models, sr
+from dreambooth_ray.data import DreamBoothData, step_generator
+from dreambooth_ray.engine import DreamBoothModel
+from dreambooth_ray.spec import parse_spec
+
+from conftest import tiny_spec
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return models.load_sr_components("tiny-sr")
+
+
+def _subject(size=64):
+    return [Image.effect_noise((size, size), 80).convert("RGB"), Image.new("RGB", (size, size), (200, 40, 40))]
+
+
+def _model_inputs(parts, rows, noise_aug, seed=0):
+    """Run one SR step and capture what the UNet was given."""
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen["x"], seen["labels"] = args[0].detach().clone(), kwargs["class_labels"].detach().clone()
+
+    h = parts["unet"].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        states = torch.zeros(rows.shape[0], 77, parts["unet"].config.cross_attention_dim)
+        loss, _, _ = sr.sr_step(DreamBoothModel(parts["unet"]), parts["noise_scheduler"], parts["image_noising_scheduler"],
+                                rows, rows.shape[0], step_generator(seed, 0), 1.0, noise_aug, torch.float32,
+                                torch.device("cpu"), encoder_hidden_states=states)
+    finally:
+        h.remove()
+    return seen, loss
+
+
+def test_sr_unet_is_conditioned_on_the_real_low_res_image(parts):
+    data = DreamBoothData(_subject(), [], random_flip=False, encode=sr.lowres_pairs(16))
+    rows = data.instance[:, 0]
+    hi, lo_up = rows.chunk(2, dim=1)
+    # The conditioning image is the photo itself, downsampled to 16 px and upsampled back as IF does.
+    lo = torch.nn.functional.interpolate(hi, (16, 16), mode="bicubic", antialias=True).clamp(-1, 1)
+    assert torch.allclose(lo_up, sr.upsample(lo, 64), atol=1e-6)
+
+    seen, loss = _model_inputs(parts, rows, noise_aug=1e-5)
+    noisy_target, cond = seen["x"].chunk(2, dim=1)
+    assert torch.allclose(cond, lo_up, atol=0.05)  # 1e-5 noise augmentation: barely changed
+    # The diffusers IF stage II shortcut feeds the noisy target into these channels instead.
+    assert (cond - noisy_target).abs().mean() > 0.3
+    shortcut = torch.cat([noisy_target, noisy_target], dim=1)
+    assert not torch.allclose(seen["x"], shortcut)
+    # ...and the loss depends on the low-res image: another one gives another loss.
+    other = rows.clone()
+    other[:, 3:] = -other[:, 3:]
+    _, loss_other = _model_inputs(parts, other, noise_aug=1e-5)
+    assert not torch.isclose(loss, loss_other)
+
+
+@pytest.mark.parametrize("level", [1e-5, 1e-3, 0.3])
+def test_noise_augmentation_level_reaches_the_model(parts, level):
+    data = DreamBoothData(_subject(), [], random_flip=False, encode=sr.lowres_pairs(16))
+    rows = data.instance[:, 0]
+    seen, _ = _model_inputs(parts, rows, noise_aug=level)
+    T = parts["image_noising_scheduler"].config.num_train_timesteps
+    assert torch.allclose(seen["labels"], torch.full((2,), level * (T - 1)))  # the class label is the level
+    ac = parts["image_noising_scheduler"].alphas_cumprod.double()
+    t = level * (T - 1)
+    i = int(t)
+    abar = float(ac[i] + (ac[i + 1] - ac[i]) * (t - i))
+    residual = seen["x"][:, 3:] - abar**0.5 * rows[:, 3:]
+    # The noise actually added has the schedule's std at that level (within sampling error).
+    assert abs(residual.std().item() / (1 - abar) ** 0.5 - 1) < 0.05
+
+
+def test_sr_spec_errors():
+    base = {"name": "x", "subject": {"name": "a", "images": ".", "class": "dog"}, "train": {"resolution": 64}}
+    with pytest.raises(ValueError, match="sr.output_resolution \\(64\\) must be above"):
+        parse_spec({**base, "sr": {"enabled": True, "output_resolution": 64}})
+    with pytest.raises(ValueError, match="sr.noise_aug"):
+        parse_spec({**base, "sr": {"enabled": True, "noise_aug": 2}})
+
+
+def test_cascade_job_base_then_sr_to_s3(ray_cluster, s3_endpoint, bucket, toy_images):
+    from diffusers import IFSuperResolutionPipeline
+
+    root = f"s3://{bucket}/jobs"
+    spec = parse_spec(tiny_spec(root, str(toy_images), name="cascade",
+                                prior={"num_class_images": 2, "num_actors": 1},
+                                train={"steps": 2, "checkpoint_every": 2},
+                                sr={"enabled": True, "output_resolution": 64, "steps": 3, "checkpoint_every": 3,
+                                    "learning_rate": 1e-3, "mixed_precision": "fp32", "prior_preservation": True,
+                                    "inference_steps": 2},
+                                s3={"endpoint_url": s3_endpoint}))
+    [r] = job.run_job(spec)
+    assert r.status == "done", r.error
+    assert r.stages["sr"] == "ran"
+    from dreambooth_ray.storage import Storage
+
+    storage = Storage(root, spec.s3)
+    record = storage.read_json("outputs", "cascade", "toy", "job.json")
+    assert record["sr_metrics"]["step"] == 3 and record["sr_metrics"]["prior_loss"] > 0
+    assert record["sr_model"] == f"{root}/outputs/cascade/toy/sr"
+
+    # The exported SR stage is a diffusers IF stage II pipeline with the fine-tuned UNet.
+    local = models.resolve(record["sr_model"], spec.s3)
+    pipe = IFSuperResolutionPipeline.from_pretrained(local)
+    base = models.load_sr_components("tiny-sr")["unet"]
+    changed = [n for n, p in pipe.unet.named_parameters() if not torch.allclose(p, base.get_parameter(n))]
+    assert len(changed) > 10
+    grid = Image.open(storage.fs.open(storage.path("outputs", "cascade", "toy", "samples.png")))
+    assert grid.size[0] == 4 * 192  # 2 prompts x (pre-SR image, SR image)
+    out = sr.upscale(pipe, "a sks toy", Image.new("RGB", (32, 32), "red"), spec.sr, 0)
+    assert out.size == (64, 64)
+
+    # A re-run finds both stages done.
+    [again] = job.run_job(spec)
+    assert again.status == "skipped"
