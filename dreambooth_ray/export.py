@@ -42,7 +42,7 @@ def trained_pipeline(spec: JobSpec, ckpt_dir: str, stage: str = "base"):
         result = getattr(pipe, part).load_state_dict(sd, strict=not lora)
         if lora and result.unexpected_keys:
             raise RuntimeError(f"checkpoint has {part} weights the adapter lacks: {result.unexpected_keys[:3]}")
-    if stage == "sr":  # the resolution it was fine-tuned for becomes the pipeline's default
+    if stage == "sr" and pipe.unet.config.in_channels == 6:  # IF: the trained resolution becomes the default
         pipe.unet.register_to_config(sample_size=spec.sr.output_resolution)
     return pipe
 

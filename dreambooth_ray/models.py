@@ -126,24 +126,33 @@ def sampler_scheduler(model_scheduler, kind: str):
 
 
 def load_sr_components(ref: str, s3: S3Settings | None = None):
-    """A DeepFloyd IF stage II layout's parts: the SR UNet, its text side and both schedules."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, T5EncoderModel
+    """An SR model's parts, in one of two layouts (told apart by the UNet's input channels):
+    DeepFloyd IF stage II (6: noisy image + upsampled low-res image; T5 text) or the Stable Diffusion
+    x4 upscaler (7: noisy latents + low-res image; CLIP text, a VAE). `image_noising_scheduler` is the
+    schedule that noise-augments the low-res input in both."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
     path = resolve(ref, s3)
     try:
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+        conditioned = unet.config.class_embed_type is not None or unet.config.num_class_embeds is not None
+        if unet.config.in_channels not in (6, 7) or not conditioned:
+            raise ModelError(f"sr.model {ref!r}: its UNet is not a super-resolution UNet (6 or 7 input channels, "
+                             "noise-level class labels)")
+        x4 = unet.config.in_channels == 7
         parts = dict(
+            unet=unet,
             tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
-            text_encoder=T5EncoderModel.from_pretrained(path, subfolder="text_encoder"),
-            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
+            text_encoder=(CLIPTextModel if x4 else T5EncoderModel).from_pretrained(path, subfolder="text_encoder"),
             noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
-            image_noising_scheduler=DDPMScheduler.from_pretrained(path, subfolder="image_noising_scheduler"),
+            image_noising_scheduler=DDPMScheduler.from_pretrained(
+                path, subfolder="low_res_scheduler" if x4 else "image_noising_scheduler"),
         )
+        if x4:
+            parts["vae"] = AutoencoderKL.from_pretrained(path, subfolder="vae")
     except OSError as e:
-        raise ModelError(f"sr.model {ref!r}: cannot load an IF stage II pipeline ({e})") from None
-    if parts["unet"].config.in_channels != 6 or parts["unet"].config.class_embed_type is None:
-        raise ModelError(f"sr.model {ref!r}: its UNet is not a super-resolution UNet (6 input channels, "
-                         "noise-level class labels)")
+        raise ModelError(f"sr.model {ref!r}: cannot load an IF stage II or x4 upscaler pipeline ({e})") from None
     return parts
 
 

@@ -166,7 +166,8 @@ class SRConfig(_Strict):
     on the subject's real low-res images, with little noise augmentation of that low-res input."""
 
     enabled: bool = False
-    model: str = Field("tiny-sr", description="'tiny-sr', or a DeepFloyd IF stage II pipeline: hub id, folder, s3://")
+    model: str = Field("tiny-sr", description="a DeepFloyd IF stage II or Stable Diffusion x4 upscaler pipeline: hub id, folder, s3://; "
+                       "'tiny-sr' / 'tiny-x4' built in")
     input_resolution: Optional[int] = Field(None, ge=8, le=4096, description="default: train.resolution")
     output_resolution: int = Field(128, ge=16, le=4096)
     # Level s in [0, 1] of the noising schedule applied to the low-res input (the conditioning label

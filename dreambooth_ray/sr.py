@@ -1,21 +1,34 @@
 """The super-resolution stage, as in the DreamBooth paper: an SR diffusion model fine-tuned on the subject.
 
 Each subject photo at the output resolution is paired with its own downsampled version at the input
-resolution. The SR UNet (DeepFloyd IF stage II layout) sees [noisy high-res image; upsampled real
-low-res image] and the low-res image's noise-augmentation level as its class label. That level is
-low (1e-5 by default, the paper's choice) so the model learns to keep the subject's fine detail.
-(The diffusers IF stage II DreamBooth path instead feeds the noisy target into the low-res channels.)
+resolution. The SR UNet sees the noisy target beside the real low-res image, and the low-res image's
+noise-augmentation level as its class label. That level is low (1e-5 by default, the paper's choice)
+so the model learns to keep the subject's fine detail. Two layouts:
+
+- "if": DeepFloyd IF stage II, in pixels: [noisy image; low-res image upsampled], continuous level.
+  (The diffusers IF stage II DreamBooth path instead feeds the noisy target into the low-res channels.)
+- "x4": the Stable Diffusion x4 upscaler, in latents: [noisy latents; low-res image] (the VAE
+  downsamples by 4, so both share a size), integer level (the paper's 1e-5 rounds to 0).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from . import engine
 from .data import DreamBoothData
 from .loss import diffusion_target, prior_preservation_loss
 from .spec import SRConfig, TrainConfig
+
+
+def layout(unet) -> str:
+    return "x4" if unet.config.in_channels == 7 else "if"
+
+
+def downsample(hi: torch.Tensor, size: int) -> torch.Tensor:
+    return F.interpolate(hi, (size, size), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
 
 
 def upsample(lo: torch.Tensor, size: int) -> torch.Tensor:
@@ -27,10 +40,28 @@ def lowres_pairs(in_res: int):
     """pixels [N,3,H,W] -> [N,6,H,W]: the image, and its real low-res version upsampled back to H."""
 
     def pair(hi: torch.Tensor) -> torch.Tensor:
-        lo = F.interpolate(hi, (in_res, in_res), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
-        return torch.cat([hi, upsample(lo, hi.shape[-1])], dim=1)
+        return torch.cat([hi, upsample(downsample(hi, in_res), hi.shape[-1])], dim=1)
 
     return pair
+
+
+def latent_pairs(vae, in_res: int, device):
+    """x4 layout: pixels [N,3,H,W] -> [N, 2C+3, h, w]: the VAE latent distribution (mean || std, as
+    the base stage caches it) and the real low-res image, which must be the latents' size."""
+    encode = engine.latent_encoder(vae, device)
+
+    def pair(hi: torch.Tensor) -> torch.Tensor:
+        z = encode(hi)
+        if z.shape[-1] != in_res:
+            raise ValueError(f"sr.input_resolution must be {z.shape[-1]} for a {hi.shape[-1]} px output with this "
+                             f"x4 upscaler (its VAE makes {z.shape[-1]} px latents), not {in_res}")
+        return torch.cat([z, downsample(hi, in_res)], dim=1)
+
+    return pair
+
+
+def integer_level(noise_aug: float, noising_scheduler) -> int:
+    return round(noise_aug * (noising_scheduler.config.num_train_timesteps - 1))
 
 
 def augment(lo: torch.Tensor, level: float, noising_scheduler, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,9 +86,26 @@ def sr_inputs(rows: torch.Tensor, noise_scheduler, noising_scheduler, noise_aug:
     return torch.cat([noisy, lo_aug], dim=1), t, labels, diffusion_target(noise_scheduler, hi, noise, t)
 
 
+def x4_inputs(rows: torch.Tensor, noise_scheduler, noising_scheduler, noise_aug: float, scaling: float, g, device):
+    """As sr_inputs, for rows [latent mean; latent std; low-res image] of the x4 layout."""
+    rows = rows.to(device).float()
+    c = (rows.shape[1] - 3) // 2
+    mean, std, lo = rows.split([c, c, 3], dim=1)
+    latents = (mean + std * torch.randn(mean.shape, generator=g).to(device)) * scaling
+    noise = torch.randn(latents.shape, generator=g).to(device)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g).to(device)
+    labels = torch.full((latents.shape[0],), integer_level(noise_aug, noising_scheduler), device=device, dtype=torch.long)
+    lo_aug = noising_scheduler.add_noise(lo, torch.randn(lo.shape, generator=g).to(device), labels)
+    return (torch.cat([noise_scheduler.add_noise(latents, noise, t), lo_aug], dim=1), t, labels,
+            diffusion_target(noise_scheduler, latents, noise, t))
+
+
 def sr_step(model, noise_scheduler, noising_scheduler, rows, n_instance, g, prior_weight, noise_aug, dtype, device,
-            autocast=None, **text):
-    x, t, labels, target = sr_inputs(rows, noise_scheduler, noising_scheduler, noise_aug, g, device)
+            autocast=None, kind: str = "if", scaling_factor: float = 1.0, **text):
+    if kind == "x4":
+        x, t, labels, target = x4_inputs(rows, noise_scheduler, noising_scheduler, noise_aug, scaling_factor, g, device)
+    else:
+        x, t, labels, target = sr_inputs(rows, noise_scheduler, noising_scheduler, noise_aug, g, device)
     with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         pred = model(x.to(dtype), t, class_labels=labels, **text)
     if pred.shape[1] == 2 * target.shape[1]:  # learned variance (IF): train the noise half, as IF's recipe does
@@ -69,10 +117,18 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
           in_res: int, device: torch.device) -> engine.Engine:
     """The SR stage's engine: same DeepSpeed path as the base stage, another loss."""
     dtype = engine.weight_dtype(cfg)
-    data = DreamBoothData(instance, classes, cfg.random_flip, encode=lowres_pairs(in_res))
+    kind = layout(parts["unet"])
+    if kind == "x4":  # latents cached once, as in the base stage; the VAE then leaves the device
+        vae = parts["vae"].requires_grad_(False).to(device)
+        data = DreamBoothData(instance, classes, cfg.random_flip, encode=latent_pairs(vae, in_res, device))
+        vae.to("cpu")
+    else:
+        data = DreamBoothData(instance, classes, cfg.random_flip, encode=lowres_pairs(in_res))
     ids, mask = engine.token_ids(parts["tokenizer"], [instance_text] * cfg.batch_size
                                  + ([class_text] * cfg.batch_size if data.with_prior else []), with_mask=True)
-    states = engine.frozen_text_embeddings(parts["text_encoder"], ids, device, mask).to(dtype)
+    # IF's T5 sees the attention mask; SD's CLIP text encoder is used without one.
+    states = engine.frozen_text_embeddings(parts["text_encoder"], ids, device, mask if kind == "if" else None).to(dtype)
+    scaling = parts["vae"].config.scaling_factor if kind == "x4" else 1.0
     engine.configure_unet(parts["unet"], cfg)
     model = engine.DreamBoothModel(parts["unet"])
     noise_s, noising_s = parts["noise_scheduler"], parts["image_noising_scheduler"]
@@ -80,20 +136,24 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
 
     def loss(model, rows, n, g):
         return sr_step(model, noise_s, noising_s, rows, n, g, sr.prior_loss_weight, sr.noise_aug, dtype, device,
-                       autocast, encoder_hidden_states=states)
+                       autocast, kind, scaling, encoder_hidden_states=states)
 
     return engine.Engine(engine.initialize(model, cfg, device), data, cfg, loss)
 
 
 def noise_level(sr: SRConfig, pipe) -> int:
-    """The pipeline's integer noise level nearest to the trained continuous one."""
-    return round(sr.noise_aug * (pipe.image_noising_scheduler.config.num_train_timesteps - 1))
+    """The pipeline's integer noise level nearest to the trained one."""
+    return integer_level(sr.noise_aug, getattr(pipe, "image_noising_scheduler", None) or pipe.low_res_scheduler)
 
 
 def upscale(pipe, prompt: str, image, sr: SRConfig, seed: int):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = pipe.to(device)
     g = torch.Generator(device).manual_seed(seed)
+    common = dict(num_inference_steps=sr.inference_steps, noise_level=noise_level(sr, pipe), generator=g,
+                  output_type="pil")
+    if layout(pipe.unet) == "x4":  # the output is 4x the input; feed the input at the trained size
+        lo = image.resize((sr.output_resolution // 4,) * 2, Image.Resampling.BICUBIC)
+        return pipe(prompt, image=lo, **common).images[0]
     size = sr.output_resolution
-    return pipe(prompt, image=image, height=size, width=size, num_inference_steps=sr.inference_steps,
-                noise_level=noise_level(sr, pipe), generator=g, clean_caption=False, output_type="pil").images[0]
+    return pipe(prompt, image=image, height=size, width=size, clean_caption=False, **common).images[0]

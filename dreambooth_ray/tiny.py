@@ -13,6 +13,7 @@ from pathlib import Path
 
 TINY_VERSION = "tiny-v1"
 TINY_SR_VERSION = "tiny-sr-v1"
+TINY_X4_VERSION = "tiny-x4-v1"
 TINY_METRICS_VERSION = "tiny-metrics-v1"
 TINY_RESOLUTION = 32  # pixels; the VAE downsamples by 2, so latents are 16x16
 
@@ -140,6 +141,44 @@ def build_sr_pipeline(seed: int = 0, out_resolution: int = 128):
                                      watermarker=None, requires_safety_checker=False)
 
 
+def build_x4_pipeline(seed: int = 0):
+    """The Stable Diffusion x4 upscaler layout (StableDiffusionUpscalePipeline), tiny and random: the
+    UNet takes [noisy latents; low-res image] (7 channels) and the low-res noise level as an integer
+    class label; the VAE downsamples by 4, so latents and the low-res image share a size."""
+    import tempfile
+
+    import torch
+    from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    torch.manual_seed(seed + 4)
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=7, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8, num_class_embeds=1000,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1, norm_num_groups=8, scaling_factor=0.08333,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_attention_heads=4,
+        num_hidden_layers=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    # The x4 upscaler's schedules: v-prediction for the latents, a plain DDPM for the low-res noise.
+    low_res = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02)
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
+    return StableDiffusionUpscalePipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                          low_res_scheduler=low_res, scheduler=scheduler, max_noise_level=350)
+
+
 def sd15_pipeline(seed: int = 0):
     """Stable Diffusion 1.5's architecture (UNet 860M, VAE, CLIP ViT-L text) with random weights.
 
@@ -223,6 +262,7 @@ def build_clip(seed: int = 0) -> _Folder:
 BUILT_IN = {
     "tiny": (TINY_VERSION, "build_pipeline", "model_index.json"),
     "tiny-sr": (TINY_SR_VERSION, "build_sr_pipeline", "model_index.json"),
+    "tiny-x4": (TINY_X4_VERSION, "build_x4_pipeline", "model_index.json"),
     "tiny-dino": (f"{TINY_METRICS_VERSION}-dino", "build_dino", "config.json"),
     "tiny-clip": (f"{TINY_METRICS_VERSION}-clip", "build_clip", "config.json"),
 }

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from dreambooth_ray import job, models, sr
-from dreambooth_ray.data import DreamBoothData, step_generator
+from dreambooth_ray.data import DreamBoothData, step_generator, to_tensor
 from dreambooth_ray.engine import DreamBoothModel
 from dreambooth_ray.spec import parse_spec
 
@@ -77,6 +77,90 @@ def test_noise_augmentation_level_reaches_the_model(parts, level):
     residual = seen["x"][:, 3:] - abar**0.5 * rows[:, 3:]
     # The noise actually added has the schedule's std at that level (within sampling error).
     assert abs(residual.std().item() / (1 - abar) ** 0.5 - 1) < 0.05
+
+
+@pytest.fixture(scope="module")
+def x4_parts():
+    return models.load_sr_components("tiny-x4")
+
+
+def _x4_inputs(parts, rows, noise_aug, seed=0):
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen["x"], seen["labels"] = args[0].detach().clone(), kwargs["class_labels"].detach().clone()
+
+    h = parts["unet"].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        states = torch.zeros(rows.shape[0], 77, parts["unet"].config.cross_attention_dim)
+        loss, _, _ = sr.sr_step(DreamBoothModel(parts["unet"]), parts["noise_scheduler"], parts["image_noising_scheduler"],
+                                rows, rows.shape[0], step_generator(seed, 0), 1.0, noise_aug, torch.float32,
+                                torch.device("cpu"), kind="x4", scaling_factor=parts["vae"].config.scaling_factor,
+                                encoder_hidden_states=states)
+    finally:
+        h.remove()
+    return seen, loss
+
+
+def test_x4_upscaler_layout_is_conditioned_on_the_real_low_res_image(x4_parts):
+    assert sr.layout(x4_parts["unet"]) == "x4"
+    photos = _subject()
+    data = DreamBoothData(photos, [], random_flip=False, encode=sr.latent_pairs(x4_parts["vae"], 16, torch.device("cpu")))
+    rows = data.instance[:, 0]
+    assert rows.shape == (2, 4 + 4 + 3, 16, 16)  # latent mean, latent std, the real 16 px image
+    assert torch.allclose(rows[:, 8:], sr.downsample(to_tensor(photos), 16), atol=1e-5)
+
+    seen, loss = _x4_inputs(x4_parts, rows, noise_aug=1e-5)
+    assert seen["x"].shape == (2, 7, 16, 16)
+    assert seen["labels"].tolist() == [0, 0]  # 1e-5 of an integer schedule: level 0
+    assert (seen["x"][:, 4:] - rows[:, 8:]).abs().mean() < 0.02  # level 0: the low-res image, barely noised
+    seen, _ = _x4_inputs(x4_parts, rows, noise_aug=0.3)
+    assert seen["labels"].tolist() == [300, 300]  # the level reaches the model as its class label
+    other = rows.clone()
+    other[:, 8:] = -other[:, 8:]
+    assert not torch.isclose(loss, _x4_inputs(x4_parts, other, noise_aug=1e-5)[1])
+    with pytest.raises(ValueError, match="sr.input_resolution must be 16"):
+        DreamBoothData(_subject(), [], random_flip=False, encode=sr.latent_pairs(x4_parts["vae"], 32, torch.device("cpu")))
+
+
+def test_x4_upscaler_pipeline_upscales_to_the_output_resolution():
+    from dreambooth_ray.spec import SRConfig
+
+    pipe = models.load_pipeline("tiny-x4")
+    cfg = SRConfig(enabled=True, model="tiny-x4", input_resolution=16, output_resolution=64, inference_steps=2)
+    assert sr.noise_level(cfg, pipe) == 0
+    assert sr.upscale(pipe, "a sks toy", Image.new("RGB", (32, 32), (200, 40, 40)), cfg, seed=0).size == (64, 64)
+
+
+X4_TRAIN = """
+import json, torch
+from PIL import Image
+from dreambooth_ray import bench, models, sr
+from dreambooth_ray.spec import SRConfig, TrainConfig
+
+bench._init_single_process_group(torch.device("cpu"))
+parts = models.load_sr_components("tiny-x4")
+before = {n: p.detach().clone() for n, p in parts["unet"].named_parameters()}
+s = SRConfig(enabled=True, model="tiny-x4", input_resolution=16, output_resolution=64, steps=2, learning_rate=1e-3,
+             mixed_precision="fp32")
+cfg = s.train_config(TrainConfig(resolution=16, zero_stage=2))
+photos = [Image.effect_noise((64, 64), 60).convert("RGB") for _ in range(3)]
+eng = sr.build(parts, photos, [], "a sks toy", "a toy", cfg, s, 16, torch.device("cpu"))
+losses = [eng.step(i).tolist()[0] for i in range(2)]
+moved = sum(not torch.equal(before[n], p.detach()) for n, p in parts["unet"].named_parameters())
+print(json.dumps({"losses": losses, "moved": moved, "params": len(before)}))
+"""
+
+
+def test_x4_upscaler_trains_through_deepspeed():
+    # A fresh process: the DeepSpeed engine needs a torch.distributed group, which must not leak here.
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", X4_TRAIN], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert all(0 < x < 10 for x in r["losses"]) and r["moved"] > r["params"] // 2
 
 
 def test_sr_spec_errors():
