@@ -23,7 +23,7 @@ def _subject(size=64):
     return [Image.effect_noise((size, size), 80).convert("RGB"), Image.new("RGB", (size, size), (200, 40, 40))]
 
 
-def _model_inputs(parts, rows, noise_aug, seed=0):
+def _model_inputs(parts, rows, noise_aug, seed=0, **layout):
     """Run one SR step and capture what the UNet was given."""
     seen = {}
 
@@ -35,7 +35,7 @@ def _model_inputs(parts, rows, noise_aug, seed=0):
         states = torch.zeros(rows.shape[0], 77, parts["unet"].config.cross_attention_dim)
         loss, _, _ = sr.sr_step(DreamBoothModel(parts["unet"]), parts["noise_scheduler"], parts["image_noising_scheduler"],
                                 rows, rows.shape[0], step_generator(seed, 0), 1.0, noise_aug, torch.float32,
-                                torch.device("cpu"), encoder_hidden_states=states)
+                                torch.device("cpu"), encoder_hidden_states=states, **layout)
     finally:
         h.remove()
     return seen, loss
@@ -85,21 +85,7 @@ def x4_parts():
 
 
 def _x4_inputs(parts, rows, noise_aug, seed=0):
-    seen = {}
-
-    def hook(module, args, kwargs):
-        seen["x"], seen["labels"] = args[0].detach().clone(), kwargs["class_labels"].detach().clone()
-
-    h = parts["unet"].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        states = torch.zeros(rows.shape[0], 77, parts["unet"].config.cross_attention_dim)
-        loss, _, _ = sr.sr_step(DreamBoothModel(parts["unet"]), parts["noise_scheduler"], parts["image_noising_scheduler"],
-                                rows, rows.shape[0], step_generator(seed, 0), 1.0, noise_aug, torch.float32,
-                                torch.device("cpu"), kind="x4", scaling_factor=parts["vae"].config.scaling_factor,
-                                encoder_hidden_states=states)
-    finally:
-        h.remove()
-    return seen, loss
+    return _model_inputs(parts, rows, noise_aug, seed, kind="x4", scaling_factor=parts["vae"].config.scaling_factor)
 
 
 def test_x4_upscaler_layout_is_conditioned_on_the_real_low_res_image(x4_parts):
