@@ -276,8 +276,9 @@ def evaluate_subject(spec: JobSpec, subject: Subject, storage: Storage, use_gpu:
                         "is missing): run the job first")
     subject = subject.model_copy(update={"identifier": record["identifier"]})  # `auto` as it was resolved
     cfg = spec.eval
-    # Images depend on the trained run and the render settings; metrics also on the metric models.
-    key = spec.fingerprint(record["run"], cfg.model_dump(exclude={"dino", "clip", "num_actors", "batch_size"}),
+    # Images depend on the trained run and the render settings, not on how many are asked for: image
+    # j of prompt i always has the same name and seed, so asking for more renders only the new ones.
+    key = spec.fingerprint(record["run"], cfg.model_dump(include={"prompts", "inference_steps", "guidance_scale", "seed"}),
                            spec.train.resolution)
     folder = (*out, "eval", key, "images")
     prompts, pres = plan(cfg, subject)

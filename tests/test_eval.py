@@ -126,3 +126,6 @@ def test_eval_command_on_a_finished_job(ray_cluster, tmp_path, toy_images, capsy
     # Re-running renders nothing new and gives the same numbers (fixed seeds, stored images).
     again = ev.evaluate(parse_spec(data))[0]
     assert again["rendered"] == 0 and again["cached"] == 6 and again["metrics"] == m
+    # Asking for more images per prompt renders only the new ones, into the same folder.
+    more = ev.evaluate(parse_spec({**data, "eval": {**data["eval"], "images_per_prompt": 3}}))[0]
+    assert more["rendered"] == 2 and more["cached"] == 6 and [p.name for p in folder.iterdir()] == [run_dir.name]

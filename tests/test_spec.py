@@ -23,6 +23,12 @@ def test_quickstart_spec_loads_and_resolves_paths_relative_to_the_file():
     assert s.instance_text == "a sks toy" and s.class_text == "a toy"
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "jobs").glob("*.yaml")))
+def test_every_example_job_is_a_valid_spec(name):
+    spec = load_spec(ROOT / "jobs" / name)
+    assert spec.subjects and (spec.sr.enabled is (name == "cascade.yaml"))
+
+
 def test_unknown_keys_and_bad_values_name_the_field():
     msg = errors_of(tiny_spec("/tmp/x", "/tmp/y", train={"steps": -3, "zero_stage": 5, "lr": 1e-4}, bogus=1))
     assert "job.yaml: invalid job spec" in msg
