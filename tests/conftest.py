@@ -54,6 +54,33 @@ def ray_cluster(s3_endpoint, tmp_path_factory):
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def quickstart(ray_cluster, tmp_path_factory):
+    """jobs/quickstart.yaml, run once through the CLI into a temporary storage root, with an `eval:`
+    section on the tiny metric models: the tests that read a finished job's outputs share it."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    import yaml
+
+    from dreambooth_ray import cli
+
+    tmp = tmp_path_factory.mktemp("quickstart")
+    data = yaml.safe_load((ROOT / "jobs" / "quickstart.yaml").read_text())
+    data["storage"] = str(tmp / "store")
+    data["subject"]["images"] = str(ROOT / "jobs" / "quickstart-toy")
+    data["eval"] = {"prompts": ["a {identifier} {class_noun} on the beach", "a red {identifier} {class_noun}"],
+                    "images_per_prompt": 2, "class_images": 2, "inference_steps": 2, "num_actors": 2,
+                    "batch_size": 2, "dino": "tiny-dino", "clip": "tiny-clip"}
+    spec_file = tmp / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(data))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = cli.main(["run", str(spec_file)])
+    return SimpleNamespace(rc=rc, printed=printed.getvalue(), spec_file=spec_file, data=data, store=tmp / "store")
+
+
 @pytest.fixture
 def toy_images(tmp_path):
     from dreambooth_ray.tiny import make_subject_images

@@ -9,8 +9,8 @@ import torch
 import yaml
 from PIL import Image
 
-from dreambooth_ray import cli, eval as ev, job, models, tiny
-from dreambooth_ray.spec import EvalConfig, S3Settings, Subject, parse_spec
+from dreambooth_ray import cli, eval as ev, models, tiny
+from dreambooth_ray.spec import EvalConfig, S3Settings, Subject, load_spec, parse_spec
 
 from conftest import tiny_spec
 
@@ -96,25 +96,24 @@ def test_metric_models_load_from_s3_like_from_a_folder(s3_endpoint, bucket, metr
         ev.MetricModels(f"s3://{bucket}/nothing-here", "tiny-clip", s3)
 
 
-def test_eval_command_on_a_finished_job(ray_cluster, tmp_path, toy_images, capsys):
-    data = tiny_spec(str(tmp_path / "store"), str(toy_images), prior={"enabled": False},
-                     train={"steps": 2, "checkpoint_every": 2}, samples={"prompts": ["a {identifier} {class_noun}"]},
-                     eval={"prompts": ["a {identifier} {class_noun} on the beach", "a red {identifier} {class_noun}"],
-                           "images_per_prompt": 2, "class_images": 2, "inference_steps": 2, "num_actors": 2,
-                           "batch_size": 2, "dino": "tiny-dino", "clip": "tiny-clip"})
+def test_eval_before_training_is_a_clear_error(ray_cluster, tmp_path, toy_images, capsys):
     spec_file = tmp_path / "job.yaml"
-    spec_file.write_text(yaml.safe_dump(data))
-    assert cli.main(["eval", str(spec_file)]) == 2  # not trained yet: a clear error, nothing rendered
-    assert "no finished training" in capsys.readouterr().err
-    assert [r.status for r in job.run_job(parse_spec(data))] == ["done"]
+    spec_file.write_text(yaml.safe_dump(tiny_spec(str(tmp_path / "store"), str(toy_images))))
+    assert cli.main(["eval", str(spec_file)]) == 2
+    assert "subject 'toy' has no finished training" in capsys.readouterr().err
+    assert not (tmp_path / "store" / "outputs").exists()  # nothing rendered
 
-    assert cli.main(["eval", str(spec_file)]) == 0
+
+def test_eval_command_on_the_finished_quickstart(quickstart, capsys):
+    # The quickstart's job spec carries an `eval:` section on the tiny metric models (see conftest).
+    assert quickstart.rc == 0
+    assert cli.main(["eval", str(quickstart.spec_file)]) == 0
     printed = capsys.readouterr().out
     assert "toy" in printed and "CLIP-T" in printed
-    report = json.loads((tmp_path / "store" / "outputs" / "t" / "eval.json").read_text())["subjects"][0]
-    assert report["rendered"] == 2 * 2 + 2 and report["cached"] == 0
-    folder = tmp_path / "store" / "outputs" / "t" / "toy" / "eval"
-    (run_dir,) = folder.iterdir()
+    job_dir = quickstart.store / "outputs" / "quickstart"
+    report = json.loads((job_dir / "eval.json").read_text())["subjects"][0]
+    assert report["identifier"] == "sks" and report["rendered"] == 2 * 2 + 2 and report["cached"] == 0
+    (run_dir,) = (job_dir / "toy" / "eval").iterdir()
     assert sorted(p.name for p in (run_dir / "images").iterdir()) == [
         "class-000.png", "class-001.png", "p00-000.png", "p00-001.png", "p01-000.png", "p01-001.png"]
     m = report["metrics"]
@@ -124,8 +123,9 @@ def test_eval_command_on_a_finished_job(ray_cluster, tmp_path, toy_images, capsy
     assert Image.open(run_dir / "grid.png").size[0] == 2 * 192  # first image of each prompt
 
     # Re-running renders nothing new and gives the same numbers (fixed seeds, stored images).
-    again = ev.evaluate(parse_spec(data))[0]
+    data = quickstart.data
+    again = ev.evaluate(load_spec(quickstart.spec_file))[0]
     assert again["rendered"] == 0 and again["cached"] == 6 and again["metrics"] == m
     # Asking for more images per prompt renders only the new ones, into the same folder.
     more = ev.evaluate(parse_spec({**data, "eval": {**data["eval"], "images_per_prompt": 3}}))[0]
-    assert more["rendered"] == 2 and more["cached"] == 6 and [p.name for p in folder.iterdir()] == [run_dir.name]
+    assert more["rendered"] == 2 and more["cached"] == 6 and [p.name for p in run_dir.parent.iterdir()] == [run_dir.name]

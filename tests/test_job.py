@@ -8,37 +8,31 @@ import ray
 from pathlib import Path
 import pytest
 import torch
-import yaml
 from PIL import Image
 
-from dreambooth_ray import cli, job, models, train
+from dreambooth_ray import job, models, train
 from dreambooth_ray.checkpoint import consolidated_state_dict, read_state
 from dreambooth_ray.spec import S3Settings, load_spec, parse_spec
 from dreambooth_ray.storage import Storage
 
-from conftest import ROOT, tiny_spec
+from conftest import tiny_spec
 
 
 def snapshot(root) -> dict:
     return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(root) for f in fs}
 
 
-def test_quickstart_end_to_end_then_rerun_does_nothing(ray_cluster, tmp_path, capsys):
-    data = yaml.safe_load((ROOT / "jobs" / "quickstart.yaml").read_text())
-    data["storage"] = str(tmp_path / "store")
-    data["subject"]["images"] = str(ROOT / "jobs" / "quickstart-toy")
-    spec_file = tmp_path / "job.yaml"
-    spec_file.write_text(yaml.safe_dump(data))
-
-    assert cli.main(["run", str(spec_file)]) == 0
-    out = tmp_path / "store" / "outputs" / "quickstart" / "toy"
-    assert "toy" in capsys.readouterr().out  # the results table names the subject
+def test_quickstart_end_to_end_then_rerun_does_nothing(quickstart):
+    assert quickstart.rc == 0
+    store, spec_file = quickstart.store, quickstart.spec_file
+    out = store / "outputs" / "quickstart" / "toy"
+    assert "toy" in quickstart.printed  # the results table names the subject
 
     record = json.loads((out / "job.json").read_text())
     assert record["step"] == 6 and record["metrics"]["step"] == 6
     assert record["metrics"]["prior_loss"] > 0 and record["metrics"]["loss"] > record["metrics"]["instance_loss"]
     assert record["versions"]["deepspeed"] and record["spec"]["train"]["zero_stage"] == 2
-    priors = tmp_path / "store" / "priors" / record["priors"]["key"]
+    priors = store / "priors" / record["priors"]["key"]
     assert sorted(p.name for p in priors.glob("*.png")) == [f"{i:06d}.png" for i in range(8)]
 
     from diffusers import StableDiffusionPipeline
@@ -51,12 +45,12 @@ def test_quickstart_end_to_end_then_rerun_does_nothing(ray_cluster, tmp_path, ca
     grid = Image.open(out / "samples.png")
     assert grid.size[0] == 4 * 192 and grid.size[1] > 192  # 4 prompts, captioned
 
-    table = tmp_path / "store" / "outputs" / "quickstart" / "results.json"
-    before = snapshot(tmp_path / "store")
+    table = store / "outputs" / "quickstart" / "results.json"
+    before = snapshot(store)
     results = job.run_job(load_spec(spec_file))
     assert results[0].status == "skipped"
     assert set(results[0].stages.values()) == {"skipped"}
-    after = snapshot(tmp_path / "store")
+    after = snapshot(store)
     assert after.pop(str(table)) > before.pop(str(table))  # only the new run's results table is written
     assert after == before, "a re-run of a finished job must not write anything else"
     assert json.loads(table.read_text())["subjects"][0]["status"] == "skipped"
