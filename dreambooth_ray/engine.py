@@ -56,9 +56,9 @@ def add_lora(unet, text_encoder, cfg: TrainConfig) -> None:
 
 def configure_unet(unet, cfg: TrainConfig) -> None:
     """Attention kernel and memory layout: settings that change speed, not what is computed."""
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+    from .models import set_sdpa
 
-    unet.set_attn_processor(AttnProcessor2_0() if cfg.attention == "sdpa" else AttnProcessor())
+    set_sdpa(unet, classic=cfg.attention == "classic")
     # channels_last is set on the step's input, not the weights: DeepSpeed broadcasts and flattens
     # parameters as contiguous buffers, and a conv with a channels_last input runs channels_last.
     if cfg.compile:
@@ -110,17 +110,23 @@ def diffusion_step(model, noise_scheduler, rows, n_instance, g, prior_weight, dt
                    vae=None, scaling_factor=None, channels_last=False, autocast=None, **text):
     """One noise-prediction forward pass over [subject rows; class rows] and the DreamBooth loss.
 
-    `rows` are pixels (encoded here by `vae`) or cached latent distributions (mean || std).
+    `rows` are pixels (encoded here by `vae`), cached latent distributions (mean || std), or, for a
+    pixel-space model (no VAE, `scaling_factor=None`), the pixels that are themselves diffused.
     """
     with torch.no_grad():
-        if vae is not None:
+        if vae is None and scaling_factor is None:
+            mean, std, scaling_factor = rows.to(device).float(), None, 1.0
+        elif vae is not None:
             dist = vae.encode(rows.to(device, vae.dtype)).latent_dist
             mean, std = dist.mean, dist.std
             scaling_factor = vae.config.scaling_factor
         else:
             mean, std = rows.to(device).chunk(2, dim=1)
-        eps = torch.randn(mean.shape, generator=g).to(device, mean.dtype)
-        latents = ((mean + std * eps) * scaling_factor).float()
+        if std is None:
+            latents = mean
+        else:
+            eps = torch.randn(mean.shape, generator=g).to(device, mean.dtype)
+            latents = ((mean + std * eps) * scaling_factor).float()
     noise = torch.randn(latents.shape, generator=g).to(device, latents.dtype)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g).to(device)
     noisy = noise_scheduler.add_noise(latents, noise, t).to(dtype)
@@ -129,6 +135,8 @@ def diffusion_step(model, noise_scheduler, rows, n_instance, g, prior_weight, dt
     target = diffusion_target(noise_scheduler, latents, noise, t)
     with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         pred = model(noisy, t, **text)
+    if pred.shape[1] == 2 * target.shape[1]:  # learned variance (IF): train the noise half, as IF's recipe does
+        pred = pred[:, : target.shape[1]]
     return prior_preservation_loss(pred, target, n_instance, prior_weight)
 
 
@@ -175,18 +183,22 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
     if device.type == "cuda":  # fp32 matmuls (frozen parts, fp32 mode) on TF32 tensor cores
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     tok, te, vae = parts["tokenizer"], parts["text_encoder"], parts["vae"]
-    vae.requires_grad_(False)
     step_kw: dict = {"channels_last": cfg.channels_last, "autocast": autocast_dtype(cfg)}
-    if cfg.cache_latents:
+    if vae is None:  # a pixel-space model (IF stage I): the images themselves are diffused
+        data = DreamBoothData(instance, classes, cfg.random_flip)
+    elif cfg.cache_latents:
+        vae.requires_grad_(False)
         # Encode every row once (fp32, both flips); the VAE then leaves the device for good.
         data = DreamBoothData(instance, classes, cfg.random_flip, latent_encoder(vae.to(device), device))
         step_kw["scaling_factor"] = vae.config.scaling_factor
         vae.to("cpu")
     else:
         data = DreamBoothData(instance, classes, cfg.random_flip)
-        step_kw["vae"] = vae.to(device, torch.float32 if dtype == torch.float16 else dtype)
+        step_kw["vae"] = vae.requires_grad_(False).to(device, torch.float32 if dtype == torch.float16 else dtype)
 
-    prompt_ids = token_ids(tok, [instance_text] * cfg.batch_size + ([class_text] * cfg.batch_size if data.with_prior else []))
+    prompt_ids, mask = token_ids(tok, [instance_text] * cfg.batch_size
+                                 + ([class_text] * cfg.batch_size if data.with_prior else []), with_mask=True)
+    mask = mask if te.config.model_type == "t5" else None  # T5 (IF) reads the padding mask; SD's CLIP does not
     lora = cfg.method == "lora"
     if lora:
         add_lora(parts["unet"], te, cfg)
@@ -196,7 +208,7 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
         step_kw["input_ids"] = prompt_ids.to(device)
     else:
         # Frozen text encoder: the two prompts' embeddings never change, so compute them once.
-        step_kw["encoder_hidden_states"] = frozen_text_embeddings(te, prompt_ids, device).to(dtype)
+        step_kw["encoder_hidden_states"] = frozen_text_embeddings(te, prompt_ids, device, mask).to(dtype)
         model = DreamBoothModel(parts["unet"])
     noise_scheduler = parts["noise_scheduler"]
 

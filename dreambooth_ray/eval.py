@@ -218,9 +218,9 @@ class Renderer:
         todo = [r for r in batch if r.name not in have]
         if not todo:
             return 0
-        images = self.pipe([r.prompt for r in todo], height=self.resolution, width=self.resolution,
-                           generator=[torch.Generator(self.device).manual_seed(r.seed) for r in todo],
-                           num_inference_steps=self.cfg.inference_steps, guidance_scale=self.cfg.guidance_scale).images
+        images = models.generate(self.pipe, [r.prompt for r in todo], height=self.resolution, width=self.resolution,
+                                 generator=[torch.Generator(self.device).manual_seed(r.seed) for r in todo],
+                                 num_inference_steps=self.cfg.inference_steps, guidance_scale=self.cfg.guidance_scale)
         for r, im in zip(todo, images):
             self.storage.write_bytes(samples.png_bytes(im), *folder, r.name)
         return len(todo)

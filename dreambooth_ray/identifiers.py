@@ -60,11 +60,9 @@ def resolve(subject: Subject, tokenizer, seed: int, cfg: IdentifierConfig) -> Su
 
 
 def cmd_identifiers(args, console) -> int:
-    from transformers import CLIPTokenizer
-
     from . import models
 
-    tok = CLIPTokenizer.from_pretrained(models.resolve(args.model), subfolder="tokenizer")
+    tok = models.load_tokenizer(args.model)
     cfg = IdentifierConfig(rank_min=args.rank_min, rank_max=args.rank_max)
     found = candidates(tok, args.class_noun or "", cfg)
     for tid, text in found[: args.n]:

@@ -165,8 +165,6 @@ def run_job(spec: JobSpec, console: Console | None = None) -> list[SubjectResult
 
 
 def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts) -> SubjectResult:
-    from transformers import CLIPTokenizer
-
     t0 = time.perf_counter()
     say = lambda msg: print(f"{subject.name}: {msg}", flush=True)  # noqa: E731
     out = ("outputs", spec.name, subject.name)
@@ -188,7 +186,7 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts) -> Sub
                              {s: "skipped" for s in ("train", "export", "samples")})
     # The photos are read here, first: a bad file fails this subject before any training starts.
     load_subject_images(subject.images, spec.train.resolution, spec.s3, spec.skip_bad_images)
-    tokenizer = CLIPTokenizer.from_pretrained(models.resolve(spec.model, spec.s3), subfolder="tokenizer")
+    tokenizer = models.load_tokenizer(spec.model, spec.s3)
     if subject.identifier == "auto":
         subject = identifiers.resolve(subject, tokenizer, spec.train.seed, spec.identifiers)
         say(f"identifier: auto -> {subject.identifier!r} ({subject.instance_text!r})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -89,16 +90,24 @@ def load_pipeline(ref: str, s3: S3Settings | None = None, torch_dtype=None):
 
 
 def load_components(ref: str, s3: S3Settings | None = None):
-    """The parts training needs, each from its diffusers subfolder, plus a DDPM noise schedule."""
+    """The parts training needs, each from its diffusers subfolder, plus a DDPM noise schedule.
+    A latent model (Stable Diffusion) has a VAE; a pixel-space one (DeepFloyd IF stage I) has
+    `vae: None`. The text encoder is the class the pipeline names (CLIP, or IF's T5 encoder)."""
+    import transformers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     path = resolve(ref, s3)
     try:
+        index = json.loads((Path(path) / "model_index.json").read_text()) if Path(path).is_dir() else None
+        if index is None:
+            from diffusers import DiffusionPipeline
+
+            index = DiffusionPipeline.load_config(path)
+        te_class = getattr(transformers, index.get("text_encoder", [None, "CLIPTextModel"])[1])
         return dict(
-            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
+            tokenizer=load_tokenizer(path),
+            text_encoder=te_class.from_pretrained(path, subfolder="text_encoder"),
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae") if index.get("vae", [None])[0] else None,
             unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
             noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
         )
@@ -106,13 +115,44 @@ def load_components(ref: str, s3: S3Settings | None = None):
         raise ModelError(f"model {ref!r}: cannot load ({e})") from None
 
 
+def load_tokenizer(ref: str, s3: S3Settings | None = None):
+    """The model's tokenizer: CLIP's BPE (Stable Diffusion, the tiny models), else whatever the folder
+    names (IF's T5)."""
+    from transformers import AutoTokenizer, CLIPTokenizer
+
+    path = resolve(ref, s3)
+    try:
+        return CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    except (OSError, TypeError, ValueError):
+        return AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
+
+
+def generate(pipe, prompts: list[str], **kwargs):
+    """pipe(prompts, ...).images, whatever the pipeline: IF's would otherwise clean captions with
+    optional dependencies (bs4, ftfy)."""
+    if "clean_caption" in inspect.signature(pipe.__call__).parameters:
+        kwargs["clean_caption"] = False
+    return pipe(prompts, **kwargs).images
+
+
+def set_sdpa(unet, classic: bool = False) -> None:
+    """PyTorch's fused attention (or, `classic`, the plain one) for a UNet's attention layers; the
+    added-KV layers of IF's UNets get their own processor kind."""
+    from diffusers.models import attention_processor as ap
+
+    added_kv = any("AddedKV" in type(p).__name__ for p in unet.attn_processors.values())
+    if added_kv:
+        unet.set_attn_processor(ap.AttnAddedKVProcessor() if classic else ap.AttnAddedKVProcessor2_0())
+    else:
+        unet.set_attn_processor(ap.AttnProcessor() if classic else ap.AttnProcessor2_0())
+
+
 def prepare_sampler(pipe, device: str):
     """An inference pipeline set up for throughput: fp16 on GPUs, SDPA attention, channels_last UNet."""
     import torch
-    from diffusers.models.attention_processor import AttnProcessor2_0
 
     pipe = pipe.to(device, torch.float16 if device == "cuda" else torch.float32)
-    pipe.unet.set_attn_processor(AttnProcessor2_0())
+    set_sdpa(pipe.unet)
     pipe.unet.to(memory_format=torch.channels_last)
     return pipe
 

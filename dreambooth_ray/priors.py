@@ -82,10 +82,10 @@ class PriorGenerator:
             return []
         self.pipe.scheduler = models.sampler_scheduler(self.model_scheduler, cfg.scheduler)
         gens = [torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + i) for i in todo]
-        images = self.pipe(
-            [prompt] * len(todo), height=resolution, width=resolution, generator=gens,
+        images = models.generate(
+            self.pipe, [prompt] * len(todo), height=resolution, width=resolution, generator=gens,
             num_inference_steps=cfg.inference_steps, guidance_scale=cfg.guidance_scale,
-        ).images
+        )
         for i, im in zip(todo, images):
             buf = io.BytesIO()
             im.save(buf, format="PNG")

@@ -8,6 +8,7 @@ import textwrap
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .models import generate
 from .spec import SampleConfig, Subject
 
 
@@ -18,8 +19,8 @@ def render(pipe, subject: Subject, cfg: SampleConfig, resolution: int) -> list[t
     for i, template in enumerate(cfg.prompts):
         prompt = subject.prompt(template)
         g = [torch.Generator(device).manual_seed(cfg.seed + 1000 * i + j) for j in range(cfg.images_per_prompt)]
-        images = pipe([prompt] * cfg.images_per_prompt, height=resolution, width=resolution, generator=g,
-                      num_inference_steps=cfg.inference_steps, guidance_scale=cfg.guidance_scale).images
+        images = generate(pipe, [prompt] * cfg.images_per_prompt, height=resolution, width=resolution, generator=g,
+                          num_inference_steps=cfg.inference_steps, guidance_scale=cfg.guidance_scale)
         out += [(prompt, im) for im in images]
     return out
 

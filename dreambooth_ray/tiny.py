@@ -12,8 +12,9 @@ import os
 from pathlib import Path
 
 TINY_VERSION = "tiny-v1"
-TINY_SR_VERSION = "tiny-sr-v1"
+TINY_SR_VERSION = "tiny-sr-v2"
 TINY_X4_VERSION = "tiny-x4-v1"
+TINY_IF_VERSION = "tiny-if-v1"
 TINY_METRICS_VERSION = "tiny-metrics-v1"
 TINY_RESOLUTION = 32  # pixels; the VAE downsamples by 2, so latents are 16x16
 
@@ -107,6 +108,46 @@ def build_pipeline(seed: int = 0):
     )
 
 
+def _if_text(seed: int):
+    """IF's text side, tiny: the tiny CLIP tokenizer (IF ships T5's) and a tiny T5 encoder."""
+    import tempfile
+
+    import torch
+    from transformers import CLIPTokenizer, T5Config, T5EncoderModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    torch.manual_seed(seed)
+    return tokenizer, T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                              num_heads=4, pad_token_id=tokenizer.pad_token_id))
+
+
+def _if_schedulers():
+    from diffusers import DDPMScheduler
+
+    # IF's schedule: cosine betas, learned-range variance, dynamic thresholding of the pixel prediction.
+    return DDPMScheduler(beta_schedule="squaredcos_cap_v2", variance_type="learned_range", thresholding=True,
+                         clip_sample=True), DDPMScheduler(beta_schedule="squaredcos_cap_v2")
+
+
+def build_if_pipeline(seed: int = 0):
+    """A DeepFloyd IF stage I layout (IFPipeline), tiny and random: text-to-image in pixel space (no
+    VAE), T5 text, a UNet that predicts noise and variance (6 output channels)."""
+    import torch
+    from diffusers import IFPipeline, UNet2DConditionModel
+
+    tokenizer, text_encoder = _if_text(seed + 5)
+    torch.manual_seed(seed + 6)
+    unet = UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION, in_channels=3, out_channels=6, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    )
+    return IFPipeline(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, scheduler=_if_schedulers()[0],
+                      safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
+
+
 def build_sr_pipeline(seed: int = 0, out_resolution: int = 128):
     """A DeepFloyd IF stage II layout (IFSuperResolutionPipeline), tiny and random.
 
@@ -114,15 +155,10 @@ def build_sr_pipeline(seed: int = 0, out_resolution: int = 128):
     noise-augmentation level as a timestep-embedded class label; it predicts noise and variance.
     The tokenizer is the tiny CLIP one (IF ships T5's); the text encoder is a tiny T5 encoder.
     """
-    import tempfile
-
     import torch
-    from diffusers import DDPMScheduler, IFSuperResolutionPipeline, UNet2DConditionModel
-    from transformers import CLIPTokenizer, T5Config, T5EncoderModel
+    from diffusers import IFSuperResolutionPipeline, UNet2DConditionModel
 
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer(Path(tmp))
-        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    tokenizer, text_encoder = _if_text(seed + 1)
     torch.manual_seed(seed + 1)
     unet = UNet2DConditionModel(
         sample_size=out_resolution, in_channels=6, out_channels=6, layers_per_block=1,
@@ -130,12 +166,8 @@ def build_sr_pipeline(seed: int = 0, out_resolution: int = 128):
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"), cross_attention_dim=32,
         attention_head_dim=8, norm_num_groups=8, class_embed_type="timestep",
     )
-    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                           num_heads=4, pad_token_id=tokenizer.pad_token_id))
     # IF stage II's schedules: a learned-variance DDPM for the image, a plain one for noise augmentation.
-    scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", variance_type="learned_range",
-                              thresholding=True, clip_sample=True)
-    noising = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
+    scheduler, noising = _if_schedulers()
     return IFSuperResolutionPipeline(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, scheduler=scheduler,
                                      image_noising_scheduler=noising, safety_checker=None, feature_extractor=None,
                                      watermarker=None, requires_safety_checker=False)
@@ -261,6 +293,7 @@ def build_clip(seed: int = 0) -> _Folder:
 # name -> (version, builder, the file whose presence makes the folder complete)
 BUILT_IN = {
     "tiny": (TINY_VERSION, "build_pipeline", "model_index.json"),
+    "tiny-if": (TINY_IF_VERSION, "build_if_pipeline", "model_index.json"),
     "tiny-sr": (TINY_SR_VERSION, "build_sr_pipeline", "model_index.json"),
     "tiny-x4": (TINY_X4_VERSION, "build_x4_pipeline", "model_index.json"),
     "tiny-dino": (f"{TINY_METRICS_VERSION}-dino", "build_dino", "config.json"),

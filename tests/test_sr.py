@@ -158,10 +158,11 @@ def test_sr_spec_errors():
 
 
 def test_cascade_job_base_then_sr_to_s3(ray_cluster, s3_endpoint, bucket, toy_images):
-    from diffusers import IFSuperResolutionPipeline
+    """The paper's cascade on tiny models: IF stage I (pixel space, T5 text) at 32 px, then IF stage II."""
+    from diffusers import IFPipeline, IFSuperResolutionPipeline
 
     root = f"s3://{bucket}/jobs"
-    spec = parse_spec(tiny_spec(root, str(toy_images), name="cascade",
+    spec = parse_spec(tiny_spec(root, str(toy_images), name="cascade", model="tiny-if",
                                 prior={"num_class_images": 2, "num_actors": 1},
                                 train={"steps": 2, "checkpoint_every": 2},
                                 sr={"enabled": True, "output_resolution": 64, "steps": 3, "checkpoint_every": 3,
@@ -177,6 +178,11 @@ def test_cascade_job_base_then_sr_to_s3(ray_cluster, s3_endpoint, bucket, toy_im
     record = storage.read_json("outputs", "cascade", "toy", "job.json")
     assert record["sr_metrics"]["step"] == 3 and record["sr_metrics"]["prior_loss"] > 0
     assert record["sr_model"] == f"{root}/outputs/cascade/toy/sr"
+
+    assert record["metrics"]["prior_loss"] > 0  # the base stage trained in pixel space, with its class images
+    base_pipe = IFPipeline.from_pretrained(models.resolve(record["model"], spec.s3))
+    first = models.load_pipeline("tiny-if").unet
+    assert any(not torch.allclose(p, first.get_parameter(n)) for n, p in base_pipe.unet.named_parameters())
 
     # The exported SR stage is a diffusers IF stage II pipeline with the fine-tuned UNet.
     local = models.resolve(record["sr_model"], spec.s3)
