@@ -115,16 +115,14 @@ def diffusion_step(model, noise_scheduler, rows, n_instance, g, prior_weight, dt
     """
     with torch.no_grad():
         if vae is None and scaling_factor is None:
-            mean, std, scaling_factor = rows.to(device).float(), None, 1.0
-        elif vae is not None:
-            dist = vae.encode(rows.to(device, vae.dtype)).latent_dist
-            mean, std = dist.mean, dist.std
-            scaling_factor = vae.config.scaling_factor
+            latents = rows.to(device).float()
         else:
-            mean, std = rows.to(device).chunk(2, dim=1)
-        if std is None:
-            latents = mean
-        else:
+            if vae is not None:
+                dist = vae.encode(rows.to(device, vae.dtype)).latent_dist
+                mean, std = dist.mean, dist.std
+                scaling_factor = vae.config.scaling_factor
+            else:
+                mean, std = rows.to(device).chunk(2, dim=1)
             eps = torch.randn(mean.shape, generator=g).to(device, mean.dtype)
             latents = ((mean + std * eps) * scaling_factor).float()
     noise = torch.randn(latents.shape, generator=g).to(device, latents.dtype)

@@ -20,7 +20,6 @@ is missing. Then:
 from __future__ import annotations
 
 import io
-import logging
 from dataclasses import dataclass
 
 import ray
@@ -28,12 +27,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import models, samples
+from . import models, priors, samples
 from .images import load_subject_images
 from .spec import EvalConfig, JobSpec, S3Settings, Subject
 from .storage import Storage
-
-log = logging.getLogger("dreambooth_ray")
 
 _PLACES = (
     "in the jungle", "in the snow", "on the beach", "on a cobblestone street", "on top of pink fabric",
@@ -234,8 +231,7 @@ def render_all(spec: JobSpec, record: dict, folder: tuple[str, ...], renders: li
         return 0
     bs = spec.eval.batch_size
     batches = [todo[k : k + bs] for k in range(0, len(todo), bs)]
-    res = ray.cluster_resources()
-    n = spec.eval.num_actors or (max(1, int(res.get("GPU", 0))) if use_gpu else max(1, min(2, int(res.get("CPU", 1)) - 1)))
+    n = priors.default_actor_count(spec.eval, use_gpu)
     opts = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
     actors = [Renderer.options(**opts).remote(spec, record, use_gpu) for _ in range(min(n, len(batches)))]
     try:

@@ -94,15 +94,11 @@ def load_components(ref: str, s3: S3Settings | None = None):
     A latent model (Stable Diffusion) has a VAE; a pixel-space one (DeepFloyd IF stage I) has
     `vae: None`. The text encoder is the class the pipeline names (CLIP, or IF's T5 encoder)."""
     import transformers
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 
     path = resolve(ref, s3)
     try:
-        index = json.loads((Path(path) / "model_index.json").read_text()) if Path(path).is_dir() else None
-        if index is None:
-            from diffusers import DiffusionPipeline
-
-            index = DiffusionPipeline.load_config(path)
+        index = DiffusionPipeline.load_config(path)
         te_class = getattr(transformers, index.get("text_encoder", [None, "CLIPTextModel"])[1])
         return dict(
             tokenizer=load_tokenizer(path),
@@ -171,7 +167,7 @@ def load_sr_components(ref: str, s3: S3Settings | None = None):
     x4 upscaler (7: noisy latents + low-res image; CLIP text, a VAE). `image_noising_scheduler` is the
     schedule that noise-augments the low-res input in both."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+    from transformers import CLIPTextModel, T5EncoderModel
 
     path = resolve(ref, s3)
     try:
@@ -183,7 +179,7 @@ def load_sr_components(ref: str, s3: S3Settings | None = None):
         x4 = unet.config.in_channels == 7
         parts = dict(
             unet=unet,
-            tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
+            tokenizer=load_tokenizer(path),
             text_encoder=(CLIPTextModel if x4 else T5EncoderModel).from_pretrained(path, subfolder="text_encoder"),
             noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
             image_noising_scheduler=DDPMScheduler.from_pretrained(

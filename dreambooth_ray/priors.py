@@ -14,7 +14,7 @@ import ray
 from PIL import Image
 
 from . import models
-from .spec import JobSpec, PriorConfig, S3Settings, Subject
+from .spec import EvalConfig, JobSpec, PriorConfig, S3Settings, Subject
 from .storage import Storage
 
 log = logging.getLogger("dreambooth_ray")
@@ -93,7 +93,8 @@ class PriorGenerator:
         return todo
 
 
-def default_actor_count(cfg: PriorConfig, use_gpu: bool) -> int:
+def default_actor_count(cfg: PriorConfig | EvalConfig, use_gpu: bool) -> int:
+    """`cfg.num_actors`, else one per GPU, else up to 2 CPU actors (one core left to the rest)."""
     if cfg.num_actors:
         return cfg.num_actors
     res = ray.cluster_resources()
