@@ -167,6 +167,10 @@ def initialize(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, f
     """The DeepSpeed engine over `model`'s trainable parameters (torch.distributed initialised)."""
     import deepspeed
 
+    if device.type == "cpu":
+        # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU inference that training never calls:
+        # 30-60 s on first use, and a compile killed midway leaves a lock that hangs every later run.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer(params, cfg, on_gpu=device.type == "cuda", fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (cfg.lr_warmup_steps + 1)))
