@@ -11,7 +11,6 @@ of the compute alone.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import gc
@@ -364,20 +363,11 @@ def plot(r: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dreambooth-ray bench", description=__doc__)
-    add_arguments(p)
-    return cmd_bench(p.parse_args(argv))
+    import sys
 
+    from .cli import main as cli_main
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--size", choices=sorted(SIZES), default="tiny", help="tiny (CPU) or sd15 (SD 1.5 shapes, GPU)")
-    p.add_argument("--steps", type=int, default=20, help="timed training steps per variant")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--class-images", type=int, default=8, help="class images for the generation and e2e timings")
-    p.add_argument("--e2e-steps", type=int, default=40, help="training steps in the end-to-end timing")
-    p.add_argument("--compile", action="store_true", help="also time ours with torch.compile")
-    p.add_argument("--prior-actors", type=int, default=0, help="also time prior generation on 1 and N Ray actors")
-    p.add_argument("--out", default="benchmarks/results", help="folder for bench-<size>.json and .png")
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 def cmd_bench(args, console=None) -> int:

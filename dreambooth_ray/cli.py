@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -58,7 +59,27 @@ def cmd_run(args, console: Console) -> int:
     return 1 if failed else 0
 
 
+def _lazy(module: str, fn: str):
+    """A command whose module (torch, diffusers) is imported only when it runs: `status`, `logs` and
+    `--help` answer in about a second, which matters to anything that polls them."""
+    return lambda args, console: getattr(importlib.import_module(f"dreambooth_ray.{module}"), fn)(args, console)
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", choices=("sd15", "tiny"), default="tiny", help="tiny (CPU) or sd15 (SD 1.5 shapes, GPU)")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps per variant")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--class-images", type=int, default=8, help="class images for the generation and e2e timings")
+    p.add_argument("--e2e-steps", type=int, default=40, help="training steps in the end-to-end timing")
+    p.add_argument("--compile", action="store_true", help="also time ours with torch.compile")
+    p.add_argument("--prior-actors", type=int, default=0, help="also time prior generation on 1 and N Ray actors")
+    p.add_argument("--out", default="benchmarks/results", help="folder for bench-<size>.json and .png")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from . import identifiers, k8s, submit
+    from .errors import UserError
+
     parser = argparse.ArgumentParser(prog="dreambooth-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a job spec on a local Ray instance (or --address)")
@@ -66,36 +87,29 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--address", default=None,
                      help="an existing Ray cluster ('auto', or host:port); default: start a local instance")
     run.set_defaults(fn=cmd_run)
-    from . import identifiers, k8s, submit
 
-    bench = sub.add_parser("bench", help="time our training path against the standard DreamBooth recipe")
-    bench.set_defaults(fn=lambda a, c: __import__("dreambooth_ray.bench").bench.cmd_bench(a, c))
-    from .bench import add_arguments
+    p = sub.add_parser("eval", help="the paper's metrics (DINO, CLIP-I, CLIP-T, PRES, DIV) for a finished job")
+    p.add_argument("job", help="job spec YAML (its `eval:` section sets prompts, images and metric models)")
+    p.add_argument("--address", default=None, help="an existing Ray cluster; default: start a local instance")
+    p.add_argument("--images-per-prompt", type=int, default=None)
+    p.add_argument("--dino", default=None, help="DINO model: hub id, folder, s3:// or 'tiny-dino'")
+    p.add_argument("--clip", default=None, help="CLIP model: hub id, folder, s3:// or 'tiny-clip'")
+    p.set_defaults(fn=_lazy("eval", "cmd_eval"))
 
-    add_arguments(bench)
+    p = sub.add_parser("bench", help="time our training path against the standard DreamBooth recipe")
+    add_bench_arguments(p)
+    p.set_defaults(fn=_lazy("bench", "cmd_bench"))
 
     submit.add_commands(sub)
     k8s.add_commands(sub)
     identifiers.add_commands(sub)
-    from .eval import add_commands as add_eval
-
-    add_eval(sub)
     args = parser.parse_args(argv)
 
     console = Console(stderr=True)
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
-    from .eval import EvalError
-    from .images import ImageError
-    from .models import ModelError
-    from .spec import SpecError
-    from .storage import StorageError
-
-    from .k8s import K8sError
-    from .submit import SubmitError
-
     try:
         return args.fn(args, console)
-    except (SpecError, ImageError, ModelError, StorageError, SubmitError, K8sError, EvalError) as e:
+    except UserError as e:
         console.print(f"[red]error:[/] {e}", highlight=False)
         return 2
 

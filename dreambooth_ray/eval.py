@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import models, priors, samples
+from .errors import UserError
 from .images import load_subject_images
 from .spec import EvalConfig, JobSpec, S3Settings, Subject
 from .storage import Storage
@@ -58,7 +59,7 @@ LIVE_CLASSES = frozenset(
     "baby face".split())
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """Evaluation cannot start (e.g. the subject has not finished training); the message says why."""
 
 
@@ -315,16 +316,6 @@ def table(results: list[dict]):
         t.add_row(r["subject"], str(r["rendered"] + r["cached"]),
                   *(fmt(m[k]) for k in ("dino", "clip_i", "clip_t", "pres", "div")))
     return t
-
-
-def add_commands(sub) -> None:
-    p = sub.add_parser("eval", help="the paper's metrics (DINO, CLIP-I, CLIP-T, PRES, DIV) for a finished job")
-    p.add_argument("job", help="job spec YAML (its `eval:` section sets prompts, images and metric models)")
-    p.add_argument("--address", default=None, help="an existing Ray cluster; default: start a local instance")
-    p.add_argument("--images-per-prompt", type=int, default=None)
-    p.add_argument("--dino", default=None, help="DINO model: hub id, folder, s3:// or 'tiny-dino'")
-    p.add_argument("--clip", default=None, help="CLIP model: hub id, folder, s3:// or 'tiny-clip'")
-    p.set_defaults(fn=cmd_eval)
 
 
 def cmd_eval(args, console) -> int:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from .errors import UserError
 from .spec import S3Settings
 from .storage import filesystem
 
@@ -18,7 +19,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 MIN_IMAGES, MAX_IMAGES = 3, 50
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """A subject image (or image set) that cannot be used; the message names the file."""
 
 

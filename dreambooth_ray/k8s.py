@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from .errors import UserError
 from .spec import JobSpec
 
 RAY_VERSION = "2.60.0"
@@ -40,8 +41,8 @@ class K8sOptions:
     extra_tolerations: list[dict] = field(default_factory=list)
 
 
-class K8sError(ValueError):
-    pass
+class K8sError(UserError, ValueError):
+    """A manifest that cannot be rendered from this spec."""
 
 
 def _security():

@@ -11,12 +11,13 @@ import tempfile
 from pathlib import Path
 
 from . import tiny
+from .errors import UserError
 from .spec import S3Settings
 from .storage import filesystem, is_remote
 
 
-class ModelError(ValueError):
-    pass
+class ModelError(UserError, ValueError):
+    """A model location that cannot be loaded; the message names it."""
 
 
 def cache_root() -> Path:

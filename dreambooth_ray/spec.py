@@ -11,6 +11,8 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import UserError
+
 # A subject name becomes a storage path segment: letters, digits, '.', '_' and '-', no leading dot.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -32,7 +34,7 @@ def check_template(v: str) -> str:
     return v
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
     """A job spec that cannot be used; the message names the file and field."""
 
 

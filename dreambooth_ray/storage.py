@@ -14,6 +14,7 @@ from typing import Any
 
 import fsspec
 
+from .errors import UserError
 from .spec import S3Settings, check_name
 
 
@@ -126,5 +127,5 @@ class Storage:
         return path, pafs.S3FileSystem(**kwargs)
 
 
-class StorageError(RuntimeError):
-    pass
+class StorageError(UserError, RuntimeError):
+    """Storage that cannot be used (missing bucket, no permission, a name escaping its prefix)."""

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import yaml
 
+from .errors import UserError
+
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-class SubmitError(RuntimeError):
-    pass
+class SubmitError(UserError, RuntimeError):
+    """The cluster refused or cannot find a job (address, token, submission id)."""
 
 
 def _token(token_file: str | None) -> str | None:

@@ -15,8 +15,8 @@ from conftest import _free_port, tiny_spec
 BIN = Path(sys.executable).parent
 
 
-def cli(*args, env=None):
-    return subprocess.run([str(BIN / "dreambooth-ray"), *args], capture_output=True, text=True, env=env, timeout=300)
+def cli(*args, env=None, timeout=300):
+    return subprocess.run([str(BIN / "dreambooth-ray"), *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +61,13 @@ def test_submit_status_logs_round_trip(ray_head, tmp_path, toy_images):
     again = cli("submit", str(job), "--address", ray_head)
     assert again.returncode == 2 and "already exists" in again.stderr
 
-    deadline = time.time() + 300
-    while (status := cli("status", sid, "--address", ray_head).stdout.strip()) not in ("SUCCEEDED", "FAILED", "STOPPED"):
-        assert time.time() < deadline, f"job still {status}"
-        time.sleep(3)
+    # One follower instead of a polling loop: it streams the logs until the job ends.
+    followed = cli("logs", sid, "--address", ray_head, "--follow", timeout=480).stdout
+    status = cli("status", sid, "--address", ray_head).stdout.strip()
     logs = cli("logs", sid, "--address", ray_head).stdout
     assert status == "SUCCEEDED", logs[-3000:]
     assert "step 2/2" in logs and "samples" in logs
+    assert "step 2/2" in followed and "samples" in followed
     assert (tmp_path / "store" / "outputs" / "sub" / "toy" / "job.json").exists()
     assert "already ended" in cli("stop", sid, "--address", ray_head).stderr
 
