@@ -1,4 +1,5 @@
-"""Run by test_multinode.py in its own process: a simulated multi-node Ray cluster runs a 2-subject job."""
+"""Run by test_batch.py in its own process (one Ray cluster per process): a simulated multi-node Ray
+cluster (a head with no CPUs, two 1-CPU worker nodes) runs a job spec."""
 
 import json
 import sys

@@ -6,6 +6,7 @@ import time
 
 import psutil
 import pytest
+import torch
 from PIL import Image
 
 from dreambooth_ray import job, models, priors
@@ -70,7 +71,10 @@ def test_missing_bucket_or_no_permission_is_a_clear_error_before_any_work(ray_cl
     assert listed.get("KeyCount", 0) == 0  # nothing was started, nothing was written
 
 
-def test_killed_driver_rerun_resumes_and_ignores_partial_checkpoints(ray_cluster, tmp_path, toy_images):
+def test_killed_driver_rerun_resumes_zero3_with_identical_weights(ray_cluster, tmp_path, toy_images):
+    """`dreambooth-ray run` (ZeRO-3, 2 workers) is SIGKILLed with the local Ray it started, mid-training;
+    re-running the job resumes from the last registered checkpoint, ignores a partial one, redoes no
+    prior image, and ends with weights bit-identical to an uninterrupted run."""
     import json
     import os
     import signal
@@ -80,14 +84,18 @@ def test_killed_driver_rerun_resumes_and_ignores_partial_checkpoints(ray_cluster
 
     import yaml
 
+    from dreambooth_ray import train
+    from dreambooth_ray.checkpoint import consolidated_state_dict, read_state
+
     store = tmp_path / "store"
     spec_data = tiny_spec(str(store), str(toy_images), prior={"num_class_images": 2},
-                          train={"steps": 30, "checkpoint_every": 2}, samples={"prompts": ["a {class_noun}"]})
+                          train={"steps": 10, "checkpoint_every": 2, "zero_stage": 3, "num_workers": 2},
+                          samples={"prompts": ["a {class_noun}"]})
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec_data))
     cli = Path(sys.executable).with_name("dreambooth-ray")
     proc = subprocess.Popen([str(cli), "run", str(tmp_path / "job.yaml")], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
+    deadline = time.time() + 300
     # Step 4 on disk means step 2 is registered with Ray (registration trails the upload a little).
     while not list(store.glob("checkpoints/t/*/step-0000004/state.json")):
         assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
@@ -101,20 +109,31 @@ def test_killed_driver_rerun_resumes_and_ignores_partial_checkpoints(ray_cluster
             pass
     proc.wait()
     assert not (store / "outputs" / "t" / "toy" / "job.json").exists()
+    assert not list(store.glob("checkpoints/t/*/step-0000010")), "the driver finished before it was killed"
 
     [run_dir] = list((store / "checkpoints" / "t").iterdir())
     partial = run_dir / "step-9999999" / "ckpt"  # what a crash mid-upload could leave: never to be chosen
     partial.mkdir(parents=True)
     (partial / "mp_rank_00_model_states.pt").write_bytes(b"\0" * 100)
 
-    [result] = job.run_job(parse_spec(spec_data))
-    assert result.status == "done" and result.steps == 30
+    spec = parse_spec(spec_data)
+    [result] = job.run_job(spec)
+    assert result.status == "done" and result.steps == 10
     record = json.loads((store / "outputs" / "t" / "toy" / "job.json").read_text())
-    final = json.loads((Path(run_dir) / "step-0000030" / "state.json").read_text())
-    assert final["started_at"] >= 2, "the re-run should resume from a checkpoint, not start over"
+    resumed = run_dir / "step-0000010"
+    assert read_state(str(resumed))["started_at"] >= 2, "the re-run should resume from a checkpoint, not start over"
     assert record["priors"]["key"] and len(list((store / "priors").iterdir())) == 1
     summary = json.loads((store / "outputs" / "t" / "results.json").read_text())
     assert summary["priors"][0]["generated"] == 0  # finished prior images were not redone
+
+    ref = train.fit(spec, spec.subjects[0], Storage(spec.storage), "straight", record["priors"]["key"], use_gpu=False)
+    assert read_state(ref.checkpoint.path) == {"step": 10, "started_at": 0, "world_size": 2}
+    a, b = consolidated_state_dict(ref.checkpoint.path), consolidated_state_dict(str(resumed))
+    assert a.keys() == b.keys()
+    base = models.load_pipeline("tiny").unet.state_dict()
+    assert any(not torch.allclose(a[k], base[k.removeprefix("unet.")]) for k in a)  # it did train
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff == 0.0, f"resumed ZeRO-3 weights differ from the uninterrupted run by {diff}"
 
 
 def test_jobs_sharing_a_storage_root_keep_separate_checkpoints(tmp_path):
@@ -129,37 +148,3 @@ def test_jobs_sharing_a_storage_root_keep_separate_checkpoints(tmp_path):
     assert len(paths) == 3  # other job, or other weights-relevant settings: another checkpoint folder
     same = parse_spec(tiny_spec(str(tmp_path), "x", name="job-a", train={"checkpoint_every": 1}))
     assert run_name(same, same.subjects[0], "m", None) == run_name(a, a.subjects[0], "m", None)
-
-
-def test_transient_storage_faults_are_retried(ray_cluster, s3_endpoint, bucket, toy_images):
-    """Every 4th request to the store fails with 503, and for 2 s mid-training it drops connections."""
-    import s3fs
-
-    from s3proxy import FaultyS3Proxy
-
-    proxy = FaultyS3Proxy(s3_endpoint)
-    proxy.fail_every = 4
-    direct = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, use_listings_cache=False)
-
-    def outage():
-        deadline = time.time() + 300
-        while time.time() < deadline and not direct.glob(f"{bucket}/flaky/checkpoints/t/*/step-0000002/state.json"):
-            time.sleep(0.2)
-        proxy.down = True
-        time.sleep(2)
-        proxy.down = False
-
-    t = threading.Thread(target=outage, daemon=True)
-    t.start()
-    try:
-        spec = parse_spec(tiny_spec(f"s3://{bucket}/flaky", str(toy_images), s3={"endpoint_url": proxy.url},
-                                    prior={"num_class_images": 2}, train={"steps": 4, "checkpoint_every": 2},
-                                    samples={"prompts": ["a {identifier} {class_noun}"]}))
-        [result] = job.run_job(spec)
-    finally:
-        t.join(timeout=5)
-        proxy.close()
-    assert result.status == "done", result.error
-    assert result.steps == 4
-    assert proxy.injected >= 10 and proxy.dropped >= 1, (proxy.injected, proxy.dropped)
-    assert direct.exists(f"{bucket}/flaky/outputs/t/toy/job.json")
