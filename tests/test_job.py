@@ -128,8 +128,10 @@ def test_zero2_killed_worker_resumes_from_s3_with_identical_weights(ray_cluster,
                                 prior={"enabled": False}, train={"zero_stage": 2, "num_workers": 2, "max_failures": 1}))
     storage = Storage(spec.storage, spec.s3)
     subject = spec.subjects[0]
-    ref = train.fit(spec, subject, storage, "straight", None, use_gpu=False)
-    res = train.fit(spec, subject, storage, "interrupted", None, use_gpu=False, fault=("kill", 2))
+    # Both runs at once (as a job trains subjects): one run alone leaves a core idle while it starts.
+    fit = ray.remote(num_cpus=0)(train.fit)
+    ref, res = ray.get([fit.remote(spec, subject, storage, "straight", None, False),
+                        fit.remote(spec, subject, storage, "interrupted", None, False, ("kill", 2))])
 
     a, state_a = _final_weights(ref.checkpoint, tmp_path, "a")
     b, state_b = _final_weights(res.checkpoint, tmp_path, "b")
