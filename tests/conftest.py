@@ -105,3 +105,17 @@ def tiny_spec(storage: str, images: str, **sections) -> dict:
     for k, v in sections.items():
         spec[k] = {**spec[k], **v} if isinstance(spec.get(k), dict) else v
     return spec
+
+
+def assert_trained_and_identical(straight: dict, resumed: dict, what: str = "weights") -> None:
+    """Consolidated UNet weights of an uninterrupted run and a resumed one: trained away from the tiny
+    model's, and bit-identical to each other."""
+    import torch
+
+    from dreambooth_ray import models
+
+    assert straight.keys() == resumed.keys()
+    base = models.load_pipeline("tiny").unet.state_dict()
+    assert any(not torch.allclose(straight[k], base[k.removeprefix("unet.")]) for k in straight)  # it did train
+    diff = max((straight[k] - resumed[k]).abs().max().item() for k in straight)
+    assert diff == 0.0, f"resumed {what} differ from the uninterrupted run by {diff}"
