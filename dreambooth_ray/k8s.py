@@ -8,8 +8,11 @@ credentials from a Secret (optional) or from workload identity on the ServiceAcc
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import yaml
 
@@ -20,6 +23,11 @@ RAY_VERSION = "2.60.0"
 DEFAULT_IMAGE = "ghcr.io/dreambooth-ray/dreambooth-ray:0.1.0"  # built from the Dockerfile in this repo
 SPEC_MOUNT = "/etc/dreambooth"
 LABELS = {"app.kubernetes.io/name": "dreambooth-ray", "app.kubernetes.io/part-of": "dreambooth-ray"}
+# KubeRay's MaxRayJobNameLength: it names the RayCluster `<rayjob>-<5 chars>` and caps those at 53.
+MAX_NAME = 47
+# The operator's pods carry this label in both the Helm chart (componentOverride) and the kustomize
+# install, which disagree on app.kubernetes.io/name.
+OPERATOR_LABELS = {"app.kubernetes.io/component": "kuberay-operator"}
 
 
 @dataclass
@@ -39,6 +47,9 @@ class K8sOptions:
     ttl_seconds: int = 3600
     idle_timeout_seconds: int = 120
     extra_tolerations: list[dict] = field(default_factory=list)
+    # Where the KubeRay operator runs: it polls the head's dashboard to follow the RayJob. Its Helm
+    # chart installs into the release's namespace: `default` with KubeRay's documented `helm install`.
+    operator_namespace: str = "default"
 
 
 class K8sError(UserError, ValueError):
@@ -113,12 +124,28 @@ def cluster_spec(o: K8sOptions, spec_configmap: str | None = None) -> dict:
     }
 
 
+def k8s_name(raw: str, limit: int = MAX_NAME) -> str:
+    """`raw` as a DNS-1035 label (what KubeRay requires of RayJob and RayCluster names): lowercase
+    letters, digits and '-', starting with a letter, ending with a letter or digit, at most `limit`.
+    A name that had to change gets 8 hex digits of a hash of `raw`, so two job names that differ
+    only past the cut, or in case or punctuation, still get two objects instead of one overwriting
+    the other."""
+    name = re.sub(r"[^a-z0-9-]", "-", raw.lower()).strip("-")
+    if not name[:1].isalpha():
+        name = f"x-{name}".rstrip("-")
+    if name == raw and len(name) <= limit:
+        return name
+    digest = hashlib.sha256(raw.encode()).hexdigest()[:8]
+    return f"{name[:limit - len(digest) - 1].rstrip('-')}-{digest}"
+
+
 def _meta(name: str, o: K8sOptions) -> dict:
     return {"name": name, "namespace": o.namespace, "labels": dict(LABELS)}
 
 
 def support_objects(o: K8sOptions, cluster_label: str) -> list[dict]:
-    """The ServiceAccount pods run as, and a NetworkPolicy keeping the dashboard namespace-internal."""
+    """The ServiceAccount pods run as, and a NetworkPolicy keeping the dashboard namespace-internal
+    (plus the KubeRay operator)."""
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(o.service_account, o)},
         {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
@@ -127,8 +154,12 @@ def support_objects(o: K8sOptions, cluster_label: str) -> list[dict]:
              "podSelector": {"matchLabels": {"ray.io/node-type": "head", **LABELS}},
              "policyTypes": ["Ingress"],
              "ingress": [
-                 # Dashboard / job API (8265): only from pods in this namespace.
-                 {"from": [{"podSelector": {}}], "ports": [{"protocol": "TCP", "port": 8265}]},
+                 # Dashboard / job API (8265): pods in this namespace (the RayJob's submitter), and
+                 # the KubeRay operator, which polls the job's status there from its own namespace.
+                 {"from": [{"podSelector": {}},
+                           {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": o.operator_namespace}},
+                            "podSelector": {"matchLabels": OPERATOR_LABELS}}],
+                  "ports": [{"protocol": "TCP", "port": 8265}]},
                  # GCS, client and object-manager traffic from this namespace's Ray pods.
                  {"from": [{"podSelector": {"matchLabels": LABELS}}]},
              ],
@@ -136,10 +167,25 @@ def support_objects(o: K8sOptions, cluster_label: str) -> list[dict]:
     ]
 
 
+def local_paths(spec: JobSpec) -> list[tuple[str, str]]:
+    """(field, path) for each place in `spec` on this machine's disk, which a remote cluster's pods
+    cannot read. Built-in models ('tiny', ...) and hub ids are fine: any machine makes or downloads
+    them. Shared by `k8s render` and `submit`."""
+    from .storage import is_remote
+    from .tiny import BUILT_IN
+
+    def local_model(ref: str) -> bool:
+        # A hub id never starts with '/', '.' or '~'; a folder that exists here is a folder.
+        return ref not in BUILT_IN and not is_remote(ref) and (ref.startswith(("/", ".", "~")) or Path(ref).exists())
+
+    found = [("storage", spec.storage)] + [(f"subjects.{s.name}.images", s.images) for s in spec.subjects]
+    found = [(f, p) for f, p in found if not is_remote(p)]
+    models = [("model", spec.model)] + ([("sr.model", spec.sr.model)] if spec.sr.enabled else [])
+    return found + [(f, m) for f, m in models if local_model(m)]
+
+
 def _check_cloud_paths(spec: JobSpec) -> None:
-    local = [("storage", spec.storage)] + [(f"subjects.{s.name}.images", s.images) for s in spec.subjects
-                                            if "://" not in s.images]
-    local = [(f, p) for f, p in local if "://" not in p]
+    local = local_paths(spec)
     if local:
         fields = ", ".join(f"{f} ({p})" for f, p in local)
         raise K8sError(f"{fields}: pods on Kubernetes don't share this machine's disk; use s3:// URLs")
@@ -148,7 +194,11 @@ def _check_cloud_paths(spec: JobSpec) -> None:
 def render_rayjob(spec: JobSpec, o: K8sOptions) -> list[dict]:
     """ConfigMap (the validated spec) + RayJob (+ ServiceAccount, NetworkPolicy)."""
     _check_cloud_paths(spec)
-    name = f"dreambooth-{spec.name}".lower().replace("_", "-").replace(".", "-")[:50]
+    name = k8s_name(f"dreambooth-{spec.name}")
+    if spec.train.use_gpu is None:
+        # "Use GPUs if the cluster has any" is decided when the job starts, and the cluster starts
+        # with no GPU workers (the autoscaler adds them on demand): the job would train on CPUs.
+        spec = spec.model_copy(update={"train": spec.train.model_copy(update={"use_gpu": True})})
     configmap = {
         "apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(f"{name}-spec", o),
         "data": {"job.yaml": yaml.safe_dump(json.loads(spec.model_dump_json(by_alias=True)), sort_keys=False)},
@@ -178,6 +228,7 @@ def render_rayjob(spec: JobSpec, o: K8sOptions) -> list[dict]:
 
 def render_raycluster(o: K8sOptions, name: str = "dreambooth-ray") -> list[dict]:
     """A long-lived RayCluster for `dreambooth-ray submit` (specs arrive with each submission)."""
+    name = k8s_name(name)
     rc = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": _meta(name, o), "spec": cluster_spec(o)}
     return [rc, *support_objects(o, name)]
 
@@ -208,13 +259,16 @@ def add_commands(sub) -> None:
         p.add_argument("--max-workers", type=int, default=4, help="most GPU worker pods (autoscaled from 0)")
         p.add_argument("--s3-secret", default="dreambooth-s3")
         p.add_argument("--service-account", default="dreambooth-ray")
+        p.add_argument("--operator-namespace", default=K8sOptions.operator_namespace,
+                       help="namespace of the KubeRay operator, admitted to the dashboard port (default: %(default)s)")
         p.set_defaults(fn=_cmd)
 
 
 def _cmd(args, console) -> int:
     o = K8sOptions(image=args.image, namespace=args.namespace, gpu_type=args.gpu_type,
                    gpus_per_worker=args.gpus_per_worker, max_workers=args.max_workers,
-                   s3_secret=args.s3_secret, service_account=args.service_account)
+                   s3_secret=args.s3_secret, service_account=args.service_account,
+                   operator_namespace=args.operator_namespace)
     if args.k8s_command == "render":
         from .spec import load_spec
 

@@ -180,10 +180,12 @@ def test_render_refuses_local_paths_and_cli_prints_yaml(tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 2 and "storage" in p.stderr and "s3://" in p.stderr and "Traceback" not in p.stderr
     p = subprocess.run([sys.executable, "-m", "dreambooth_ray.cli", "k8s", "render", str(ROOT / "jobs" / "batch-example.yaml"),
-                        "--gpu-type", "NVIDIA-A100-SXM4-80GB", "--max-workers", "3"], capture_output=True, text=True)
+                        "--gpu-type", "NVIDIA-A100-SXM4-80GB", "--max-workers", "3", "--operator-namespace", "ray-system"],
+                       capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    kinds = [d["kind"] for d in yaml.safe_load_all(p.stdout)]
-    assert kinds == ["ConfigMap", "RayJob", "ServiceAccount", "NetworkPolicy"]
+    docs = list(yaml.safe_load_all(p.stdout))
+    assert [d["kind"] for d in docs] == ["ConfigMap", "RayJob", "ServiceAccount", "NetworkPolicy"]
+    assert "kubernetes.io/metadata.name: ray-system" in k8s.dump(docs[-1:])
 
 
 @pytest.mark.parametrize("name", ["aws", "gcp", "local"])
@@ -195,3 +197,76 @@ def test_cluster_launcher_configs_pass_rays_validation(name):
     config["max_worker"] = 2  # typo
     with pytest.raises(jsonschema.ValidationError, match="max_worker"):
         validate_config(prepare_config(config))
+
+
+def cloud_spec(**fields):
+    from dreambooth_ray.spec import parse_spec
+
+    spec = {"name": "pets", "model": "tiny", "storage": "s3://bucket/runs",
+            "subjects": [{"name": "rex", "images": "s3://bucket/photos/rex", "class": "dog"}]}
+    return parse_spec({**spec, **fields})
+
+
+DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+@pytest.mark.parametrize("name", [
+    "a" * 64,                          # far too long
+    "x" * 26 + "-" + "y" * 37,         # the cut lands right after a '-'
+    "My_Job.V2",                       # uppercase, '_' and '.'
+    "9lives",
+    "pets-batch",
+])
+def test_rayjob_names_are_what_kuberay_accepts(name, crd):
+    docs = k8s.render_rayjob(cloud_spec(name=name), k8s.K8sOptions())
+    for doc in docs:
+        validate(doc, crd)  # the ConfigMap's and NetworkPolicy's derived names too
+    rayjob = next(d for d in docs if d["kind"] == "RayJob")["metadata"]["name"]
+    assert DNS1035.match(rayjob) and len(rayjob) <= 47, rayjob  # KubeRay's ValidateRayJobMetadata
+    if name == "pets-batch":
+        assert rayjob == "dreambooth-pets-batch"  # a name that needs no change keeps its exact form
+
+
+def test_distinct_job_names_get_distinct_rayjobs():
+    def rayjob(name):
+        return next(d for d in k8s.render_rayjob(cloud_spec(name=name), k8s.K8sOptions()) if d["kind"] == "RayJob")["metadata"]["name"]
+
+    long = "subject-batch-" + "a" * 40
+    names = [long + "1", long + "2", "Rex", "rex", "re_x", "re.x"]
+    assert len({rayjob(n) for n in names}) == len(names)
+    assert rayjob(long + "1") == rayjob(long + "1")  # and the same name, the same object
+
+
+def test_dashboard_admits_the_operator_namespace():
+    docs = k8s.render_rayjob(cloud_spec(), k8s.K8sOptions(operator_namespace="kuberay-system"))
+    netpol = next(d for d in docs if d["kind"] == "NetworkPolicy")
+    dashboard, ray = netpol["spec"]["ingress"]
+    assert dashboard["ports"] == [{"protocol": "TCP", "port": 8265}]
+    assert {"podSelector": {}} in dashboard["from"]
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/component": "kuberay-operator"}}} in dashboard["from"]
+    assert "namespaceSelector" not in json.dumps(ray)  # the other Ray ports stay namespace-internal
+
+
+def test_rendered_spec_trains_on_gpus_unless_it_says_otherwise():
+    def use_gpu(**train):
+        docs = k8s.render_rayjob(cloud_spec(train=train), k8s.K8sOptions())
+        return yaml.safe_load(next(d for d in docs if d["kind"] == "ConfigMap")["data"]["job.yaml"])["train"]["use_gpu"]
+
+    # The cluster starts with no GPU worker, so "GPUs if the cluster has any" would mean CPUs.
+    assert use_gpu() is True
+    assert use_gpu(use_gpu=False) is False
+
+
+def test_render_refuses_local_models(tmp_path, crd):
+    folder = tmp_path / "sd"
+    folder.mkdir()
+    sr = {"enabled": True, "output_resolution": 1024}
+    for fields, bad in [({"model": str(folder)}, "model"), ({"model": "./models/sd"}, "model"),
+                        ({"sr": {**sr, "model": str(folder)}}, "sr.model")]:
+        with pytest.raises(k8s.K8sError, match=rf"^{re.escape(bad)} \("):
+            k8s.render_rayjob(cloud_spec(**fields), k8s.K8sOptions())
+    for fields in [{"model": "org/stable-diffusion"}, {"model": "tiny-if"}, {"sr": {**sr, "model": "tiny-x4"}},
+                   {"sr": {**sr, "enabled": False, "model": str(folder)}}]:  # an SR stage that doesn't run
+        for doc in k8s.render_rayjob(cloud_spec(**fields), k8s.K8sOptions()):
+            validate(doc, crd)
