@@ -34,9 +34,10 @@ class DreamBoothModel(torch.nn.Module):
         self.unet = unet
         self.text_encoder = text_encoder
 
-    def forward(self, noisy_latents, timesteps, input_ids=None, encoder_hidden_states=None, class_labels=None):
-        if self.text_encoder is not None:
-            encoder_hidden_states = self.text_encoder(input_ids)[0]
+    def forward(self, noisy_latents, timesteps, input_ids=None, encoder_hidden_states=None, class_labels=None,
+                attention_mask=None):
+        if self.text_encoder is not None:  # the mask as in inference: T5 (IF) reads it, CLIP gets None
+            encoder_hidden_states = self.text_encoder(input_ids, attention_mask=attention_mask)[0]
         return self.unet(noisy_latents, timesteps, encoder_hidden_states, class_labels=class_labels).sample
 
 
@@ -149,14 +150,15 @@ class Engine:
 
     def step(self, step: int, rank: int = 0) -> torch.Tensor:
         """One optimizer step (all micro-steps); returns [loss, subject loss, prior loss], averaged."""
-        cfg, sums = self.cfg, torch.zeros(3)
+        # Summed on the training device: the caller all-reduces them, and NCCL reduces no CPU tensors.
+        cfg, sums = self.cfg, torch.zeros(3, device=self.ds.device)
         for micro in range(cfg.gradient_accumulation):
             g = step_generator(cfg.seed, step, micro, rank)
             rows, n_inst = self.data.batch(cfg.batch_size, g)
             loss, inst, prior = self.loss(self.ds, rows, n_inst, g)
             self.ds.backward(loss)
             self.ds.step()
-            sums += torch.stack([loss.detach().float().cpu(), inst.float().cpu(), prior.float().cpu()])
+            sums += torch.stack([loss.detach().float(), inst.float(), prior.float()]).to(sums.device)
         return sums / cfg.gradient_accumulation
 
     def lr(self) -> float:
@@ -208,6 +210,8 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
     if cfg.train_text_encoder or (lora and cfg.lora.text_encoder):
         model = DreamBoothModel(parts["unet"], te)
         step_kw["input_ids"] = prompt_ids.to(device)
+        if mask is not None:
+            step_kw["attention_mask"] = mask.to(device)
     else:
         # Frozen text encoder: the two prompts' embeddings never change, so compute them once.
         step_kw["encoder_hidden_states"] = frozen_text_embeddings(te, prompt_ids, device, mask).to(dtype)

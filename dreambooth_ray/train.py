@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import ray.train
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from . import checkpoint, engine, models, sr
 from .images import load_subject_images
@@ -51,7 +51,7 @@ def train_loop(config: dict) -> None:
     run_root = config["run_root"]  # (path, pyarrow filesystem) of this run's checkpoints
     t0, last = time.perf_counter(), start
     for step in range(start, cfg.steps):
-        sums = eng.step(step, rank)
+        sums = eng.step(step, rank)  # on the training device: NCCL reduces no CPU tensors
         torch.distributed.all_reduce(sums)  # report the mean over all ranks, not rank 0's sample
         sums /= ctx.get_world_size()
         done = step + 1
@@ -101,22 +101,73 @@ def stage_config(spec: JobSpec, stage: str) -> TrainConfig:
 def fit(spec: JobSpec, subject: Subject, storage: Storage, run_name: str, prior_key: str | None,
         use_gpu: bool, fault: tuple[str, int] | None = None, stage: str = "base") -> TrainResult:
     """Run (or resume) one subject's training stage ('base' or 'sr'). Same `run_name` + storage =
-    resume from the last checkpoint."""
+    resume from the last checkpoint.
+
+    Retries are ours, not Ray's FailureConfig: a re-run of the same run resumes from its last
+    checkpoint, but only failures that can pass (a dead worker or node, an I/O or communication
+    error) are retried. An error that recurs every time (a TypeError from a model the code cannot
+    drive, a bad setting) fails at once, under its own name, instead of reloading the model
+    `max_failures` more times and ending as "Training failed due to worker errors"."""
     storage_path, storage_fs = storage.ray_storage("checkpoints", spec.name)
     cfg = stage_config(spec, stage)
-    trainer = TorchTrainer(
+    trainer = lambda: TorchTrainer(  # noqa: E731  (a fresh trainer per attempt, same run)
         train_loop,
         train_loop_config={"spec": spec, "subject": subject, "prior_key": prior_key, "fault": fault, "stage": stage,
                            "run_root": (f"{storage_path}/{run_name}", storage_fs)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu),
+        # On GPUs, NCCL for CUDA tensors and gloo for any CPU tensor a collective meets: Ray's
+        # default there is NCCL alone, which cannot reduce a CPU tensor.
+        torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            failure_config=FailureConfig(max_failures=0),
         ),
     )
-    result = trainer.fit()
+    for attempt in range(cfg.max_failures + 1):
+        try:
+            result = trainer().fit()
+            break
+        except Exception as e:
+            cause = worker_error(e)
+            if attempt == cfg.max_failures or not retryable(cause):
+                raise TrainingError(describe(cause)) from None
+            log.warning("%s: attempt %d failed (%s); resuming from the last checkpoint",
+                        run_name, attempt + 1, describe(cause))
     ckpt = result.checkpoint
     if ckpt is None:
         raise RuntimeError(f"training of {subject.name!r} finished without a checkpoint")
     return TrainResult(ckpt, dict(result.metrics or {}))
+
+
+class TrainingError(RuntimeError):
+    """Training failed; the message is the underlying exception's type and first line."""
+
+
+# Errors of the program or its input: the same code on the same model and settings raises them again.
+_RECURRING = (TypeError, ValueError, KeyError, AttributeError, IndexError, NameError, ImportError,
+              NotImplementedError, AssertionError, ZeroDivisionError)
+
+
+def worker_error(e: BaseException) -> BaseException:
+    """The exception that a training worker raised (rank 0's when several did), unwrapped from Ray's."""
+    failures = getattr(e, "worker_failures", None)
+    if failures:
+        e = failures[min(failures)]
+    while isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None and e.cause is not e:
+        e = e.cause
+    return e
+
+
+def retryable(e: BaseException) -> bool:
+    from .errors import UserError
+
+    if isinstance(e, ray.exceptions.RayActorError):  # a dead worker process or node
+        return True
+    return not isinstance(e, _RECURRING + (UserError,))
+
+
+def describe(e: BaseException) -> str:
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
