@@ -2,6 +2,12 @@
 
 Ray registers a checkpoint only after every rank's upload finished, so a half-written checkpoint is
 never offered for resume; `state.json` records the step that the checkpoint holds.
+
+Trust boundary: checkpoints come from storage that others may be able to write. Nothing read from it
+is unpickled with code execution: every torch.load here (DeepSpeed's own included, which asks for
+weights_only=False) runs under torch's weights-only unpickler, with an allowlist of the three plain
+data classes DeepSpeed pickles into its optimizer state. A bucket writer can still plant other
+weights (the storage's permissions guard the weights' integrity), but cannot run code on a worker.
 """
 
 from __future__ import annotations
@@ -17,6 +23,30 @@ import ray.train
 import torch
 
 TAG = "ckpt"  # one DeepSpeed tag per Ray checkpoint directory
+
+
+def _deepspeed_globals() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only():
+    """Every torch.load inside runs weights-only, even a caller's `weights_only=False` (torch reads
+    TORCH_FORCE_WEIGHTS_ONLY_LOAD on each call): a planted pickle raises instead of running."""
+    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(_deepspeed_globals()):
+            yield
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
 
 
 def save(engine, step: int, metrics: dict, started_at: int, run_root: tuple[str, object], lora: bool = False) -> None:
@@ -117,7 +147,8 @@ def restore(engine, lora: bool = False) -> int:
                 f"checkpoint at step {state['step']} was written by {state['world_size']} workers; "
                 f"this run has {world}. ZeRO checkpoints only resume on the same worker count."
             )
-        _, client = engine.load_checkpoint(d, tag=TAG, load_module_strict=not lora)
+        with weights_only():
+            _, client = engine.load_checkpoint(d, tag=TAG, load_module_strict=not lora)
     return int(client["step"])
 
 
@@ -129,10 +160,11 @@ def read_state(ckpt_dir: str) -> dict:
 def consolidated_state_dict(ckpt_dir: str) -> dict[str, torch.Tensor]:
     """fp32 weights of the whole model from a (possibly ZeRO-sharded) checkpoint, on CPU, no GPUs needed."""
     root = os.path.join(ckpt_dir, TAG)
-    if glob.glob(os.path.join(root, "*zero_pp_rank_*_optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    with weights_only():
+        if glob.glob(os.path.join(root, "*zero_pp_rank_*_optim_states.pt")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=TAG)
-    else:  # ZeRO stage 0: the module's own weights are in the model-states file
-        sd = torch.load(os.path.join(root, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)["module"]
+            sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=TAG)
+        else:  # ZeRO stage 0: the module's own weights are in the model-states file
+            sd = torch.load(os.path.join(root, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=True)["module"]
     return {k: v.float() for k, v in sd.items()}

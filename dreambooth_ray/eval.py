@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import models, priors, samples
+from . import cluster, models, priors, samples
 from .errors import UserError
 from .images import load_subject_images
 from .spec import EvalConfig, JobSpec, S3Settings, Subject
@@ -292,11 +292,30 @@ def evaluate_subject(spec: JobSpec, subject: Subject, storage: Storage, use_gpu:
     return result
 
 
+def check(spec: JobSpec, storage: Storage) -> None:
+    """Every subject has finished training, and both metric models can be found (their configs read)."""
+    from .preflight import ModelConfigs, PreflightError
+
+    problems = [f"subject {s.name!r} has no finished training ({storage.url('outputs', spec.name, s.name, 'job.json')} "
+                "is missing): run the job first" for s in spec.subjects
+                if not storage.exists("outputs", spec.name, s.name, "job.json")]
+    for field, ref in (("eval.dino", spec.eval.dino), ("eval.clip", spec.eval.clip)):
+        try:
+            if ModelConfigs(ref, spec.s3, field).read("config.json") is None:
+                problems.append(f"{field}: {ref!r} has no config.json (not a transformers model folder)")
+        except PreflightError as e:
+            problems.append(f"{e} (set {field} or --{field.split('.')[1]} to a folder, an s3:// path or "
+                            f"'tiny-{field.split('.')[1]}')")
+    if problems:
+        raise EvalError("evaluation cannot start:\n  " + "\n  ".join(problems))
+
+
 def evaluate(spec: JobSpec, console=None) -> list[dict]:
     """Evaluate every subject of a finished job; writes each subject's metrics.json and grid.png
     and the job's outputs/<job>/eval.json."""
     storage = Storage(spec.storage, spec.s3)
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    check(spec, storage)  # before rendering anything: minutes of renders are lost to a missing model
+    use_gpu = cluster.use_gpu(spec)  # the spec's choice, else GPUs now or GPUs the autoscaler can add
     say = console.print if console is not None else print
     results = [evaluate_subject(spec, s, storage, use_gpu, say) for s in spec.subjects]
     storage.write_json({"job": spec.name, "subjects": results}, "outputs", spec.name, "eval.json")

@@ -38,10 +38,17 @@ def trained_pipeline(spec: JobSpec, ckpt_dir: str, stage: str = "base"):
         from .engine import add_lora
 
         add_lora(pipe.unet, pipe.text_encoder, spec.train)
-    for part, sd in split_state_dict(checkpoint.consolidated_state_dict(ckpt_dir)).items():
+    parts = split_state_dict(checkpoint.consolidated_state_dict(ckpt_dir))
+    for part, sd in parts.items():
         result = getattr(pipe, part).load_state_dict(sd, strict=not lora)
         if lora and result.unexpected_keys:
             raise RuntimeError(f"checkpoint has {part} weights the adapter lacks: {result.unexpected_keys[:3]}")
+    if lora:  # non-strict (the base weights are not in a LoRA checkpoint), so check the adapters are
+        adapters = {f"{part}.{k}" for part in ("unet", "text_encoder") for k, _ in
+                    getattr(pipe, part).named_parameters() if "lora_" in k}
+        missing = sorted(adapters - {f"{part}.{k}" for part, sd in parts.items() for k in sd})
+        if missing:
+            raise RuntimeError(f"checkpoint lacks {len(missing)} trained adapter weights, e.g. {missing[:3]}")
     if stage == "sr" and pipe.unet.config.in_channels == 6:  # IF: the trained resolution becomes the default
         pipe.unet.register_to_config(sample_size=spec.sr.output_resolution)
     return pipe

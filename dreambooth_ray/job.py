@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import ray
 from rich.console import Console
 
-from . import checkpoint, export, identifiers, models, priors, samples, train
+from . import checkpoint, cluster, export, identifiers, models, preflight, priors, samples, train
 from .images import load_subject_images
 from .spec import JobSpec, SpecError, Subject
 from .storage import Storage
@@ -33,19 +33,43 @@ class SubjectResult:
     train_end: float | None = None
 
 
+# Settings that change neither the trained weights nor which checkpoint may resume: cadence, retries,
+# placement, and speed switches that compute the same step.
+_NOT_IDENTITY = {"checkpoint_every", "keep_checkpoints", "max_failures", "use_gpu", "attention", "channels_last",
+                 "compile"}
+
+
+def train_identity(cfg) -> dict:
+    """A stage's effective training settings, as far as they shape the run."""
+    t = cfg.model_dump(exclude=_NOT_IDENTITY)
+    if cfg.method != "lora":
+        t.pop("lora")
+    return t
+
+
+def subject_identity(spec: JobSpec, subject: Subject) -> dict:
+    ident = subject.model_dump(by_alias=True)
+    if subject.identifier == "auto":  # resolved from the vocabulary window and the seed
+        ident["identifiers"] = spec.identifiers.model_dump()
+    ident["skip_bad_images"] = spec.skip_bad_images  # which photos are trained on
+    return ident
+
+
 def run_name(spec: JobSpec, subject: Subject, model_identity: str, prior_key: str | None) -> str:
-    # Settings that change the trained weights; checkpoint cadence and retry counts do not.
-    t = spec.train.model_dump(exclude={"checkpoint_every", "keep_checkpoints", "max_failures", "use_gpu"})
+    """The base stage's run: a changed setting is a new run, never a resume or a skip of another one."""
     prior = spec.prior.model_dump(include={"enabled", "num_class_images", "loss_weight"})
-    key = spec.fingerprint(model_identity, subject.model_dump(by_alias=True), prior, prior_key, t)
+    key = spec.fingerprint(model_identity, subject_identity(spec, subject), prior, prior_key,
+                           train_identity(spec.train))
     return f"{subject.name}-{key}"
 
 
 def sr_run_name(spec: JobSpec, subject: Subject, sr_identity: str, prior_key: str | None) -> str:
-    # The SR stage learns from the subject's photos alone, not from the base stage's weights.
-    s = spec.sr.model_dump(exclude={"enabled", "checkpoint_every", "inference_steps"})
-    key = spec.fingerprint(sr_identity, subject.model_dump(by_alias=True), s, prior_key, spec.train.seed,
-                           spec.train.random_flip, spec.train.resolution)
+    # The SR stage learns from the subject's photos alone, not from the base stage's weights, with the
+    # settings it inherits from `train` (workers, precision, accumulation, seed, flips) resolved.
+    sr = spec.sr.model_dump(include={"noise_aug", "prior_preservation", "prior_loss_weight"})
+    sr["input_resolution"] = spec.sr.input_resolution or spec.train.resolution
+    key = spec.fingerprint(sr_identity, subject_identity(spec, subject), sr, prior_key,
+                           train_identity(spec.sr.train_config(spec.train)))
     return f"{subject.name}-sr-{key}"
 
 
@@ -109,23 +133,39 @@ def _outcome(ref: ray.ObjectRef) -> dict:
 
 
 def capacity(spec: JobSpec, use_gpu: bool) -> int:
-    """How many subjects can train at once on this cluster, given each run's worker count."""
-    res = ray.cluster_resources()
-    slots = int(res.get("GPU", 0)) if use_gpu else int(res.get("CPU", 1))
-    return min(max(1, slots // spec.train.num_workers), spec.max_concurrent_subjects or 1 << 30)
+    """How many subjects can train at once on this cluster, given each run's worker count: as many
+    as its GPUs (or CPUs) allow, counting what its autoscaler can add (an autoscaling cluster may
+    start with no workers). When it has room for no run now and can't say what it will scale to,
+    `max_concurrent_subjects`, else 1."""
+    fits = cluster.capacity_of("GPU" if use_gpu else "CPU") // spec.train.num_workers
+    if fits < 1:
+        return spec.max_concurrent_subjects or 1
+    return min(fits, spec.max_concurrent_subjects or 1 << 30)
 
 
 def run_job(spec: JobSpec, console: Console | None = None) -> list[SubjectResult]:
     console = console or Console(stderr=True)
     storage = Storage(spec.storage, spec.s3)
     storage.check_writable()  # before any compute: no bucket / no permission fails here
-    use_gpu = spec.train.use_gpu
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = cluster.use_gpu(spec)  # the spec's choice, else GPUs now or GPUs the autoscaler can add
     if spec.train.mixed_precision == "fp16" and not use_gpu:
         raise SpecError("train.mixed_precision: 'fp16' needs GPUs and this cluster has none (use 'bf16' or 'fp32')")
     identity = models.identity(spec.model, spec.s3)
+    preflight.check(spec, storage, planned_runs(spec, storage, identity))
+    # Every concurrent run's workers from the autoscaler at once (nothing asked if the cluster has them).
+    cluster.request_workers(use_gpu, min(capacity(spec, use_gpu), len(spec.subjects)) * spec.train.num_workers)
 
+    try:
+        results, prior_refs = _run_subjects(spec, storage, identity, use_gpu, console)
+    finally:
+        cluster.release()  # idle nodes may scale down now
+    ordered = [results[s.name] for s in spec.subjects]
+    storage.write_json({"job": spec.name, "priors": [_outcome(ref) for ref in prior_refs.values()],
+                        "subjects": [asdict(r) for r in ordered]}, "outputs", spec.name, "results.json")
+    return ordered
+
+
+def _run_subjects(spec: JobSpec, storage: Storage, identity: str, use_gpu: bool, console: Console):
     # Priors: one task per distinct cache key, started now; subjects depend on their class's task,
     # so Ray starts each subject as soon as its own priors are ready (others may still be generating).
     prior_refs: dict[str, ray.ObjectRef] = {}
@@ -158,10 +198,22 @@ def run_job(spec: JobSpec, console: Console | None = None) -> list[SubjectResult
         results[name] = r
         console.print(f"{r.name}: {r.status}" + (f" ({r.error})" if r.error else ""), highlight=False)
 
-    ordered = [results[s.name] for s in spec.subjects]
-    storage.write_json({"job": spec.name, "priors": [_outcome(ref) for ref in prior_refs.values()],
-                        "subjects": [asdict(r) for r in ordered]}, "outputs", spec.name, "results.json")
-    return ordered
+    return results, prior_refs
+
+
+def planned_runs(spec: JobSpec, storage: Storage, identity: str) -> list[tuple[str, str, int]]:
+    """(what, run name, workers) of every training run the job may resume, for the preflight."""
+    runs = []
+    sr_identity = models.identity(spec.sr.model, spec.s3) if spec.sr.enabled else None
+    for s in spec.subjects:
+        key = priors.PriorCache.for_subject(spec, s, storage, identity).key if spec.prior.enabled else None
+        runs.append((f"subject {s.name}", run_name(spec, s, identity, key), spec.train.num_workers))
+        if sr_identity:
+            sr_key = (priors.PriorCache.for_subject(spec, s, storage, identity, spec.sr.output_resolution).key
+                      if spec.sr.prior_preservation else None)
+            runs.append((f"subject {s.name} (SR)", sr_run_name(spec, s, sr_identity, sr_key),
+                         spec.sr.train_config(spec.train).num_workers))
+    return runs
 
 
 def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts) -> SubjectResult:

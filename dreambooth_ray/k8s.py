@@ -63,9 +63,10 @@ def _security():
     return pod, container
 
 
-def _pod(o: K8sOptions, name: str, resources: dict, gpu: bool, extra_mounts=(), extra_volumes=()) -> dict:
+def _pod(o: K8sOptions, name: str, resources: dict, gpu: bool, extra_mounts=(), extra_volumes=(), env=()) -> dict:
     pod_sec, ctr_sec = _security()
     container = {
+        **({"env": list(env)} if env else {}),
         "name": name,
         "image": o.image,
         "imagePullPolicy": "IfNotPresent",
@@ -111,7 +112,11 @@ def cluster_spec(o: K8sOptions, spec_configmap: str | None = None) -> dict:
             # The head coordinates only: no CPUs or GPUs for tasks, so training never lands there.
             "rayStartParams": {"num-cpus": "0", "num-gpus": "0", "dashboard-host": "0.0.0.0"},
             "serviceType": "ClusterIP",  # dashboard and job API reachable inside the cluster only
-            "template": _pod(o, "ray-head", head_res, gpu=False, extra_mounts=head_mounts, extra_volumes=head_volumes),
+            # KubeRay's autoscaler runs in its own container, where the driver cannot read its limits:
+            # the head says what the GPU group can scale to (see cluster.py), so subjects run concurrently.
+            "template": _pod(o, "ray-head", head_res, gpu=False, extra_mounts=head_mounts, extra_volumes=head_volumes,
+                             env=[{"name": "DREAMBOOTH_RAY_USE_GPU", "value": "1"},
+                                  {"name": "DREAMBOOTH_RAY_MAX_GPUS", "value": str(o.max_workers * o.gpus_per_worker)}]),
         },
         "workerGroupSpecs": [{
             "groupName": "gpu",

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import ray
 from PIL import Image
 
-from . import models
+from . import cluster, models
 from .spec import EvalConfig, JobSpec, PriorConfig, S3Settings, Subject
 from .storage import Storage
 
@@ -94,11 +94,11 @@ class PriorGenerator:
 
 
 def default_actor_count(cfg: PriorConfig | EvalConfig, use_gpu: bool) -> int:
-    """`cfg.num_actors`, else one per GPU, else up to 2 CPU actors (one core left to the rest)."""
+    """`cfg.num_actors`, else one per GPU, else up to 2 CPU actors (one core left to the rest),
+    counting what the cluster's autoscaler can add."""
     if cfg.num_actors:
         return cfg.num_actors
-    res = ray.cluster_resources()
-    return max(1, int(res.get("GPU", 0))) if use_gpu else max(1, min(2, int(res.get("CPU", 1)) - 1))
+    return max(1, cluster.capacity_of("GPU")) if use_gpu else max(1, min(2, cluster.capacity_of("CPU") - 1))
 
 
 def generate(cache: PriorCache, spec: JobSpec, use_gpu: bool, on_progress=None) -> dict:

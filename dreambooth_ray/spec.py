@@ -141,7 +141,7 @@ class TrainConfig(_Strict):
     mixed_precision: Literal["fp32", "bf16", "bf16-weights", "fp16"] = "bf16"
     zero_stage: Literal[0, 1, 2, 3] = 2
     num_workers: int = Field(1, ge=1)
-    use_gpu: Optional[bool] = Field(None, description="default: use GPUs if the cluster has any")
+    use_gpu: Optional[bool] = Field(None, description="default: use GPUs if the cluster has or can scale to any")
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
@@ -155,6 +155,15 @@ class TrainConfig(_Strict):
     attention: Literal["sdpa", "classic"] = "sdpa"
     channels_last: bool = False  # measured: no gain on an H100 at batch 1+1 (see benchmarks/results)
     compile: bool = Field(False, description="torch.compile the UNet (pays off for long runs on GPUs)")
+
+    @model_validator(mode="after")
+    def _lora_trains_adapters_only(self):
+        # The whole encoder would be fine-tuned in memory (and shape the sample grid), while the
+        # exported LoRA holds adapters only: what users load would not be what was trained.
+        if self.method == "lora" and self.train_text_encoder:
+            raise ValueError("train_text_encoder: true fine-tunes the whole text encoder, which a LoRA export "
+                             "cannot hold; with method: lora, set lora.text_encoder: true for text-encoder adapters")
+        return self
 
     @model_validator(mode="after")
     def _fp16_needs_gpu(self):

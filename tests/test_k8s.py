@@ -127,6 +127,9 @@ def test_rendered_variants_validate_and_hold_the_required_settings(opts, crd):
     head = rc["headGroupSpec"]
     assert head["rayStartParams"]["num-gpus"] == "0" and head["serviceType"] == "ClusterIP"
     assert "nvidia.com/gpu" not in json.dumps(head)
+    # What the driver on the head reads for the GPU count the autoscaler can reach (cluster.py).
+    env = {e["name"]: e["value"] for e in head["template"]["spec"]["containers"][0]["env"]}
+    assert env == {"DREAMBOOTH_RAY_USE_GPU": "1", "DREAMBOOTH_RAY_MAX_GPUS": str(o.max_workers * o.gpus_per_worker)}
     [workers] = rc["workerGroupSpecs"]
     assert workers["minReplicas"] == 0 and workers["maxReplicas"] == o.max_workers
     res = workers["template"]["spec"]["containers"][0]["resources"]

@@ -1,0 +1,176 @@
+"""Preflight: what would fail every time, found before any class image or worker group starts.
+
+It reads configs only (model_index.json and each part's config.json) and builds modules on the
+meta device, so it costs seconds and no weights, whatever the model's size or location. Each
+problem is one line that names its cause; all of them are reported at once.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from pathlib import Path
+
+from . import models, tiny
+from .errors import UserError
+from .spec import JobSpec, S3Settings
+from .storage import Storage, filesystem, is_remote
+
+BASE_PIPELINES = {"StableDiffusionPipeline": "Stable Diffusion 1.x/2.x", "IFPipeline": "DeepFloyd IF stage I"}
+SR_PIPELINES = {"IFSuperResolutionPipeline": "DeepFloyd IF stage II",
+                "StableDiffusionUpscalePipeline": "Stable Diffusion x4 upscaler"}
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+# peft wraps these layer kinds; a target that names anything else fails inside every worker.
+_LORA_LAYERS = ("Linear", "Conv2d", "Conv1d", "Embedding")
+
+
+class PreflightError(UserError, ValueError):
+    """A job that would fail on every attempt; the message lists each cause, one per line."""
+
+
+class ModelConfigs:
+    """A model's config files, read without its weights: built-in, local folder, s3:// or hub id."""
+
+    def __init__(self, ref: str, s3: S3Settings | None, field: str):
+        self.ref, self.s3, self.field = ref, s3, field
+        self.root = str(tiny.materialize(models.cache_root(), ref)) if ref in tiny.BUILT_IN else ref
+
+    def read(self, relpath: str) -> dict | None:
+        """The JSON file, or None if the model has no such file."""
+        try:
+            if is_remote(self.root):
+                fs, root = filesystem(self.root, self.s3)
+                return json.loads(fs.cat_file(posixpath.join(root, relpath)))
+            if Path(self.root).exists():
+                return json.loads((Path(self.root) / relpath).read_text())
+            from huggingface_hub import hf_hub_download  # a hub id: configs only, never weights
+
+            return json.loads(Path(hf_hub_download(self.root, relpath)).read_text())
+        except FileNotFoundError:
+            return None
+        except Exception as e:  # unreachable hub, no permission, not JSON: nothing after this can load it
+            if "EntryNotFound" in type(e).__name__:
+                return None
+            raise PreflightError(f"{self.field}: cannot read {relpath} of {self.ref!r} ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _index(cfgs: ModelConfigs) -> dict:
+    index = cfgs.read("model_index.json")
+    if index is None:
+        raise PreflightError(f"{cfgs.field}: {cfgs.ref!r} has no model_index.json (not a diffusers pipeline)")
+    return index
+
+
+def _meta_unet(config: dict):
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    with init_empty_weights():
+        return UNet2DConditionModel.from_config(config)
+
+
+def _meta_text_encoder(class_name: str, config: dict):
+    import transformers
+    from accelerate import init_empty_weights
+
+    cls = getattr(transformers, class_name)
+    with init_empty_weights():
+        return cls(cls.config_class.from_dict(config))
+
+
+def lora_target_problems(module, targets: tuple[str, ...], where: str) -> list[str]:
+    """peft's rule for a list of targets: a module matches when its name is the target or ends in
+    '.<target>'. A target that matches nothing, or only layers peft cannot wrap, fails every time."""
+    problems = []
+    named = list(module.named_modules())
+    for t in targets:
+        hits = [m for n, m in named if n == t or n.endswith("." + t)]
+        if not hits:
+            problems.append(f"{where}: target module {t!r} is not in this model")
+        elif not all(type(m).__name__ in _LORA_LAYERS for m in hits):
+            kinds = sorted({type(m).__name__ for m in hits} - set(_LORA_LAYERS))
+            problems.append(f"{where}: target module {t!r} matches {', '.join(kinds)} layers, which LoRA cannot adapt")
+    return problems
+
+
+def base_model_problems(spec: JobSpec) -> list[str]:
+    cfgs = ModelConfigs(spec.model, spec.s3, "model")
+    index = _index(cfgs)
+    kind = index.get("_class_name")
+    if kind not in BASE_PIPELINES:
+        names = ", ".join(f"{k} ({v})" for k, v in BASE_PIPELINES.items())
+        return [f"model: {spec.model!r} is a {kind}; supported base models: {names}"]
+    problems = []
+    unet = cfgs.read("unet/config.json") or {}
+    if unet.get("addition_embed_type") not in (None, "text"):
+        problems.append(f"model: its UNet takes added conditioning ({unet['addition_embed_type']!r}, e.g. SDXL's "
+                        f"pooled text and time ids) that a {kind} does not provide")
+    if unet.get("class_embed_type") is not None or unet.get("num_class_embeds") is not None:
+        problems.append("model: its UNet is class-conditioned (a super-resolution UNet?); use it as sr.model")
+    sched = cfgs.read("scheduler/scheduler_config.json") or {}
+    if sched.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
+        problems.append(f"model: scheduler prediction_type {sched['prediction_type']!r} is not one of {PREDICTION_TYPES}")
+    te_class = (index.get("text_encoder") or [None, None])[1]
+    te = cfgs.read("text_encoder/config.json") or {}
+    hidden = te.get("d_model") or te.get("hidden_size")
+    expected = unet.get("encoder_hid_dim") or unet.get("cross_attention_dim")
+    if hidden and expected and hidden != expected:
+        problems.append(f"model: text encoder width {hidden} does not match the UNet's cross-attention input {expected}")
+    if spec.train.method == "lora" and not problems:
+        lc = spec.train.lora
+        problems += lora_target_problems(_meta_unet(unet), lc.target_modules, "train.lora.target_modules")
+        if lc.text_encoder and te_class:
+            problems += lora_target_problems(_meta_text_encoder(te_class, te), lc.text_encoder_modules,
+                                             "train.lora.text_encoder_modules")
+    return problems
+
+
+def sr_model_problems(spec: JobSpec) -> list[str]:
+    sr = spec.sr
+    cfgs = ModelConfigs(sr.model, spec.s3, "sr.model")
+    kind = _index(cfgs).get("_class_name")
+    if kind not in SR_PIPELINES:
+        names = ", ".join(f"{k} ({v})" for k, v in SR_PIPELINES.items())
+        return [f"sr.model: {sr.model!r} is a {kind}; supported SR models: {names}"]
+    unet = cfgs.read("unet/config.json") or {}
+    conditioned = unet.get("class_embed_type") is not None or unet.get("num_class_embeds") is not None
+    if unet.get("in_channels") not in (6, 7) or not conditioned:
+        return [f"sr.model: its UNet is not a super-resolution UNet (6 or 7 input channels and noise-level "
+                f"class labels; it has {unet.get('in_channels')} channels)"]
+    if unet["in_channels"] == 7:  # x4: the low-res image is concatenated with latents of its own size
+        vae = cfgs.read("vae/config.json") or {}
+        factor = 2 ** (len(vae.get("block_out_channels", [0] * 3)) - 1)
+        in_res = sr.input_resolution or spec.train.resolution
+        if sr.output_resolution != in_res * factor:
+            return [f"sr: this x4 upscaler's VAE makes {sr.output_resolution // factor} px latents from a "
+                    f"{sr.output_resolution} px output, so the input must be {sr.output_resolution // factor} px, "
+                    f"not {in_res} (set sr.input_resolution or sr.output_resolution)"]
+    return []
+
+
+def checkpoint_problems(storage: Storage, job: str, runs: list[tuple[str, str, int]]) -> list[str]:
+    """(what, run name, workers): a run that already has checkpoints resumes only at their worker count."""
+    problems = []
+    for what, run, workers in runs:
+        root = storage.path("checkpoints", job, run)
+        states = sorted(storage.fs.glob(f"{root}/step-*/state.json"))
+        if not states:
+            continue
+        with storage.fs.open(states[-1], "rb") as f:
+            state = json.load(f)
+        if state.get("world_size") != workers:
+            problems.append(
+                f"{what}: run {run} has a checkpoint at step {state.get('step')} written by {state.get('world_size')} "
+                f"workers, and this job asks for {workers}; ZeRO checkpoints resume only on the same count "
+                f"(set the worker count back, or remove {storage.url('checkpoints', job, run)} to start over)")
+    return problems
+
+
+def check(spec: JobSpec, storage: Storage, runs: list[tuple[str, str, int]] = ()) -> None:
+    problems = base_model_problems(spec)
+    if spec.sr.enabled:
+        problems += sr_model_problems(spec)
+    problems += checkpoint_problems(storage, spec.name, list(runs))
+    if problems:
+        raise PreflightError("job cannot run:\n  " + "\n  ".join(problems))

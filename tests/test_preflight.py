@@ -1,0 +1,112 @@
+"""Errors that recur on every attempt are found before any class image or worker group, named in one
+line each; a failure inside training shows its own exception and is not retried."""
+
+import json
+import logging
+import shutil
+import time
+
+import pytest
+
+from dreambooth_ray import job, models, preflight, train
+from dreambooth_ray.spec import parse_spec
+from dreambooth_ray.storage import Storage
+
+from conftest import tiny_spec
+
+
+def tiny_copy(tmp_path, name="model", base="tiny", **edits):
+    """The built-in model as a folder, with JSON edits: {"model_index.json": {...}, "unet/config.json": {...}}."""
+    folder = tmp_path / name
+    shutil.copytree(models.resolve(base), folder)
+    for rel, change in edits.items():
+        path = folder / rel
+        path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    return folder
+
+
+def problems(spec_dict, storage=None, runs=()):
+    spec = parse_spec(spec_dict)
+    with pytest.raises(preflight.PreflightError) as e:
+        preflight.check(spec, storage or Storage(spec.storage), runs)
+    return str(e.value)
+
+
+def test_an_unsupported_architecture_fails_before_any_class_image(ray_cluster, tmp_path, toy_images):
+    sdxl = tiny_copy(tmp_path, **{"model_index.json": {"_class_name": "StableDiffusionXLPipeline"}})
+    store = tmp_path / "store"
+    t0 = time.perf_counter()
+    with pytest.raises(preflight.PreflightError) as e:
+        job.run_job(parse_spec({**tiny_spec(str(store), str(toy_images)), "model": str(sdxl)}))
+    msg = str(e.value)
+    assert "is a StableDiffusionXLPipeline" in msg and "StableDiffusionPipeline (Stable Diffusion 1.x/2.x)" in msg
+    assert not (store / "priors").exists() and not (store / "checkpoints").exists()  # no compute started
+    assert time.perf_counter() - t0 < 20
+
+
+def test_an_sdxl_unet_in_a_stable_diffusion_folder_is_named(tmp_path, toy_images):
+    model = tiny_copy(tmp_path, **{"unet/config.json": {"addition_embed_type": "text_time"}})
+    msg = problems({**tiny_spec(str(tmp_path / "s"), str(toy_images)), "model": str(model)})
+    assert "added conditioning ('text_time'" in msg
+
+
+def test_lora_targets_that_match_nothing_are_named(tmp_path, toy_images):
+    msg = problems(tiny_spec(str(tmp_path / "s"), str(toy_images), train={
+        "method": "lora", "lora": {"target_modules": ["to_q", "to_qq"], "text_encoder": True,
+                                   "text_encoder_modules": ["q_proj", "layer_norm1", "nope"]}}))
+    lines = msg.splitlines()[1:]
+    assert len(lines) == 3, msg
+    assert "train.lora.target_modules: target module 'to_qq' is not in this model" in msg
+    assert "train.lora.text_encoder_modules: target module 'layer_norm1' matches LayerNorm layers" in msg
+    assert "'nope' is not in this model" in msg
+    preflight.check(parse_spec(tiny_spec(str(tmp_path / "s"), str(toy_images), train={"method": "lora"})),
+                    Storage(str(tmp_path / "s")))  # the defaults pass
+
+
+def test_sr_model_shape_and_x4_input_size(tmp_path, toy_images):
+    base = tiny_spec(str(tmp_path / "s"), str(toy_images))
+    msg = problems({**base, "sr": {"enabled": True, "model": "tiny", "output_resolution": 64}})
+    assert "sr.model: 'tiny' is a StableDiffusionPipeline; supported SR models" in msg
+    # tiny-x4's VAE makes 16 px latents from a 64 px output: the 32 px base resolution cannot feed it.
+    msg = problems({**base, "sr": {"enabled": True, "model": "tiny-x4", "output_resolution": 64}})
+    assert "the input must be 16 px, not 32" in msg
+    preflight.check(parse_spec({**base, "sr": {"enabled": True, "model": "tiny-x4", "output_resolution": 64,
+                                               "input_resolution": 16}}), Storage(str(tmp_path / "s")))
+
+
+def test_worker_count_against_an_existing_checkpoint(tmp_path, toy_images):
+    spec = parse_spec(tiny_spec(str(tmp_path / "s"), str(toy_images), prior={"enabled": False}))
+    storage = Storage(spec.storage)
+    runs = job.planned_runs(spec, storage, models.identity("tiny"))
+    assert [(w, n) for w, _, n in runs] == [("subject toy", 1)]
+    preflight.check(spec, storage, runs)  # no checkpoint yet
+    storage.write_json({"step": 2, "started_at": 0, "world_size": 2}, "checkpoints", "t", runs[0][1],
+                       "step-0000002", "state.json")
+    with pytest.raises(preflight.PreflightError, match="written by 2 workers, and this job asks for 1"):
+        preflight.check(spec, storage, runs)
+
+
+def test_a_failure_inside_training_names_its_exception_and_is_not_retried(ray_cluster, tmp_path, toy_images, caplog):
+    """What a new user met with an SDXL UNet: before, three attempts and 'Training failed due to worker errors'."""
+    from diffusers import UNet2DConditionModel
+
+    model = tiny_copy(tmp_path)
+    config = {**UNet2DConditionModel.load_config(model / "unet"), "addition_embed_type": "text_time",
+              "projection_class_embeddings_input_dim": 32 + 6 * 8, "addition_time_embed_dim": 8}
+    UNet2DConditionModel.from_config(config).save_pretrained(model / "unet")  # weights for the new layers too
+    spec = parse_spec({**tiny_spec(str(tmp_path / "s"), str(toy_images), prior={"enabled": False},
+                                   train={"max_failures": 2, "steps": 2}), "model": str(model)})
+    caplog.set_level(logging.WARNING, logger="dreambooth_ray")
+    with pytest.raises(train.TrainingError) as e:
+        train.fit(spec, spec.subjects[0], Storage(spec.storage), "sdxl-unet", None, use_gpu=False)
+    assert str(e.value).startswith("TypeError: argument of type 'NoneType' is not")
+    assert not [r for r in caplog.records if "resuming from the last checkpoint" in r.message]  # never retried
+
+
+def test_retryable_failures_are_told_apart():
+    import ray
+
+    assert not train.retryable(TypeError("x")) and not train.retryable(ValueError("x"))
+    assert train.retryable(RuntimeError("NCCL error")) and train.retryable(OSError("connection reset"))
+    assert train.retryable(ray.exceptions.ActorDiedError())
+    assert train.describe(KeyError("text_embeds")) == "KeyError: 'text_embeds'"
