@@ -23,3 +23,11 @@ quickstart: install
 
 test: install
 	$(BIN)/python -m pytest -x -q tests
+
+# On a machine with an NVIDIA GPU: the pytest `gpu` tests (quickstart-size jobs through Ray Train and
+# NCCL: each precision and ZeRO stage, LoRA, the SR stage, a killed-worker resume), then the SD1.5-shape
+# benchmark through Ray Train against the standalone bench. Output: benchmarks/results/gpu-check.txt and
+# bench-sd15-ray.json. Stops at once, saying so, where torch sees no CUDA device.
+.PHONY: gpu-check
+gpu-check: install
+	$(BIN)/python benchmarks/gpu_check.py

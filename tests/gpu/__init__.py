@@ -1,0 +1,1 @@
+# A package on purpose: see conftest.py.
