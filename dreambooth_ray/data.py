@@ -30,7 +30,7 @@ class DreamBoothData:
     """
 
     def __init__(self, instance: list[Image.Image], classes: list[Image.Image], random_flip: bool = True,
-                 encode=None):
+                 encode=None, row_cond: torch.Tensor | None = None, class_cond: torch.Tensor | None = None):
         if not instance:
             raise ValueError("no instance images")
         self.random_flip = random_flip
@@ -43,19 +43,24 @@ class DreamBoothData:
 
         self.instance = pool(instance)
         self.classes = pool(classes) if classes else None
+        # Per-row conditioning ([N, flip variants, ...], e.g. SDXL's time ids), picked with its row.
+        self.row_cond, self.class_cond = row_cond, class_cond
 
     @property
     def with_prior(self) -> bool:
         return self.classes is not None
 
-    def _pick(self, pool: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
+    def _pick(self, pool: torch.Tensor, n: int, g: torch.Generator, cond: torch.Tensor | None = None):
         idx = torch.randint(len(pool), (n,), generator=g)
         flip = (torch.rand(n, generator=g) < 0.5).long() if self.random_flip else torch.zeros(n, dtype=torch.long)
-        return pool[idx, flip]
+        return pool[idx, flip], None if cond is None else cond[idx, flip]
 
-    def batch(self, batch_size: int, g: torch.Generator) -> tuple[torch.Tensor, int]:
-        """(rows, n_instance): the first n_instance rows are the subject, the rest class images."""
-        x = self._pick(self.instance, batch_size, g)
+    def batch(self, batch_size: int, g: torch.Generator, with_cond: bool = False):
+        """(rows, n_instance): the first n_instance rows are the subject, the rest class images.
+        `with_cond`: (rows, n_instance, per-row conditioning) (the same draws from `g`)."""
+        x, c = self._pick(self.instance, batch_size, g, self.row_cond)
         if self.with_prior:
-            x = torch.cat([x, self._pick(self.classes, batch_size, g)])
-        return x, batch_size
+            xc, cc = self._pick(self.classes, batch_size, g, self.class_cond)
+            x = torch.cat([x, xc])
+            c = None if c is None else torch.cat([c, cc])
+        return (x, batch_size, c) if with_cond else (x, batch_size)

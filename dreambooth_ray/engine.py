@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from .data import DreamBoothData, step_generator
-from .loss import diffusion_target, prior_preservation_loss
+from .loss import prior_preservation_loss
 from .spec import TrainConfig
 
 
@@ -27,32 +27,30 @@ def autocast_dtype(cfg: TrainConfig) -> torch.dtype | None:
 
 
 class DreamBoothModel(torch.nn.Module):
-    """What DeepSpeed trains: the UNet, and the text encoder when it is trained too."""
+    """What DeepSpeed trains: the UNet, and the text encoder(s) when they are trained too. The
+    family (families/) runs them: `forward(noisy, t, **conditioning)` is `family.denoise`. Parts keep
+    their pipeline names (unet, text_encoder, text_encoder_2), so checkpoint keys name them."""
 
-    def __init__(self, unet, text_encoder=None):
+    def __init__(self, unet, text_encoder=None, family=None, **more_text_encoders):
         super().__init__()
+        from .families import SD
+
         self.unet = unet
         self.text_encoder = text_encoder
+        for name, module in more_text_encoders.items():
+            self.add_module(name, module)
+        self.family = family or SD
 
-    def forward(self, noisy_latents, timesteps, input_ids=None, encoder_hidden_states=None, class_labels=None,
-                attention_mask=None):
-        if self.text_encoder is not None:  # the mask as in inference: T5 (IF) reads it, CLIP gets None
-            encoder_hidden_states = self.text_encoder(input_ids, attention_mask=attention_mask)[0]
-        return self.unet(noisy_latents, timesteps, encoder_hidden_states, class_labels=class_labels).sample
+    def forward(self, noisy_latents, timesteps, **conditioning):
+        # With a trained encoder the mask is given as in inference: T5 (IF) reads it, CLIP gets None.
+        return self.family.denoise(self, noisy_latents, timesteps, **conditioning)
 
 
-def add_lora(unet, text_encoder, cfg: TrainConfig) -> None:
+def add_lora(unet, text_encoder, cfg: TrainConfig, family=None, **more_text_encoders) -> None:
     """Freeze the base weights and add trainable low-rank adapters (peft), as diffusers' LoRA scripts do."""
-    from peft import LoraConfig
+    from .families import SD
 
-    lc = cfg.lora
-    unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=lc.rank, lora_alpha=lc.alpha, init_lora_weights="gaussian",
-                                target_modules=list(lc.target_modules)))
-    if lc.text_encoder:
-        text_encoder.requires_grad_(False)
-        text_encoder.add_adapter(LoraConfig(r=lc.rank, lora_alpha=lc.alpha, init_lora_weights="gaussian",
-                                            target_modules=list(lc.text_encoder_modules)))
+    (family or SD).add_lora({"unet": unet, "text_encoder": text_encoder, **more_text_encoders}, cfg)
 
 
 def configure_unet(unet, cfg: TrainConfig) -> None:
@@ -108,12 +106,16 @@ def latent_encoder(vae, device, chunk: int = 8):
 
 
 def diffusion_step(model, noise_scheduler, rows, n_instance, g, prior_weight, dtype, device, *,
-                   vae=None, scaling_factor=None, channels_last=False, autocast=None, **text):
+                   vae=None, scaling_factor=None, channels_last=False, autocast=None, family=None, **text):
     """One noise-prediction forward pass over [subject rows; class rows] and the DreamBooth loss.
 
     `rows` are pixels (encoded here by `vae`), cached latent distributions (mean || std), or, for a
     pixel-space model (no VAE, `scaling_factor=None`), the pixels that are themselves diffused.
+    The family (default: Stable Diffusion's) states the objective: timestep sampling, target, weights.
     """
+    from .families import SD
+
+    family = family or SD
     with torch.no_grad():
         if vae is None and scaling_factor is None:
             latents = rows.to(device).float()
@@ -127,15 +129,25 @@ def diffusion_step(model, noise_scheduler, rows, n_instance, g, prior_weight, dt
             eps = torch.randn(mean.shape, generator=g).to(device, mean.dtype)
             latents = ((mean + std * eps) * scaling_factor).float()
     noise = torch.randn(latents.shape, generator=g).to(device, latents.dtype)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g).to(device)
+    t = family.sample_timesteps(noise_scheduler, latents.shape[0], g).to(device)
     noisy = noise_scheduler.add_noise(latents, noise, t).to(dtype)
     if channels_last:
         noisy = noisy.contiguous(memory_format=torch.channels_last)
-    target = diffusion_target(noise_scheduler, latents, noise, t)
+    target = family.target(noise_scheduler, latents, noise, t)
+    return denoise_loss(model, noisy, t, target, n_instance, prior_weight, device, autocast,
+                        family.loss_weights(noise_scheduler, t), **text)
+
+
+def denoise_loss(model, x, t, target, n_instance, prior_weight, device, autocast=None, weights=None, **cond):
+    """The denoiser's prediction on `x` at timesteps `t` against `target`: the DreamBooth loss over
+    [subject rows; class rows]. Shared by the base stage and the SR stage (sr.py)."""
     with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-        pred = model(noisy, t, **text)
+        pred = model(x, t, **cond)
     if pred.shape[1] == 2 * target.shape[1]:  # learned variance (IF): train the noise half, as IF's recipe does
         pred = pred[:, : target.shape[1]]
+    if weights is not None:  # per-row weights w: mean(w * (pred - target)^2) is MSE on sqrt(w)-scaled rows
+        w = weights.float().sqrt().view(-1, *[1] * (pred.dim() - 1)).to(pred.device)
+        pred, target = pred.float() * w, target.float() * w
     return prior_preservation_loss(pred, target, n_instance, prior_weight)
 
 
@@ -154,8 +166,12 @@ class Engine:
         cfg, sums = self.cfg, torch.zeros(3, device=self.ds.device)
         for micro in range(cfg.gradient_accumulation):
             g = step_generator(cfg.seed, step, micro, rank)
-            rows, n_inst = self.data.batch(cfg.batch_size, g)
-            loss, inst, prior = self.loss(self.ds, rows, n_inst, g)
+            if getattr(self.data, "row_cond", None) is not None:  # per-photo conditioning (SDXL's time ids)
+                rows, n_inst, cond = self.data.batch(cfg.batch_size, g, with_cond=True)
+                loss, inst, prior = self.loss(self.ds, rows, n_inst, g, cond)
+            else:
+                rows, n_inst = self.data.batch(cfg.batch_size, g)
+                loss, inst, prior = self.loss(self.ds, rows, n_inst, g)
             self.ds.backward(loss)
             self.ds.step()
             sums += torch.stack([loss.detach().float(), inst.float(), prior.float()]).to(sums.device)
@@ -181,45 +197,54 @@ def initialize(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, f
 
 
 def build(parts: dict, instance, classes, instance_text: str, class_text: str, cfg: TrainConfig,
-          prior_weight: float, device: torch.device, fused: bool | None = None) -> Engine:
-    """Data, model and DeepSpeed engine for one subject's base stage on this worker."""
+          prior_weight: float, device: torch.device, fused: bool | None = None, geometry: list | None = None) -> Engine:
+    """Data, model and DeepSpeed engine for one subject's base stage on this worker. `parts` are the
+    family's (models.load_components); `geometry`: each subject photo's (original h, w, crop top,
+    left, resized h, w), for a family that conditions on it (SDXL)."""
+    from .families import SD
+
+    family = parts.get("family") or SD
     dtype = weight_dtype(cfg)
     if device.type == "cuda":  # fp32 matmuls (frozen parts, fp32 mode) on TF32 tensor cores
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    tok, te, vae = parts["tokenizer"], parts["text_encoder"], parts["vae"]
-    step_kw: dict = {"channels_last": cfg.channels_last, "autocast": autocast_dtype(cfg)}
+    vae = parts.get("vae")
+    step_kw: dict = {"channels_last": cfg.channels_last, "autocast": autocast_dtype(cfg), "family": family}
+    row_cond = family.row_conditioning(geometry or [None] * len(instance), cfg.resolution, cfg.random_flip)
+    class_cond = family.row_conditioning([None] * len(classes), cfg.resolution, cfg.random_flip) if classes else None
+    cond = {} if row_cond is None else {"row_cond": row_cond, "class_cond": class_cond}
     if vae is None:  # a pixel-space model (IF stage I): the images themselves are diffused
-        data = DreamBoothData(instance, classes, cfg.random_flip)
+        data = DreamBoothData(instance, classes, cfg.random_flip, **cond)
     elif cfg.cache_latents:
         vae.requires_grad_(False)
         # Encode every row once (fp32, both flips); the VAE then leaves the device for good.
-        data = DreamBoothData(instance, classes, cfg.random_flip, latent_encoder(vae.to(device), device))
+        data = DreamBoothData(instance, classes, cfg.random_flip, latent_encoder(vae.to(device, torch.float32), device),
+                              **cond)
         step_kw["scaling_factor"] = vae.config.scaling_factor
         vae.to("cpu")
     else:
-        data = DreamBoothData(instance, classes, cfg.random_flip)
-        step_kw["vae"] = vae.requires_grad_(False).to(device, torch.float32 if dtype == torch.float16 else dtype)
+        data = DreamBoothData(instance, classes, cfg.random_flip, **cond)
+        fp32 = family.vae_fp32 or dtype == torch.float16  # SDXL's VAE overflows in fp16
+        step_kw["vae"] = vae.requires_grad_(False).to(device, torch.float32 if fp32 else dtype)
 
-    prompt_ids, mask = token_ids(tok, [instance_text] * cfg.batch_size
-                                 + ([class_text] * cfg.batch_size if data.with_prior else []), with_mask=True)
-    mask = mask if te.config.model_type == "t5" else None  # T5 (IF) reads the padding mask; SD's CLIP does not
+    prompts = [instance_text] * cfg.batch_size + ([class_text] * cfg.batch_size if data.with_prior else [])
+    inputs = family.prompt_inputs(parts, prompts)
+    encoders = family.encoders(parts)
     lora = cfg.method == "lora"
     if lora:
-        add_lora(parts["unet"], te, cfg)
+        family.add_lora(parts, cfg)
     configure_unet(parts["unet"], cfg)
     if cfg.train_text_encoder or (lora and cfg.lora.text_encoder):
-        model = DreamBoothModel(parts["unet"], te)
-        step_kw["input_ids"] = prompt_ids.to(device)
-        if mask is not None:
-            step_kw["attention_mask"] = mask.to(device)
+        model = DreamBoothModel(parts["unet"], family=family, **encoders)
+        step_kw.update({k: v.to(device) for k, v in inputs.items()})
     else:
-        # Frozen text encoder: the two prompts' embeddings never change, so compute them once.
-        step_kw["encoder_hidden_states"] = frozen_text_embeddings(te, prompt_ids, device, mask).to(dtype)
-        model = DreamBoothModel(parts["unet"])
+        # Frozen text encoders: the two prompts' conditioning never changes, so compute it once.
+        step_kw.update({k: v.to(dtype) for k, v in family.encode_frozen(encoders, inputs, device).items()})
+        model = DreamBoothModel(parts["unet"], family=family)
     noise_scheduler = parts["noise_scheduler"]
 
-    def loss(model, rows, n, g):
-        return diffusion_step(model, noise_scheduler, rows, n, g, prior_weight, dtype, device, **step_kw)
+    def loss(model, rows, n, g, row_cond=None):
+        extra = {} if row_cond is None else {family.row_key: row_cond.to(device)}
+        return diffusion_step(model, noise_scheduler, rows, n, g, prior_weight, dtype, device, **step_kw, **extra)
 
     return Engine(initialize(model, cfg, device, fused), data, cfg, loss)
 

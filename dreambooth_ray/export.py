@@ -30,41 +30,37 @@ def split_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.T
 
 
 def trained_pipeline(spec: JobSpec, ckpt_dir: str, stage: str = "base"):
-    """The stage's pipeline (base, or the IF stage II SR one) with the trained weights (or LoRA
-    adapters) from a checkpoint folder."""
-    pipe = models.load_pipeline(spec.model if stage == "base" else spec.sr.model, spec.s3)
+    """The stage's pipeline (base, or the SR one) with the trained weights (or LoRA adapters) from a
+    checkpoint folder. The family loads it through its own pipeline class."""
+    ref = spec.model if stage == "base" else spec.sr.model
+    family = models.family(ref, spec.s3, role="base" if stage == "base" else "sr")
+    pipe = models.load_pipeline(ref, spec.s3)
     lora = stage == "base" and spec.train.method == "lora"
     if lora:
-        from .engine import add_lora
-
-        add_lora(pipe.unet, pipe.text_encoder, spec.train)
+        family.add_lora(pipe, spec.train)
     parts = split_state_dict(checkpoint.consolidated_state_dict(ckpt_dir))
     for part, sd in parts.items():
         result = getattr(pipe, part).load_state_dict(sd, strict=not lora)
         if lora and result.unexpected_keys:
             raise RuntimeError(f"checkpoint has {part} weights the adapter lacks: {result.unexpected_keys[:3]}")
     if lora:  # non-strict (the base weights are not in a LoRA checkpoint), so check the adapters are
-        adapters = {f"{part}.{k}" for part in ("unet", "text_encoder") for k, _ in
+        adapters = {f"{part}.{k}" for part in family.lora_parts(True) for k, _ in
                     getattr(pipe, part).named_parameters() if "lora_" in k}
         missing = sorted(adapters - {f"{part}.{k}" for part, sd in parts.items() for k in sd})
         if missing:
             raise RuntimeError(f"checkpoint lacks {len(missing)} trained adapter weights, e.g. {missing[:3]}")
-    if stage == "sr" and pipe.unet.config.in_channels == 6:  # IF: the trained resolution becomes the default
-        pipe.unet.register_to_config(sample_size=spec.sr.output_resolution)
+    family.after_training(pipe, spec)
     return pipe
 
 
-def save_lora(storage: Storage, pipe, out: tuple[str, ...], with_text_encoder: bool) -> tuple[str, int]:
-    """Write the adapters as a diffusers LoRA (`pipe.load_lora_weights(url)` loads it); returns (URL, bytes)."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
+def save_lora(storage: Storage, pipe, out: tuple[str, ...], with_text_encoder: bool, family=None) -> tuple[str, int]:
+    """Write the adapters as a diffusers LoRA in the format the family's pipeline reads
+    (`pipe.load_lora_weights(url)` loads it); returns (URL, bytes)."""
+    from . import families
 
-    layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))}
-    if with_text_encoder:
-        layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder))
+    family = family or families.BY_PIPELINE.get(type(pipe).__name__, families.SD)
     with tempfile.TemporaryDirectory() as tmp:
-        StableDiffusionPipeline.save_lora_weights(tmp, safe_serialization=True, **layers)
+        family.save_lora(pipe, tmp, with_text_encoder)
         size = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
         storage.put_dir(tmp, *out, "lora")
     return storage.url(*out, "lora"), size

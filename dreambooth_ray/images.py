@@ -27,6 +27,10 @@ class ImageError(UserError, ValueError):
 class SubjectImage:
     name: str  # path relative to the subject folder
     image: Image.Image  # RGB, resolution x resolution
+    # (original h, original w, crop top, crop left, resized h, resized w): the oriented photo's full
+    # size, where the square crop sits in the photo resized to `resolution` on its short side, and
+    # that resized size. What SDXL conditions on (its time ids).
+    geometry: tuple[int, int, int, int, int, int] | None = None
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -44,21 +48,37 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def square_box(w: int, h: int, resolution: int) -> tuple[int, int, int, int]:
+    """(resized w, resized h, crop left, crop top) of `square` for a w x h image."""
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    return nw, nh, (nw - resolution) // 2, (nh - resolution) // 2
+
+
 def square(im: Image.Image, resolution: int) -> Image.Image:
     """Resize the shorter side to `resolution` and center-crop: the subject is usually centered."""
     w, h = im.size
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    im = im.resize((nw, nh), Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
-    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    nw, nh, left, top = square_box(w, h, resolution)
+    im = im.resize((nw, nh), Image.Resampling.LANCZOS if resolution < min(w, h) else Image.Resampling.BICUBIC)
     return im.crop((left, top, left + resolution, top + resolution))
 
 
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
 def decode(data: bytes, name: str, resolution: int) -> Image.Image:
+    return decode_with_geometry(data, name, resolution)[0]
+
+
+def decode_with_geometry(data: bytes, name: str, resolution: int) -> tuple[Image.Image, tuple]:
+    """The square training image and its geometry (see SubjectImage.geometry)."""
     if not data:
         raise ImageError(f"{name}: empty file")
     try:
         im = Image.open(io.BytesIO(data))
+        full_w, full_h = im.size  # before draft(): the real photo's size
+        if im.getexif().get(0x0112) in _TRANSPOSED:
+            full_w, full_h = full_h, full_w
         # JPEG decodes at a reduced scale when the target is much smaller: a 12000px photo stays cheap.
         im.draft("RGB", (resolution, resolution))
         n_frames = getattr(im, "n_frames", 1)
@@ -66,7 +86,8 @@ def decode(data: bytes, name: str, resolution: int) -> Image.Image:
             log.warning("%s: animated image with %d frames; using the first", name, n_frames)
         im.load()
         im = ImageOps.exif_transpose(im)
-        return square(to_rgb(im), resolution)
+        nw, nh, left, top = square_box(*im.size, resolution)
+        return square(to_rgb(im), resolution), (full_h, full_w, top, left, nh, nw)
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
@@ -96,7 +117,8 @@ def load_subject_images(
     for path in list_images(url, s3):
         name = _rel(path, root)
         try:
-            out.append(SubjectImage(name, decode(fs.cat_file(path), f"{url.rstrip('/')}/{name}", resolution)))
+            out.append(SubjectImage(name, *decode_with_geometry(fs.cat_file(path), f"{url.rstrip('/')}/{name}",
+                                                                 resolution)))
         except ImageError as e:
             if not skip_bad:
                 raise

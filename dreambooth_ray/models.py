@@ -90,38 +90,40 @@ def load_pipeline(ref: str, s3: S3Settings | None = None, torch_dtype=None):
     return pipe
 
 
-def load_components(ref: str, s3: S3Settings | None = None):
-    """The parts training needs, each from its diffusers subfolder, plus a DDPM noise schedule.
-    A latent model (Stable Diffusion) has a VAE; a pixel-space one (DeepFloyd IF stage I) has
-    `vae: None`. The text encoder is the class the pipeline names (CLIP, or IF's T5 encoder)."""
-    import transformers
-    from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+def family(ref: str, s3: S3Settings | None = None, role: str | None = None):
+    """The model's family (families/), from its model_index.json."""
+    from . import families
 
-    path = resolve(ref, s3)
     try:
-        index = DiffusionPipeline.load_config(path)
-        te_class = getattr(transformers, index.get("text_encoder", [None, "CLIPTextModel"])[1])
-        return dict(
-            tokenizer=load_tokenizer(path),
-            text_encoder=te_class.from_pretrained(path, subfolder="text_encoder"),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae") if index.get("vae", [None])[0] else None,
-            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
-            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
-        )
+        return families.for_path(resolve(ref, s3), role)
+    except families.UnsupportedModel as e:
+        raise ModelError(f"model {ref!r}: {e}") from None
+    except OSError as e:
+        raise ModelError(f"model {ref!r}: cannot load ({e})") from None
+
+
+def load_components(ref: str, s3: S3Settings | None = None):
+    """The parts training needs, as the model's family loads them (families/), plus the family itself
+    under "family": tokenizer(s), text encoder(s), a VAE (`vae: None` for a pixel-space family such
+    as DeepFloyd IF stage I), the UNet and a DDPM noise schedule."""
+    fam = family(ref, s3)
+    try:
+        return fam.load_parts(resolve(ref, s3))
     except OSError as e:
         raise ModelError(f"model {ref!r}: cannot load ({e})") from None
 
 
 def load_tokenizer(ref: str, s3: S3Settings | None = None):
-    """The model's tokenizer: CLIP's BPE (Stable Diffusion, the tiny models), else whatever the folder
-    names (IF's T5)."""
-    from transformers import AutoTokenizer, CLIPTokenizer
+    """The tokenizer `identifier: auto` searches, as the model's family names it: CLIP's BPE (Stable
+    Diffusion, SDXL's first, the tiny models), else whatever the folder holds (IF's T5)."""
+    from . import families
 
     path = resolve(ref, s3)
     try:
-        return CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    except (OSError, TypeError, ValueError):
-        return AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
+        fam = families.for_path(path)
+    except (families.UnsupportedModel, OSError, ValueError):
+        fam = families.SD
+    return fam.tokenizer(path)
 
 
 def generate(pipe, prompts: list[str], **kwargs):
@@ -163,34 +165,25 @@ def sampler_scheduler(model_scheduler, kind: str):
 
 
 def load_sr_components(ref: str, s3: S3Settings | None = None):
-    """An SR model's parts, in one of two layouts (told apart by the UNet's input channels):
-    DeepFloyd IF stage II (6: noisy image + upsampled low-res image; T5 text) or the Stable Diffusion
-    x4 upscaler (7: noisy latents + low-res image; CLIP text, a VAE). `image_noising_scheduler` is the
-    schedule that noise-augments the low-res input in both."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, T5EncoderModel
+    """An SR model's parts, as its family loads them: DeepFloyd IF stage II (6 input channels: noisy
+    image + upsampled low-res image; T5 text) or the Stable Diffusion x4 upscaler (7: noisy latents +
+    low-res image; CLIP text, a VAE). `image_noising_scheduler` is the schedule that noise-augments the
+    low-res input in both."""
+    from diffusers import UNet2DConditionModel
+
+    from . import families
 
     path = resolve(ref, s3)
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
-        conditioned = unet.config.class_embed_type is not None or unet.config.num_class_embeds is not None
-        if unet.config.in_channels not in (6, 7) or not conditioned:
+        unet = UNet2DConditionModel.load_config(path, subfolder="unet")
+        conditioned = unet.get("class_embed_type") is not None or unet.get("num_class_embeds") is not None
+        if unet.get("in_channels") not in (6, 7) or not conditioned:
             raise ModelError(f"sr.model {ref!r}: its UNet is not a super-resolution UNet (6 or 7 input channels, "
                              "noise-level class labels)")
-        x4 = unet.config.in_channels == 7
-        parts = dict(
-            unet=unet,
-            tokenizer=load_tokenizer(path),
-            text_encoder=(CLIPTextModel if x4 else T5EncoderModel).from_pretrained(path, subfolder="text_encoder"),
-            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
-            image_noising_scheduler=DDPMScheduler.from_pretrained(
-                path, subfolder="low_res_scheduler" if x4 else "image_noising_scheduler"),
-        )
-        if x4:
-            parts["vae"] = AutoencoderKL.from_pretrained(path, subfolder="vae")
+        fam = families.X4 if unet["in_channels"] == 7 else families.IF_STAGE_II
+        return fam.load_parts(path)
     except OSError as e:
         raise ModelError(f"sr.model {ref!r}: cannot load an IF stage II or x4 upscaler pipeline ({e})") from None
-    return parts
 
 
 def identifier_warnings(tokenizer, identifier: str, class_noun: str) -> list[str]:

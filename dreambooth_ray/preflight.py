@@ -11,14 +11,14 @@ import json
 import posixpath
 from pathlib import Path
 
-from . import models, tiny
+from . import families, models, tiny
 from .errors import UserError
 from .spec import JobSpec, S3Settings
 from .storage import Storage, filesystem, is_remote
 
-BASE_PIPELINES = {"StableDiffusionPipeline": "Stable Diffusion 1.x/2.x", "IFPipeline": "DeepFloyd IF stage I"}
-SR_PIPELINES = {"IFSuperResolutionPipeline": "DeepFloyd IF stage II",
-                "StableDiffusionUpscalePipeline": "Stable Diffusion x4 upscaler"}
+# What the families (families/) support: {pipeline class: description}.
+BASE_PIPELINES = families.supported("base")
+SR_PIPELINES = families.supported("sr")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 # peft wraps these layer kinds; a target that names anything else fails inside every worker.
 _LORA_LAYERS = ("Linear", "Conv2d", "Conv1d", "Embedding")
@@ -101,28 +101,35 @@ def base_model_problems(spec: JobSpec) -> list[str]:
     if kind not in BASE_PIPELINES:
         names = ", ".join(f"{k} ({v})" for k, v in BASE_PIPELINES.items())
         return [f"model: {spec.model!r} is a {kind}; supported base models: {names}"]
+    family = families.family_for(index, "base")
     problems = []
     unet = cfgs.read("unet/config.json") or {}
-    if unet.get("addition_embed_type") not in (None, "text"):
-        problems.append(f"model: its UNet takes added conditioning ({unet['addition_embed_type']!r}, e.g. SDXL's "
-                        f"pooled text and time ids) that a {kind} does not provide")
+    added = unet.get("addition_embed_type")
+    if added not in family.added_conditioning:
+        if added is None:
+            problems.append(f"model: a {kind} needs a UNet with added conditioning "
+                            f"({', '.join(map(repr, family.added_conditioning))}); this one takes none")
+        else:
+            problems.append(f"model: its UNet takes added conditioning ({added!r}, e.g. SDXL's pooled text and "
+                            f"time ids) that a {kind} does not provide")
     if unet.get("class_embed_type") is not None or unet.get("num_class_embeds") is not None:
         problems.append("model: its UNet is class-conditioned (a super-resolution UNet?); use it as sr.model")
     sched = cfgs.read("scheduler/scheduler_config.json") or {}
     if sched.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
         problems.append(f"model: scheduler prediction_type {sched['prediction_type']!r} is not one of {PREDICTION_TYPES}")
-    te_class = (index.get("text_encoder") or [None, None])[1]
-    te = cfgs.read("text_encoder/config.json") or {}
-    hidden = te.get("d_model") or te.get("hidden_size")
+    hidden = family.text_width(cfgs.read)
     expected = unet.get("encoder_hid_dim") or unet.get("cross_attention_dim")
     if hidden and expected and hidden != expected:
         problems.append(f"model: text encoder width {hidden} does not match the UNet's cross-attention input {expected}")
     if spec.train.method == "lora" and not problems:
         lc = spec.train.lora
         problems += lora_target_problems(_meta_unet(unet), lc.target_modules, "train.lora.target_modules")
-        if lc.text_encoder and te_class:
-            problems += lora_target_problems(_meta_text_encoder(te_class, te), lc.text_encoder_modules,
-                                             "train.lora.text_encoder_modules")
+        for name in family.text_encoders if lc.text_encoder else ():
+            te_class = (index.get(name) or [None, None])[1]
+            if te_class:
+                where = "train.lora.text_encoder_modules" + ("" if name == "text_encoder" else f" ({name})")
+                problems += lora_target_problems(_meta_text_encoder(te_class, cfgs.read(f"{name}/config.json") or {}),
+                                                 lc.text_encoder_modules, where)
     return problems
 
 

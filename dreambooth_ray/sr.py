@@ -17,13 +17,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import engine
+from . import engine, families
 from .data import DreamBoothData
-from .loss import diffusion_target, prior_preservation_loss
+from .loss import diffusion_target
 from .spec import SRConfig, TrainConfig
 
 
 def layout(unet) -> str:
+    """The SR family's layout ("x4" or "if") of a loaded UNet (a pipeline's family says it too)."""
     return "x4" if unet.config.in_channels == 7 else "if"
 
 
@@ -106,31 +107,30 @@ def sr_step(model, noise_scheduler, noising_scheduler, rows, n_instance, g, prio
         x, t, labels, target = x4_inputs(rows, noise_scheduler, noising_scheduler, noise_aug, scaling_factor, g, device)
     else:
         x, t, labels, target = sr_inputs(rows, noise_scheduler, noising_scheduler, noise_aug, g, device)
-    with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-        pred = model(x.to(dtype), t, class_labels=labels, **text)
-    if pred.shape[1] == 2 * target.shape[1]:  # learned variance (IF): train the noise half, as IF's recipe does
-        pred = pred[:, : target.shape[1]]
-    return prior_preservation_loss(pred, target, n_instance, prior_weight)
+    return engine.denoise_loss(model, x.to(dtype), t, target, n_instance, prior_weight, device, autocast,
+                               class_labels=labels, **text)
 
 
 def build(parts: dict, instance, classes, instance_text: str, class_text: str, cfg: TrainConfig, sr: SRConfig,
           in_res: int, device: torch.device) -> engine.Engine:
     """The SR stage's engine: same DeepSpeed path as the base stage, another loss."""
     dtype = engine.weight_dtype(cfg)
-    kind = layout(parts["unet"])
+    family = parts.get("family")
+    kind = family.layout if family is not None else layout(parts["unet"])
     if kind == "x4":  # latents cached once, as in the base stage; the VAE then leaves the device
         vae = parts["vae"].requires_grad_(False).to(device)
         data = DreamBoothData(instance, classes, cfg.random_flip, encode=latent_pairs(vae, in_res, device))
         vae.to("cpu")
     else:
         data = DreamBoothData(instance, classes, cfg.random_flip, encode=lowres_pairs(in_res))
-    ids, mask = engine.token_ids(parts["tokenizer"], [instance_text] * cfg.batch_size
-                                 + ([class_text] * cfg.batch_size if data.with_prior else []), with_mask=True)
-    # IF's T5 sees the attention mask; SD's CLIP text encoder is used without one.
-    states = engine.frozen_text_embeddings(parts["text_encoder"], ids, device, mask if kind == "if" else None).to(dtype)
+    # The family encodes the prompts: IF's T5 sees the attention mask; the x4 upscaler's CLIP gets none.
+    family = family or (families.X4 if kind == "x4" else families.IF_STAGE_II)
+    prompts = [instance_text] * cfg.batch_size + ([class_text] * cfg.batch_size if data.with_prior else [])
+    states = family.encode_frozen(family.encoders(parts), family.prompt_inputs(parts, prompts),
+                                  device)["encoder_hidden_states"].to(dtype)
     scaling = parts["vae"].config.scaling_factor if kind == "x4" else 1.0
     engine.configure_unet(parts["unet"], cfg)
-    model = engine.DreamBoothModel(parts["unet"])
+    model = engine.DreamBoothModel(parts["unet"], family=family)
     noise_s, noising_s = parts["noise_scheduler"], parts["image_noising_scheduler"]
     autocast = engine.autocast_dtype(cfg)
 

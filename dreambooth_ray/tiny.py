@@ -15,6 +15,7 @@ TINY_VERSION = "tiny-v1"
 TINY_SR_VERSION = "tiny-sr-v2"
 TINY_X4_VERSION = "tiny-x4-v1"
 TINY_IF_VERSION = "tiny-if-v1"
+TINY_SDXL_VERSION = "tiny-sdxl-v1"
 TINY_METRICS_VERSION = "tiny-metrics-v1"
 TINY_RESOLUTION = 32  # pixels; the VAE downsamples by 2, so latents are 16x16
 
@@ -211,6 +212,54 @@ def build_x4_pipeline(seed: int = 0):
                                           low_res_scheduler=low_res, scheduler=scheduler, max_noise_level=350)
 
 
+def build_sdxl_pipeline(seed: int = 0):
+    """A Stable Diffusion XL layout (StableDiffusionXLPipeline), tiny and random: two CLIP text
+    encoders (the second with a text projection, whose pooled output conditions the UNet) with the
+    tiny tokenizer twice, a UNet with SDXL's "text_time" added conditioning (pooled text + 6 time ids),
+    and the tiny VAE. Cross-attention reads both encoders' hidden states side by side (32 + 32)."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(tmp)
+
+    def text_config(hidden: int) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                              num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
+                              projection_dim=hidden, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+    torch.manual_seed(seed + 8)
+    time_dim, pooled_dim = 8, 32
+    unet = UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64, attention_head_dim=8,
+        norm_num_groups=8, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=6 * time_dim + pooled_dim,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=8, sample_size=TINY_RESOLUTION, scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    text_encoder = CLIPTextModel(text_config(32))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(32))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")  # SDXL's shipped schedule
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
 def sd15_pipeline(seed: int = 0):
     """Stable Diffusion 1.5's architecture (UNet 860M, VAE, CLIP ViT-L text) with random weights.
 
@@ -294,6 +343,7 @@ def build_clip(seed: int = 0) -> _Folder:
 BUILT_IN = {
     "tiny": (TINY_VERSION, "build_pipeline", "model_index.json"),
     "tiny-if": (TINY_IF_VERSION, "build_if_pipeline", "model_index.json"),
+    "tiny-sdxl": (TINY_SDXL_VERSION, "build_sdxl_pipeline", "model_index.json"),
     "tiny-sr": (TINY_SR_VERSION, "build_sr_pipeline", "model_index.json"),
     "tiny-x4": (TINY_X4_VERSION, "build_x4_pipeline", "model_index.json"),
     "tiny-dino": (f"{TINY_METRICS_VERSION}-dino", "build_dino", "config.json"),

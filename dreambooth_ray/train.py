@@ -31,7 +31,8 @@ def train_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
 
-    instance = [s.image for s in load_subject_images(subject.images, cfg.resolution, spec.s3, spec.skip_bad_images)]
+    photos = load_subject_images(subject.images, cfg.resolution, spec.s3, spec.skip_bad_images)
+    instance = [s.image for s in photos]
     classes = []
     if config["prior_key"]:  # class images at this stage's resolution
         classes = PriorCache(Storage(spec.storage, spec.s3), config["prior_key"], subject.class_text,
@@ -41,7 +42,8 @@ def train_loop(config: dict) -> None:
                        subject.class_text, cfg, spec.sr, spec.sr.input_resolution or spec.train.resolution, device)
     else:
         eng = engine.build(models.load_components(spec.model, spec.s3), instance, classes, subject.instance_text,
-                           subject.class_text, cfg, spec.prior.loss_weight, device)
+                           subject.class_text, cfg, spec.prior.loss_weight, device,
+                           geometry=[s.geometry for s in photos])
     lora = cfg.method == "lora"
     tag = subject.name if stage == "base" else f"{subject.name} {stage}"
     start = checkpoint.restore(eng.ds, lora)

@@ -33,13 +33,14 @@ def problems(spec_dict, storage=None, runs=()):
 
 
 def test_an_unsupported_architecture_fails_before_any_class_image(ray_cluster, tmp_path, toy_images):
-    sdxl = tiny_copy(tmp_path, **{"model_index.json": {"_class_name": "StableDiffusionXLPipeline"}})
+    sd3 = tiny_copy(tmp_path, **{"model_index.json": {"_class_name": "StableDiffusion3Pipeline"}})
     store = tmp_path / "store"
     t0 = time.perf_counter()
     with pytest.raises(preflight.PreflightError) as e:
-        job.run_job(parse_spec({**tiny_spec(str(store), str(toy_images)), "model": str(sdxl)}))
+        job.run_job(parse_spec({**tiny_spec(str(store), str(toy_images)), "model": str(sd3)}))
     msg = str(e.value)
-    assert "is a StableDiffusionXLPipeline" in msg and "StableDiffusionPipeline (Stable Diffusion 1.x/2.x)" in msg
+    assert "is a StableDiffusion3Pipeline" in msg and "StableDiffusionPipeline (Stable Diffusion 1.x/2.x)" in msg
+    assert "StableDiffusionXLPipeline (Stable Diffusion XL)" in msg  # the supported list comes from the families
     assert not (store / "priors").exists() and not (store / "checkpoints").exists()  # no compute started
     assert time.perf_counter() - t0 < 20
 
@@ -48,6 +49,14 @@ def test_an_sdxl_unet_in_a_stable_diffusion_folder_is_named(tmp_path, toy_images
     model = tiny_copy(tmp_path, **{"unet/config.json": {"addition_embed_type": "text_time"}})
     msg = problems({**tiny_spec(str(tmp_path / "s"), str(toy_images)), "model": str(model)})
     assert "added conditioning ('text_time'" in msg
+
+
+def test_an_sdxl_pipeline_needs_an_sdxl_unet(tmp_path, toy_images):
+    model = tiny_copy(tmp_path, **{"model_index.json": {"_class_name": "StableDiffusionXLPipeline"}})
+    msg = problems({**tiny_spec(str(tmp_path / "s"), str(toy_images)), "model": str(model)})
+    assert "a StableDiffusionXLPipeline needs a UNet with added conditioning ('text_time')" in msg
+    preflight.check(parse_spec({**tiny_spec(str(tmp_path / "s"), str(toy_images), train={
+        "method": "lora", "lora": {"text_encoder": True}}), "model": "tiny-sdxl"}), Storage(str(tmp_path / "s")))
 
 
 def test_lora_targets_that_match_nothing_are_named(tmp_path, toy_images):

@@ -1,0 +1,194 @@
+"""The interface a model family implements, and the behaviour most families share.
+
+A family, one instance per architecture:
+- is recognised from model_index.json's `_class_name` (`pipeline`);
+- loads its parts (`load_parts`): tokenizer(s), text encoder(s), VAE (latent families), UNet, DDPM schedule;
+- turns prompts into what its denoiser takes (`prompt_inputs` -> token ids, `encode` -> hidden states,
+  pooled embeddings, masks), and per photo (`row_conditioning`: SDXL's time ids);
+- states its training objective (`sample_timesteps`, `target`, `loss_weights`);
+- runs its denoiser (`denoise`);
+- names its pipeline class (class images, samples, eval and export all load through it);
+- lists its default LoRA targets and saves LoRA in the format its pipeline's `load_lora_weights` reads;
+- gives the tokenizer that `identifier: auto` searches.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..loss import diffusion_target
+
+
+class UnsupportedModel(UserError, ValueError):
+    """A pipeline no family handles; the message lists the supported ones."""
+
+
+def _lookup(name: str) -> "Family":
+    from . import FAMILIES
+
+    return next(f for f in FAMILIES if f.name == name)
+
+
+class Family:
+    name = ""  # short name: sd, if, sdxl, if-sr, x4
+    title = ""  # what a user calls it
+    pipeline = ""  # the diffusers pipeline class (model_index.json's _class_name)
+    role = "base"  # "base" (text to image) or "sr" (super-resolution)
+    latent = True  # diffused in a VAE's latent space (else in pixels)
+    vae_fp32 = False  # the VAE overflows in fp16: encode in fp32 whatever the training precision
+    text_encoders: tuple[str, ...] = ("text_encoder",)  # pipeline attribute names, in order
+    tokenizers: tuple[str, ...] = ("tokenizer",)
+    reads_text_mask = False  # the text encoder reads the padding mask (T5), else none is given (CLIP)
+    added_conditioning: tuple = (None, "text")  # UNet addition_embed_type values this family drives
+    prompt_keys = ("input_ids", "attention_mask")
+    row_key: str | None = None  # the denoiser argument that row_conditioning feeds  # what prompt_inputs returns (consumed by encode)
+    lora_targets: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
+    text_encoder_lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    supports = {"full": True, "lora": True, "text_encoder": True, "sr": False}
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}: {self.pipeline}>"
+
+    def __reduce__(self):  # pickled (Ray) and copied (deepcopy) by name: one instance per family
+        return _lookup, (self.name,)
+
+    # ---- loading --------------------------------------------------------------------------------
+
+    def pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline)
+
+    def _text_encoder(self, path: str, index: dict, name: str):
+        import transformers
+
+        cls = getattr(transformers, (index.get(name) or [None, "CLIPTextModel"])[1])
+        return cls.from_pretrained(path, subfolder=name)
+
+    def _tokenizer(self, path: str, name: str = "tokenizer"):
+        from transformers import AutoTokenizer, CLIPTokenizer
+
+        try:
+            return CLIPTokenizer.from_pretrained(path, subfolder=name)
+        except (OSError, TypeError, ValueError):
+            return AutoTokenizer.from_pretrained(path, subfolder=name)
+
+    def tokenizer(self, path: str):
+        """The tokenizer `identifier: auto` picks a rare token from (the first of the family's)."""
+        return self._tokenizer(path, self.tokenizers[0])
+
+    def load_parts(self, path: str) -> dict:
+        from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+
+        index = DiffusionPipeline.load_config(path)
+        parts = {tok: self._tokenizer(path, tok) for tok in self.tokenizers}
+        parts.update({te: self._text_encoder(path, index, te) for te in self.text_encoders})
+        parts.update(
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae") if self.latent else None,
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
+            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
+            family=self,
+        )
+        return parts
+
+    def encoders(self, holder) -> dict:
+        """{name: text encoder} of a parts dict, a pipeline or a DreamBoothModel."""
+        get = holder.get if isinstance(holder, dict) else (lambda n: getattr(holder, n, None))
+        return {n: get(n) for n in self.text_encoders}
+
+    # ---- prompts --------------------------------------------------------------------------------
+
+    @staticmethod
+    def token_ids(tok, prompts: list[str]):
+        t = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        return t.input_ids, t.attention_mask
+
+    def prompt_inputs(self, parts: dict, prompts: list[str]) -> dict:
+        ids, mask = self.token_ids(parts[self.tokenizers[0]], prompts)
+        return {"input_ids": ids, **({"attention_mask": mask} if self.reads_text_mask else {})}
+
+    def encode(self, encoders: dict, input_ids, attention_mask=None) -> dict:
+        """Token ids -> the denoiser's text conditioning (with gradients when the encoders train)."""
+        return {"encoder_hidden_states": encoders["text_encoder"](input_ids, attention_mask=attention_mask)[0]}
+
+    @torch.no_grad()
+    def encode_frozen(self, encoders: dict, inputs: dict, device) -> dict:
+        """The conditioning of frozen encoders, computed once on `device`; the encoders go back to the CPU."""
+        for te in encoders.values():
+            te.requires_grad_(False).to(device)
+        out = self.encode(encoders, **{k: v.to(device) for k, v in inputs.items()})
+        for te in encoders.values():
+            te.to("cpu")
+        return out
+
+    def row_conditioning(self, geometry: list, resolution: int, random_flip: bool) -> torch.Tensor | None:
+        """Per-photo conditioning, [N, flip variants, ...] (SDXL's time ids); None for most families."""
+        return None
+
+    # ---- objective ------------------------------------------------------------------------------
+
+    def sample_timesteps(self, noise_scheduler, n: int, g: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=g)
+
+    def target(self, noise_scheduler, x0, noise, t):
+        return diffusion_target(noise_scheduler, x0, noise, t)
+
+    def loss_weights(self, noise_scheduler, t) -> torch.Tensor | None:
+        """Per-row loss weights (None: uniform, the DreamBooth paper's objective)."""
+        return None
+
+    # ---- denoiser -------------------------------------------------------------------------------
+
+    def unet_forward(self, unet, noisy, t, encoder_hidden_states=None, class_labels=None, **added):
+        return unet(noisy, t, encoder_hidden_states, class_labels=class_labels).sample
+
+    def denoise(self, model, noisy, t, **cond):
+        """The trained module's forward: text encoders first when they train, then the UNet."""
+        inputs = {k: cond.pop(k) for k in list(cond) if k in self.prompt_keys}
+        if getattr(model, "text_encoder", None) is not None:
+            cond.update(self.encode(self.encoders(model), **inputs))
+        return self.unet_forward(model.unet, noisy, t, **cond)
+
+    def after_training(self, pipe, spec) -> None:
+        """Settings an exported pipeline should carry (IF stage II: the trained resolution)."""
+
+    # ---- LoRA -----------------------------------------------------------------------------------
+
+    def add_lora(self, holder, cfg) -> None:
+        """Freeze the base weights and add trainable low-rank adapters (peft), as diffusers' LoRA
+        scripts do: on the UNet, and on every text encoder with `lora.text_encoder`."""
+        from peft import LoraConfig
+
+        lc = cfg.lora
+        get = holder.get if isinstance(holder, dict) else (lambda n: getattr(holder, n))
+        get("unet").requires_grad_(False)
+        get("unet").add_adapter(LoraConfig(r=lc.rank, lora_alpha=lc.alpha, init_lora_weights="gaussian",
+                                           target_modules=list(lc.target_modules)))
+        if lc.text_encoder:
+            for te in self.encoders(holder).values():
+                te.requires_grad_(False)
+                te.add_adapter(LoraConfig(r=lc.rank, lora_alpha=lc.alpha, init_lora_weights="gaussian",
+                                          target_modules=list(lc.text_encoder_modules)))
+
+    def lora_parts(self, with_text_encoder: bool) -> tuple[str, ...]:
+        return ("unet",) + (self.text_encoders if with_text_encoder else ())
+
+    def save_lora(self, pipe, folder: str, with_text_encoder: bool) -> None:
+        """The adapters as a diffusers LoRA file that this family's `load_lora_weights` reads."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = {f"{part}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(getattr(pipe, part)))
+                  for part in self.lora_parts(with_text_encoder)}
+        self.pipeline_class().save_lora_weights(folder, safe_serialization=True, **layers)
+
+    # ---- preflight (configs only) ---------------------------------------------------------------
+
+    def text_width(self, read) -> int | None:
+        """The width of the text conditioning the UNet's cross-attention gets, from config files."""
+        te = read(f"{self.text_encoders[0]}/config.json") or {}
+        return te.get("d_model") or te.get("hidden_size")

@@ -1,0 +1,57 @@
+"""Stable Diffusion 1.x/2.x (StableDiffusionPipeline), and the Stable Diffusion x4 upscaler as an SR family.
+
+SD: latent diffusion, a CLIP text encoder (no padding mask), epsilon or v-prediction per its scheduler.
+x4: latents of the subject photo beside the real low-res image (7 input channels), the low-res noise
+level as an integer class label; trained by sr.py.
+"""
+
+from __future__ import annotations
+
+from .base import Family
+
+
+class StableDiffusion(Family):
+    name = "sd"
+    title = "Stable Diffusion 1.x/2.x"
+    pipeline = "StableDiffusionPipeline"
+
+
+class SRFamily(Family):
+    """A super-resolution family: loads its parts with the low-res noising schedule; sr.py trains it
+    (full fine-tuning, frozen text encoder)."""
+
+    role = "sr"
+    layout = ""  # "if" (pixels: [noisy; upsampled low-res]) or "x4" (latents: [noisy latents; low-res])
+    noising_scheduler = ""  # the subfolder of the low-res noise-augmentation schedule
+    supports = {"full": True, "lora": False, "text_encoder": False, "sr": True}
+
+    def load_parts(self, path: str) -> dict:
+        from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+
+        index = DiffusionPipeline.load_config(path)
+        parts = dict(
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
+            tokenizer=self._tokenizer(path),
+            text_encoder=self._text_encoder(path, index, "text_encoder"),
+            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
+            image_noising_scheduler=DDPMScheduler.from_pretrained(path, subfolder=self.noising_scheduler),
+            family=self,
+        )
+        if self.latent:
+            parts["vae"] = AutoencoderKL.from_pretrained(path, subfolder="vae")
+        return parts
+
+    def noising(self, pipe):
+        return getattr(pipe, self.noising_scheduler)
+
+
+class X4Upscaler(SRFamily):
+    name = "x4"
+    title = "Stable Diffusion x4 upscaler"
+    pipeline = "StableDiffusionUpscalePipeline"
+    layout = "x4"
+    noising_scheduler = "low_res_scheduler"
+
+
+SD = StableDiffusion()
+X4 = X4Upscaler()

@@ -1,0 +1,72 @@
+"""Stable Diffusion XL (StableDiffusionXLPipeline).
+
+Two CLIP text encoders and tokenizers: the UNet's cross-attention reads both encoders' penultimate
+hidden states side by side, and its added conditioning ("text_time") the pooled, projected embedding
+of the second encoder and six time ids per image: (original height, original width, crop top, crop
+left, target height, target width). The original size is the real photo's, before resizing and
+cropping; the crop offsets are where the training crop sits in the resized photo (mirrored for the
+flipped variant). Class images are generated at the target size, uncropped: (res, res, 0, 0, res, res),
+what the pipeline itself uses at inference. The VAE overflows in fp16, so images are encoded in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Family
+
+
+def time_ids(geometry, resolution: int, flipped: bool = False) -> list[float]:
+    """SDXL's add_time_ids for one training image. `geometry`: (original h, original w, crop top,
+    crop left, resized h, resized w) of a subject photo, or None for an image made at the target size."""
+    if geometry is None:
+        return [resolution, resolution, 0, 0, resolution, resolution]
+    oh, ow, top, left, _, rw = geometry
+    if flipped:  # the same crop of the mirrored photo starts this far from its left edge
+        left = rw - left - resolution
+    return [oh, ow, top, left, resolution, resolution]
+
+
+class StableDiffusionXL(Family):
+    name = "sdxl"
+    title = "Stable Diffusion XL"
+    pipeline = "StableDiffusionXLPipeline"
+    vae_fp32 = True
+    text_encoders = ("text_encoder", "text_encoder_2")
+    tokenizers = ("tokenizer", "tokenizer_2")
+    added_conditioning = ("text_time",)
+    prompt_keys = ("input_ids", "input_ids_2")
+    row_key = "time_ids"
+
+    def prompt_inputs(self, parts: dict, prompts: list[str]) -> dict:
+        return {"input_ids": self.token_ids(parts["tokenizer"], prompts)[0],
+                "input_ids_2": self.token_ids(parts["tokenizer_2"], prompts)[0]}
+
+    def encode(self, encoders: dict, input_ids, input_ids_2) -> dict:
+        """As StableDiffusionXLPipeline.encode_prompt: penultimate hidden states of both encoders,
+        concatenated; the pooled embedding of the last one that has one (the projection model)."""
+        states, pooled = [], None
+        for te, ids in ((encoders["text_encoder"], input_ids), (encoders["text_encoder_2"], input_ids_2)):
+            out = te(ids, output_hidden_states=True)
+            if out[0].ndim == 2:
+                pooled = out[0]
+            states.append(out.hidden_states[-2])
+        return {"encoder_hidden_states": torch.cat(states, dim=-1), "text_embeds": pooled}
+
+    def row_conditioning(self, geometry: list, resolution: int, random_flip: bool) -> torch.Tensor:
+        flips = (False, True) if random_flip else (False,)
+        return torch.tensor([[time_ids(g, resolution, f) for f in flips] for g in geometry], dtype=torch.float32)
+
+    def unet_forward(self, unet, noisy, t, encoder_hidden_states=None, class_labels=None, text_embeds=None,
+                     time_ids=None):
+        if time_ids is None or text_embeds is None:
+            raise ValueError("an SDXL UNet needs the pooled text embedding and the time ids")
+        return unet(noisy, t, encoder_hidden_states,
+                    added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids.to(noisy.device)}).sample
+
+    def text_width(self, read) -> int | None:
+        widths = [(read(f"{te}/config.json") or {}).get("hidden_size") for te in self.text_encoders]
+        return None if None in widths else sum(widths)
+
+
+SDXL = StableDiffusionXL()
