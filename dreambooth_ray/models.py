@@ -79,11 +79,19 @@ def resolve(ref: str, s3: S3Settings | None = None, marker: str = "model_index.j
 
 
 def load_pipeline(ref: str, s3: S3Settings | None = None, torch_dtype=None):
+    """The model as its family's pipeline class (class images, samples, eval and export all load
+    through here); a pipeline no family knows loads as whatever DiffusionPipeline makes of it."""
     from diffusers import DiffusionPipeline
+
+    from . import families
 
     path = resolve(ref, s3)
     try:
-        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, safety_checker=None)
+        cls = families.for_path(path).pipeline_class()
+    except (families.UnsupportedModel, OSError, ValueError):
+        cls = DiffusionPipeline
+    try:
+        pipe = cls.from_pretrained(path, torch_dtype=torch_dtype, safety_checker=None)
     except OSError as e:
         raise ModelError(f"model {ref!r}: cannot load ({e})") from None
     pipe.set_progress_bar_config(disable=True)

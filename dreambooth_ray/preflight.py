@@ -123,13 +123,14 @@ def base_model_problems(spec: JobSpec) -> list[str]:
         problems.append(f"model: text encoder width {hidden} does not match the UNet's cross-attention input {expected}")
     if spec.train.method == "lora" and not problems:
         lc = spec.train.lora
-        problems += lora_target_problems(_meta_unet(unet), lc.target_modules, "train.lora.target_modules")
+        unet_targets, te_targets = family.lora_targets_of(lc)
+        problems += lora_target_problems(_meta_unet(unet), unet_targets, "train.lora.target_modules")
         for name in family.text_encoders if lc.text_encoder else ():
             te_class = (index.get(name) or [None, None])[1]
             if te_class:
                 where = "train.lora.text_encoder_modules" + ("" if name == "text_encoder" else f" ({name})")
                 problems += lora_target_problems(_meta_text_encoder(te_class, cfgs.read(f"{name}/config.json") or {}),
-                                                 lc.text_encoder_modules, where)
+                                                 te_targets, where)
     return problems
 
 

@@ -109,3 +109,97 @@ def test_time_ids_and_pooled_embedding_reach_the_unet(group, sdxl_parts, tmp_pat
             torch.testing.assert_close(text_embeds[row], pooled, rtol=0, atol=1e-6)
         eng.ds.destroy()
 
+
+def _render(pipe, prompt="a sks toy"):
+    g = torch.Generator().manual_seed(0)
+    return np.asarray(pipe(prompt, num_inference_steps=2, height=RES, width=RES, generator=g).images[0])
+
+
+def _base_weights(part: str) -> dict:
+    from diffusers import StableDiffusionXLPipeline
+
+    return getattr(StableDiffusionXLPipeline.from_pretrained(models.resolve("tiny-sdxl")), part).state_dict()
+
+
+def test_full_zero3_both_text_encoders_killed_worker_resume_and_export(ray_cluster, tmp_path, toy_images):
+    """Full fine-tuning of the UNet and both text encoders under ZeRO-3 on 2 workers; one run's rank 0
+    is SIGKILLed after the step-2 checkpoint and resumes bit-identical to the uninterrupted run. Its
+    export is a folder StableDiffusionXLPipeline.from_pretrained loads, holding the trained weights."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from conftest import tiny_spec
+    from dreambooth_ray import export, train
+    from dreambooth_ray.checkpoint import consolidated_state_dict, local_copy, read_state
+    from dreambooth_ray.spec import parse_spec
+    from dreambooth_ray.storage import Storage
+
+    spec = parse_spec(tiny_spec(str(tmp_path / "store"), str(toy_images), model="tiny-sdxl", prior={"enabled": False},
+                                train={"zero_stage": 3, "num_workers": 2, "max_failures": 1,
+                                       "train_text_encoder": True}))
+    storage, subject = Storage(spec.storage), spec.subjects[0]
+    fit = ray.remote(num_cpus=0)(train.fit)
+    straight, resumed = ray.get([fit.remote(spec, subject, storage, "straight", None, False),
+                                 fit.remote(spec, subject, storage, "interrupted", None, False, ("kill", 2))])
+    with local_copy(straight.checkpoint) as d:
+        a = consolidated_state_dict(d)
+    with local_copy(resumed.checkpoint) as d:
+        assert read_state(d) == {"step": 4, "started_at": 2, "world_size": 2}  # resumed, not restarted
+        b = consolidated_state_dict(d)
+        pipe = export.trained_pipeline(spec, d)
+    assert a.keys() == b.keys()
+    assert {k.split(".")[0] for k in a} == {"unet", "text_encoder", "text_encoder_2"}
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff == 0.0, f"resumed weights differ from the uninterrupted run by {diff}"
+    for part in ("unet", "text_encoder", "text_encoder_2"):  # every part trained away from the base
+        base = _base_weights(part)
+        assert any(not torch.equal(v, base[k.split(".", 1)[1]]) for k, v in a.items() if k.startswith(part + "."))
+
+    url = export.save(storage, pipe, ("outputs", "t", "toy"))
+    loaded = StableDiffusionXLPipeline.from_pretrained(url)
+    for k, v in b.items():
+        part, name = k.split(".", 1)
+        assert torch.equal(getattr(loaded, part).state_dict()[name], v), k
+    assert _render(loaded).shape == (RES, RES, 3)
+
+
+def test_lora_job_with_text_encoders_exports_what_load_lora_weights_reads(ray_cluster, tmp_path, toy_images):
+    """A job (priors, `identifier: auto`, LoRA on the UNet and both text encoders, export, samples), all
+    through the SDXL pipeline; the exported adapter loads with load_lora_weights and equals the trained one."""
+    import json
+    import re
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from conftest import tiny_spec
+    from dreambooth_ray import job
+    from dreambooth_ray.checkpoint import consolidated_state_dict
+    from dreambooth_ray.spec import parse_spec
+
+    store = tmp_path / "store"
+    spec = parse_spec(tiny_spec(str(store), str(toy_images), model="tiny-sdxl",
+                                subjects=[{"name": "toy", "images": str(toy_images), "class": "toy",
+                                           "identifier": "auto"}],
+                                train={"method": "lora", "lora": {"rank": 4, "text_encoder": True},
+                                       "learning_rate": 1e-2}))
+    [result] = job.run_job(spec)
+    assert result.status == "done", result.error
+    out = store / "outputs" / "t" / "toy"
+    record = json.loads((out / "job.json").read_text())
+    tok = models.load_tokenizer("tiny-sdxl")
+    assert record["identifier"] != "auto" and len(tok.tokenize(record["identifier"])) == 1
+    assert (out / "samples.png").exists() and len(list((store / "priors").rglob("*.png"))) == 4
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(models.resolve("tiny-sdxl"))
+    before = _render(pipe, record["instance_prompt"])
+    pipe.load_lora_weights(record["lora"])
+    assert not np.array_equal(before, _render(pipe, record["instance_prompt"])), "the adapter changes the output"
+
+    trained = consolidated_state_dict(json.loads((out / "train.json").read_text())["checkpoint"])
+    adapter = lambda k: re.sub(r"\.lora_([AB])\.[^.]+\.", r".lora_\1.", k)  # noqa: E731 (adapter names differ)
+    want = {adapter(k): v for k, v in trained.items()}
+    got = {adapter(f"{part}.{k}"): v for part in ("unet", "text_encoder", "text_encoder_2")
+           for k, v in getattr(pipe, part).state_dict().items() if "lora_" in k}
+    assert {k.split(".")[0] for k in want} == {"unet", "text_encoder", "text_encoder_2"}
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k

@@ -158,21 +158,29 @@ class Family:
 
     # ---- LoRA -----------------------------------------------------------------------------------
 
+    def lora_targets_of(self, lc) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(UNet targets, text-encoder targets) of a `train.lora` section: what it names, else this
+        family's defaults (IF's T5 names its projections q/k/v/o, CLIP's q_proj/k_proj/v_proj/out_proj)."""
+        unet = lc.target_modules if "target_modules" in lc.model_fields_set else self.lora_targets
+        te = lc.text_encoder_modules if "text_encoder_modules" in lc.model_fields_set else self.text_encoder_lora_targets
+        return tuple(unet), tuple(te)
+
     def add_lora(self, holder, cfg) -> None:
         """Freeze the base weights and add trainable low-rank adapters (peft), as diffusers' LoRA
         scripts do: on the UNet, and on every text encoder with `lora.text_encoder`."""
         from peft import LoraConfig
 
         lc = cfg.lora
+        unet_targets, te_targets = self.lora_targets_of(lc)
         get = holder.get if isinstance(holder, dict) else (lambda n: getattr(holder, n))
         get("unet").requires_grad_(False)
         get("unet").add_adapter(LoraConfig(r=lc.rank, lora_alpha=lc.alpha, init_lora_weights="gaussian",
-                                           target_modules=list(lc.target_modules)))
+                                           target_modules=list(unet_targets)))
         if lc.text_encoder:
             for te in self.encoders(holder).values():
                 te.requires_grad_(False)
                 te.add_adapter(LoraConfig(r=lc.rank, lora_alpha=lc.alpha, init_lora_weights="gaussian",
-                                          target_modules=list(lc.text_encoder_modules)))
+                                          target_modules=list(te_targets)))
 
     def lora_parts(self, with_text_encoder: bool) -> tuple[str, ...]:
         return ("unet",) + (self.text_encoders if with_text_encoder else ())
