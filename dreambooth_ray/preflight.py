@@ -114,6 +114,8 @@ def base_model_problems(spec: JobSpec) -> list[str]:
                             f"time ids) that a {kind} does not provide")
     if unet.get("class_embed_type") is not None or unet.get("num_class_embeds") is not None:
         problems.append("model: its UNet is class-conditioned (a super-resolution UNet?); use it as sr.model")
+    if not problems:
+        problems += family.config_problems(cfgs.read, unet)
     sched = cfgs.read("scheduler/scheduler_config.json") or {}
     if sched.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
         problems.append(f"model: scheduler prediction_type {sched['prediction_type']!r} is not one of {PREDICTION_TYPES}")

@@ -55,6 +55,9 @@ def test_an_sdxl_pipeline_needs_an_sdxl_unet(tmp_path, toy_images):
     model = tiny_copy(tmp_path, **{"model_index.json": {"_class_name": "StableDiffusionXLPipeline"}})
     msg = problems({**tiny_spec(str(tmp_path / "s"), str(toy_images)), "model": str(model)})
     assert "a StableDiffusionXLPipeline needs a UNet with added conditioning ('text_time')" in msg
+    model = tiny_copy(tmp_path, "sdxl", base="tiny-sdxl", **{"unet/config.json": {"addition_time_embed_dim": 4}})
+    msg = problems({**tiny_spec(str(tmp_path / "s"), str(toy_images)), "model": str(model)})
+    assert "added-conditioning input is 80 wide, not 6 time ids x 4 + the second text encoder's 32-wide" in msg
     preflight.check(parse_spec({**tiny_spec(str(tmp_path / "s"), str(toy_images), train={
         "method": "lora", "lora": {"text_encoder": True}}), "model": "tiny-sdxl"}), Storage(str(tmp_path / "s")))
 

@@ -196,6 +196,10 @@ class Family:
 
     # ---- preflight (configs only) ---------------------------------------------------------------
 
+    def config_problems(self, read, unet: dict) -> list[str]:
+        """What this family cannot drive in a model's configs (read: relpath -> dict or None)."""
+        return []
+
     def text_width(self, read) -> int | None:
         """The width of the text conditioning the UNet's cross-attention gets, from config files."""
         te = read(f"{self.text_encoders[0]}/config.json") or {}

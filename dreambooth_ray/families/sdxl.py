@@ -64,6 +64,15 @@ class StableDiffusionXL(Family):
         return unet(noisy, t, encoder_hidden_states,
                     added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids.to(noisy.device)}).sample
 
+    def config_problems(self, read, unet: dict) -> list[str]:
+        """The UNet's added-conditioning input must be 6 time-id embeddings plus the pooled text."""
+        pooled = (read("text_encoder_2/config.json") or {}).get("projection_dim")
+        per_id, width = unet.get("addition_time_embed_dim"), unet.get("projection_class_embeddings_input_dim")
+        if pooled and per_id and width and width != 6 * per_id + pooled:
+            return [f"model: the UNet's added-conditioning input is {width} wide, not 6 time ids x {per_id} + the "
+                    f"second text encoder's {pooled}-wide pooled embedding = {6 * per_id + pooled}"]
+        return []
+
     def text_width(self, read) -> int | None:
         widths = [(read(f"{te}/config.json") or {}).get("hidden_size") for te in self.text_encoders]
         return None if None in widths else sum(widths)
