@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 
 import ray.train
 import torch
@@ -49,11 +50,16 @@ def weights_only():
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
 
 
-def save(engine, step: int, metrics: dict, started_at: int, run_root: tuple[str, object], lora: bool = False) -> None:
-    """Called by every rank: write this rank's shard and report it (Ray merges the directories).
+def save(engine, step: int, metrics: dict, started_at: int, run_root: tuple[str, object], lora: bool = False,
+         upload: str = "async") -> None:
+    """Called by every rank: write this rank's shard locally and report it (Ray merges the directories).
 
-    With LoRA only the adapters (the trainable parameters) are saved: the base weights never change.
+    `upload="async"`: training goes on while a background thread uploads the shard; Ray registers
+    the checkpoint (and may resume from it) only after every rank's upload finished and was verified,
+    and deletes the local copy then. With LoRA only the adapters (the trainable parameters) are saved.
     """
+    from ray.train import CheckpointUploadMode
+
     tmp = tempfile.mkdtemp(prefix="dbr-ckpt-")
     try:
         engine.save_checkpoint(tmp, tag=TAG, client_state={"step": step}, exclude_frozen_parameters=lora)
@@ -62,51 +68,67 @@ def save(engine, step: int, metrics: dict, started_at: int, run_root: tuple[str,
                 # started_at: the step this attempt began from (non-zero after a resume).
                 json.dump({"step": step, "started_at": started_at,
                            "world_size": ray.train.get_context().get_world_size()}, f)
-        ray.train.report(
-            metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step-{step:07d}",
-            checkpoint_upload_fn=verified_upload(*run_root),
-        )
-    finally:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    ray.train.report(
+        metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step-{step:07d}",
+        checkpoint_upload_fn=verified_upload(*run_root),
+        checkpoint_upload_mode=CheckpointUploadMode.ASYNC if upload == "async" else CheckpointUploadMode.SYNC,
+        delete_local_checkpoint_after_upload=True,
+    )
 
 
-def verified_upload(root: str, fs, attempts: int = 6):
+def verified_upload(root: str, fs, attempts: int = 6, streams: int = 8):
     """A checkpoint upload that fails loudly and retries, in place of Ray's default copy.
 
     Ray's default (pyarrow copy_files) can drop an S3 multipart-upload error on the floor ("Error
     ignored when destroying file") and register a checkpoint with a missing file. Here each file is
     streamed with an explicit close (which raises), its stored size is checked, and a failed file is
-    retried with backoff; only then does Ray register the checkpoint.
+    retried with backoff; only then does Ray register the checkpoint. Files go up `streams` at a time
+    (a large file is itself a multipart upload with parallel parts in pyarrow's S3 stream).
     """
     import time
+    from concurrent.futures import ThreadPoolExecutor
 
     import pyarrow.fs as pafs
 
     fs = fs or pafs.LocalFileSystem()
 
+    def put(src: str, target: str) -> None:
+        size = os.path.getsize(src)
+        for attempt in range(attempts):
+            try:
+                fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+                with open(src, "rb") as f, fs.open_output_stream(target) as out:
+                    shutil.copyfileobj(f, out, 8 << 20)
+                stored = fs.get_file_info(target).size
+                if stored != size:
+                    raise OSError(f"{target}: stored {stored} bytes of {size}")
+                return
+            except OSError:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(min(0.5 * 2**attempt, 8))
+
     def upload(ckpt: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
         dest = f"{root}/{dir_name}"
-        for d, _, files in os.walk(ckpt.path):
-            for name in files:
-                src = os.path.join(d, name)
-                target = f"{dest}/{os.path.relpath(src, ckpt.path)}"
-                size = os.path.getsize(src)
-                for attempt in range(attempts):
-                    try:
-                        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-                        with open(src, "rb") as f, fs.open_output_stream(target) as out:
-                            shutil.copyfileobj(f, out, 8 << 20)
-                        stored = fs.get_file_info(target).size
-                        if stored != size:
-                            raise OSError(f"{target}: stored {stored} bytes of {size}")
-                        break
-                    except OSError:
-                        if attempt == attempts - 1:
-                            raise
-                        time.sleep(min(0.5 * 2**attempt, 8))
+        files = [os.path.join(d, n) for d, _, names in os.walk(ckpt.path) for n in names]
+        with ThreadPoolExecutor(streams) as pool:
+            for done in [pool.submit(put, src, f"{dest}/{os.path.relpath(src, ckpt.path)}") for src in files]:
+                done.result()  # the first failure raises: Ray then registers nothing
+        uploaded(dir_name).set()
         return ray.train.Checkpoint(dest, fs)
 
     return upload
+
+
+_uploaded: dict[str, threading.Event] = {}
+
+
+def uploaded(dir_name: str) -> threading.Event:
+    """Set once this process has uploaded and verified its part of checkpoint `dir_name`."""
+    return _uploaded.setdefault(dir_name, threading.Event())
 
 
 @contextlib.contextmanager

@@ -35,8 +35,8 @@ class SubjectResult:
 
 # Settings that change neither the trained weights nor which checkpoint may resume: cadence, retries,
 # placement, and speed switches that compute the same step.
-_NOT_IDENTITY = {"checkpoint_every", "keep_checkpoints", "max_failures", "use_gpu", "attention", "channels_last",
-                 "compile"}
+_NOT_IDENTITY = {"checkpoint_every", "checkpoint_upload", "keep_checkpoints", "max_failures", "use_gpu", "attention",
+                 "channels_last", "compile"}
 
 
 def train_identity(cfg) -> dict:

@@ -96,9 +96,10 @@ class PriorGenerator:
 def default_actor_count(cfg: PriorConfig | EvalConfig, use_gpu: bool) -> int:
     """`cfg.num_actors`, else one per GPU, else up to 2 CPU actors (one core left to the rest),
     counting what the cluster's autoscaler can add."""
-    if cfg.num_actors:
-        return cfg.num_actors
-    return max(1, cluster.capacity_of("GPU")) if use_gpu else max(1, min(2, cluster.capacity_of("CPU") - 1))
+    if use_gpu:  # one GPU each: an actor beyond the cluster's reach never starts, and its batches wait forever
+        gpus = max(1, cluster.capacity_of("GPU"))
+        return min(cfg.num_actors, gpus) if cfg.num_actors else gpus
+    return cfg.num_actors or max(1, min(2, cluster.capacity_of("CPU") - 1))
 
 
 def generate(cache: PriorCache, spec: JobSpec, use_gpu: bool, on_progress=None) -> dict:

@@ -143,6 +143,8 @@ class TrainConfig(_Strict):
     num_workers: int = Field(1, ge=1)
     use_gpu: Optional[bool] = Field(None, description="default: use GPUs if the cluster has or can scale to any")
     checkpoint_every: int = Field(100, ge=1)
+    # async: training continues while a checkpoint uploads (registered only once complete and verified).
+    checkpoint_upload: Literal["async", "sync"] = "async"
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
     train_text_encoder: bool = False

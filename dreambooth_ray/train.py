@@ -67,26 +67,30 @@ def train_loop(config: dict) -> None:
             print(f"[{tag}] step {done}/{cfg.steps} loss {metrics['loss']:.4f} "
                   f"(subject {metrics['instance_loss']:.4f}, prior {metrics['prior_loss']:.4f}) "
                   f"lr {metrics['lr']:.2e} {metrics['steps_per_s']:.2f} steps/s", flush=True)
+        # Ray Train hears of the run at checkpoints only: each report waits for the controller's poll
+        # (~2 s), which would throttle every step; every rank reports, as Ray requires.
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            checkpoint.save(eng.ds, done, metrics, started_at=start, run_root=run_root, lora=lora)
+            checkpoint.save(eng.ds, done, metrics, started_at=start, run_root=run_root, lora=lora,
+                            upload=cfg.checkpoint_upload)
             _maybe_inject_fault(config.get("fault"), done, start, rank)
-        else:
-            ray.train.report(metrics)
 
 
 def _maybe_inject_fault(fault: tuple[str, int] | None, step: int, start: int, rank: int) -> None:
-    """Test hook, first attempt only: ("raise", N) fails every rank after step N's checkpoint;
-    ("kill", N) SIGKILLs rank 0's process, a real worker death for Ray's FailureConfig to handle."""
-    if not fault or fault[1] != step or start != 0:
+    """Test hook (fit passes it to the first attempt only): ("raise", N) fails every rank after step N's checkpoint;
+    ("kill", N) SIGKILLs rank 0's process once that checkpoint is uploaded and registered, a real
+    worker death; ("kill-uploading", N) SIGKILLs it while the checkpoint is still uploading."""
+    if not fault or fault[1] != step:
         return
     how = fault[0]
     if how == "raise":
         raise RuntimeError(f"injected failure after step {step} (test hook)")
-    if how == "kill" and rank == 0:
+    if how.startswith("kill") and rank == 0:
         import os
         import signal
 
-        time.sleep(3)  # let the controller register the reported checkpoint first
+        if how == "kill":
+            checkpoint.uploaded(f"step-{step:07d}").wait(120)
+            time.sleep(3)  # let the controller register the reported checkpoint first
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -112,9 +116,10 @@ def fit(spec: JobSpec, subject: Subject, storage: Storage, run_name: str, prior_
     `max_failures` more times and ending as "Training failed due to worker errors"."""
     storage_path, storage_fs = storage.ray_storage("checkpoints", spec.name)
     cfg = stage_config(spec, stage)
-    trainer = lambda: TorchTrainer(  # noqa: E731  (a fresh trainer per attempt, same run)
+    trainer = lambda attempt: TorchTrainer(  # noqa: E731  (a fresh trainer per attempt, same run)
         train_loop,
-        train_loop_config={"spec": spec, "subject": subject, "prior_key": prior_key, "fault": fault, "stage": stage,
+        train_loop_config={"spec": spec, "subject": subject, "prior_key": prior_key, "stage": stage,
+                           "fault": fault if attempt == 0 else None,
                            "run_root": (f"{storage_path}/{run_name}", storage_fs)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu),
         # On GPUs, NCCL for CUDA tensors and gloo for any CPU tensor a collective meets: Ray's
@@ -128,7 +133,7 @@ def fit(spec: JobSpec, subject: Subject, storage: Storage, run_name: str, prior_
     )
     for attempt in range(cfg.max_failures + 1):
         try:
-            result = trainer().fit()
+            result = trainer(attempt).fit()
             break
         except Exception as e:
             cause = worker_error(e)
