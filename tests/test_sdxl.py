@@ -163,8 +163,9 @@ def test_full_zero3_both_text_encoders_killed_worker_resume_and_export(ray_clust
 
 
 def test_lora_job_with_text_encoders_exports_what_load_lora_weights_reads(ray_cluster, tmp_path, toy_images):
-    """A job (priors, `identifier: auto`, LoRA on the UNet and both text encoders, export, samples), all
-    through the SDXL pipeline; the exported adapter loads with load_lora_weights and equals the trained one."""
+    """A job (priors, `identifier: auto`, LoRA on the UNet and both text encoders, export, samples) and
+    its evaluation, all through the SDXL pipeline; the exported adapter loads with load_lora_weights
+    and equals the trained one."""
     import json
     import re
 
@@ -180,7 +181,10 @@ def test_lora_job_with_text_encoders_exports_what_load_lora_weights_reads(ray_cl
                                 subjects=[{"name": "toy", "images": str(toy_images), "class": "toy",
                                            "identifier": "auto"}],
                                 train={"method": "lora", "lora": {"rank": 4, "text_encoder": True},
-                                       "learning_rate": 1e-2}))
+                                       "learning_rate": 1e-2},
+                                eval={"prompts": ["a {identifier} {class_noun} on the beach"], "images_per_prompt": 2,
+                                      "class_images": 2, "inference_steps": 2, "num_actors": 1, "batch_size": 2,
+                                      "dino": "tiny-dino", "clip": "tiny-clip"}))
     [result] = job.run_job(spec)
     assert result.status == "done", result.error
     out = store / "outputs" / "t" / "toy"
@@ -203,3 +207,8 @@ def test_lora_job_with_text_encoders_exports_what_load_lora_weights_reads(ray_cl
     assert want.keys() == got.keys()
     for k in want:
         assert torch.equal(want[k], got[k]), k
+
+    from dreambooth_ray import eval as ev  # eval renders the base model + the adapter, through the SDXL pipeline
+
+    [scored] = ev.evaluate(spec)
+    assert scored["rendered"] == 4 and all(scored["metrics"][k] is not None for k in ("dino", "clip_i", "clip_t", "pres"))
