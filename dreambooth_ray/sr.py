@@ -5,10 +5,13 @@ resolution. The SR UNet sees the noisy target beside the real low-res image, and
 noise-augmentation level as its class label. That level is low (1e-5 by default, the paper's choice)
 so the model learns to keep the subject's fine detail. Two layouts:
 
-- "if": DeepFloyd IF stage II, in pixels: [noisy image; low-res image upsampled], continuous level.
+- "if": DeepFloyd IF stage II, in pixels: [noisy image; low-res image upsampled], integer level.
   (The diffusers IF stage II DreamBooth path instead feeds the noisy target into the low-res channels.)
 - "x4": the Stable Diffusion x4 upscaler, in latents: [noisy latents; low-res image] (the VAE
-  downsamples by 4, so both share a size), integer level (the paper's 1e-5 rounds to 0).
+  downsamples by 4, so both share a size), integer level.
+
+Both pipelines take integer noise levels only, so both layouts train on round(noise_aug * (T-1)):
+the paper's 1e-5 rounds to 0 (no augmentation), and 1e-3 to 1 on a 1000-step schedule.
 """
 
 from __future__ import annotations
@@ -66,15 +69,12 @@ def integer_level(noise_aug: float, noising_scheduler) -> int:
 
 
 def augment(lo: torch.Tensor, level: float, noising_scheduler, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise augmentation at level s in [0, 1] of the noising schedule (continuous: alpha-bar is
-    interpolated between integer timesteps). Returns the noised image and its class labels, s*(T-1)."""
-    ac = noising_scheduler.alphas_cumprod.double()
-    t = level * (len(ac) - 1)
-    i = min(int(t), len(ac) - 2)
-    abar = float(ac[i] + (ac[i + 1] - ac[i]) * (t - i))
+    """Noise augmentation at level s in [0, 1] of the noising schedule, at the integer timestep
+    round(s * (T-1)): the only levels IF's pipeline can sample with, so training conditions on what
+    inference passes. Returns the noised image and its class labels (that timestep)."""
+    t = torch.full((lo.shape[0],), integer_level(level, noising_scheduler), device=lo.device, dtype=torch.long)
     eps = torch.randn(lo.shape, generator=g).to(lo.device, lo.dtype)
-    labels = torch.full((lo.shape[0],), t, device=lo.device, dtype=torch.float32)
-    return abar**0.5 * lo + (1 - abar) ** 0.5 * eps, labels
+    return noising_scheduler.add_noise(lo, eps, t), t
 
 
 def sr_inputs(rows: torch.Tensor, noise_scheduler, noising_scheduler, noise_aug: float, g, device):

@@ -192,6 +192,10 @@ class Family:
 
         layers = {f"{part}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(getattr(pipe, part)))
                   for part in self.lora_parts(with_text_encoder)}
+        # Each adapter's config (rank, alpha, targets) goes along: without it load_lora_weights assumes
+        # alpha = rank, and an adapter trained with another alpha would load at the wrong scale.
+        layers.update({f"{part}_lora_adapter_metadata": getattr(pipe, part).peft_config["default"].to_dict()
+                       for part in self.lora_parts(with_text_encoder)})
         self.pipeline_class().save_lora_weights(folder, safe_serialization=True, **layers)
 
     # ---- preflight (configs only) ---------------------------------------------------------------
