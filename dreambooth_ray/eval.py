@@ -194,11 +194,9 @@ def plan(cfg: EvalConfig, subject: Subject) -> tuple[list[tuple[str, list[Render
 
 def load_trained(spec: JobSpec, record: dict):
     """The subject's trained pipeline: the exported full model, or the base model with the LoRA."""
-    if record.get("lora"):
-        pipe = models.load_pipeline(record.get("base_model", spec.model), spec.s3)
-        pipe.load_lora_weights(models.resolve(record["lora"], spec.s3, marker="pytorch_lora_weights.safetensors"))
-        return pipe
-    return models.load_pipeline(record["model"], spec.s3)
+    from .export import load_exported
+
+    return load_exported(spec, record)
 
 
 @ray.remote(max_restarts=3, max_task_retries=3)

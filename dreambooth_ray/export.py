@@ -32,13 +32,18 @@ def split_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.T
 def trained_pipeline(spec: JobSpec, ckpt_dir: str, stage: str = "base"):
     """The stage's pipeline (base, or the SR one) with the trained weights (or LoRA adapters) from a
     checkpoint folder. The family loads it through its own pipeline class."""
+    return pipeline_with(spec, checkpoint.consolidated_state_dict(ckpt_dir), stage)
+
+
+def pipeline_with(spec: JobSpec, state_dict: dict[str, torch.Tensor], stage: str = "base"):
+    """The stage's pipeline with trained weights {'unet.x': .., 'text_encoder.y': ..} loaded."""
     ref = spec.model if stage == "base" else spec.sr.model
     family = models.family(ref, spec.s3, role="base" if stage == "base" else "sr")
     pipe = models.load_pipeline(ref, spec.s3)
     lora = stage == "base" and spec.train.method == "lora"
     if lora:
         family.add_lora(pipe, spec.train)
-    parts = split_state_dict(checkpoint.consolidated_state_dict(ckpt_dir))
+    parts = split_state_dict({k: v.float() for k, v in state_dict.items()})
     for part, sd in parts.items():
         result = getattr(pipe, part).load_state_dict(sd, strict=not lora)
         if lora and result.unexpected_keys:
@@ -51,6 +56,50 @@ def trained_pipeline(spec: JobSpec, ckpt_dir: str, stage: str = "base"):
             raise RuntimeError(f"checkpoint lacks {len(missing)} trained adapter weights, e.g. {missing[:3]}")
     family.after_training(pipe, spec)
     return pipe
+
+
+EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def from_engine(ds, spec: JobSpec, storage: Storage, out: tuple[str, ...], run: str, rank: int) -> dict | None:
+    """The exported model, written by the training workers at the end of training: no checkpoint
+    (optimizer state included) is downloaded and merged on one CPU to export.
+
+    Every rank calls it (ZeRO-3 gathers the sharded weights); rank 0 writes `<out>/model` (or
+    `<out>/lora`) in `train.export_dtype` and `<out>/export.json`, and returns that record. Returns
+    None where the live weights are not the trained ones at the requested precision (fp32 asked of a
+    bf16-weights/fp16 run, whose fp32 master copy lives in the optimizer): the job then exports from
+    the final checkpoint, as it also does when this fails.
+    """
+    cfg = spec.train
+    if cfg.export_dtype == "fp32" and cfg.mixed_precision in ("bf16-weights", "fp16"):
+        return None
+    # ZeRO-3: a collective that gathers every shard on rank 0 (in the weights' own dtype, despite the name).
+    sd = ds._zero3_consolidated_16bit_state_dict() if cfg.zero_stage == 3 else (
+        ds.module.state_dict() if rank == 0 else None)
+    if rank != 0:
+        return None
+    lora = cfg.method == "lora"
+    if lora:  # the base weights never changed: only the adapters travel
+        sd = {k: v for k, v in sd.items() if "lora_" in k}
+    pipe = pipeline_with(spec, sd).to(dtype=EXPORT_DTYPES[cfg.export_dtype])
+    record = {"run": run, "dtype": cfg.export_dtype}
+    if lora:
+        url, size = save_lora(storage, pipe, out, cfg.lora.text_encoder)
+        record.update(model=url, lora=url, lora_bytes=size, base_model=spec.model)
+    else:
+        record["model"] = save(storage, pipe, out)
+    storage.write_json(record, *out, "export.json")
+    return record
+
+
+def load_exported(spec: JobSpec, record: dict):
+    """An exported model as a pipeline: the full folder, or the base model with the LoRA adapter."""
+    if record.get("lora"):
+        pipe = models.load_pipeline(record.get("base_model", spec.model), spec.s3)
+        pipe.load_lora_weights(models.resolve(record["lora"], spec.s3, marker="pytorch_lora_weights.safetensors"))
+        return pipe
+    return models.load_pipeline(record["model"], spec.s3)
 
 
 def save_lora(storage: Storage, pipe, out: tuple[str, ...], with_text_encoder: bool, family=None) -> tuple[str, int]:

@@ -35,8 +35,9 @@ class SubjectResult:
 
 # Settings that change neither the trained weights nor which checkpoint may resume: cadence, retries,
 # placement, and speed switches that compute the same step.
+# The export's precision is not either: the trained weights are the same.
 _NOT_IDENTITY = {"checkpoint_every", "checkpoint_upload", "keep_checkpoints", "max_failures", "use_gpu", "attention",
-                 "channels_last", "compile"}
+                 "channels_last", "compile", "export_dtype"}
 
 
 def train_identity(cfg) -> dict:
@@ -74,17 +75,26 @@ def sr_run_name(spec: JobSpec, subject: Subject, sr_identity: str, prior_key: st
 
 
 @ray.remote(num_cpus=1)
-def finalize(spec: JobSpec, subject: Subject, ckpt, out: tuple[str, ...], record: dict, sr_ckpt=None) -> tuple[str, str]:
+def finalize(spec: JobSpec, subject: Subject, ckpt, out: tuple[str, ...], record: dict, run: str,
+             sr_ckpt=None) -> tuple[str, str]:
     """Export the trained pipeline(s), render the sample grid (through the SR stage when there is
     one), then write job.json (the completion mark)."""
     storage = Storage(spec.storage, spec.s3)
-    with checkpoint.local_copy(ckpt) as ckpt_dir:
-        pipe = export.trained_pipeline(spec, ckpt_dir)
-    if spec.train.method == "lora":  # the adapter alone: load it onto the base model with load_lora_weights
-        model_url, size = export.save_lora(storage, pipe, out, spec.train.lora.text_encoder)
-        record.update(lora=model_url, lora_bytes=size, base_model=spec.model)
-    else:
-        model_url = export.save(storage, pipe, out)
+    exported = storage.read_json(*out, "export.json")
+    if exported and exported.get("run") == run:  # the training workers exported it: no checkpoint round trip
+        pipe = export.load_exported(spec, exported)
+        model_url = exported["model"]
+        record.update({k: exported[k] for k in ("lora", "lora_bytes", "base_model", "dtype") if k in exported},
+                      exported_by="training workers")
+    else:  # fp32 of a bf16-weights/fp16 run, or a failed worker export: from the final checkpoint
+        with checkpoint.local_copy(ckpt) as ckpt_dir:
+            pipe = export.trained_pipeline(spec, ckpt_dir)
+        if spec.train.method == "lora":  # the adapter alone: load it onto the base model with load_lora_weights
+            model_url, size = export.save_lora(storage, pipe, out, spec.train.lora.text_encoder)
+            record.update(lora=model_url, lora_bytes=size, base_model=spec.model)
+        else:
+            model_url = export.save(storage, pipe, out)
+        record.update(exported_by="final checkpoint", dtype="fp32")
     items = samples.render(pipe, subject, spec.samples, spec.train.resolution)
     if sr_ckpt is not None:
         with checkpoint.local_copy(sr_ckpt) as ckpt_dir:
@@ -256,7 +266,7 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts) -> Sub
         say(f"training {t.steps} steps, ZeRO-{t.zero_stage}, {t.num_workers} worker(s), "
             f"{t.mixed_precision}, {'GPU' if use_gpu else 'CPU'} (run {name})")
         train_start = time.time()
-        result = train.fit(spec, subject, storage, name, prior_key, use_gpu)
+        result = train.fit(spec, subject, storage, name, prior_key, use_gpu, export_to=(out, name))
         train_end = time.time()
         ckpt, metrics, stages["train"] = result.checkpoint, result.metrics, "ran"
         storage.write_json({"run": name, "checkpoint": ckpt.path, "metrics": metrics}, *out, "train.json")
@@ -270,7 +280,7 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts) -> Sub
               "instance_prompt": subject.instance_text, "metrics": metrics,
               "priors": {"key": prior_key, "url": prior_counts["url"]} if prior_counts else None}
     model_url, samples_url = ray.get(finalize.options(num_gpus=1 if use_gpu else 0).remote(
-        spec, subject, ckpt, out, record, sr_ckpt))
+        spec, subject, ckpt, out, record, name, sr_ckpt))
     stages.update(export="ran", samples="ran")
     say(f"model -> {model_url}; samples -> {samples_url}")
     return SubjectResult(subject.name, "done", model_url, samples_url, int(metrics.get("step", spec.train.steps)),

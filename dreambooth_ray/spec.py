@@ -146,6 +146,9 @@ class TrainConfig(_Strict):
     # async: training continues while a checkpoint uploads (registered only once complete and verified).
     checkpoint_upload: Literal["async", "sync"] = "async"
     keep_checkpoints: int = Field(2, ge=1)
+    # The exported model's precision: written by the training workers at the last step (fp32 of a
+    # bf16-weights/fp16 run comes from the final checkpoint instead).
+    export_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
     max_failures: int = Field(2, ge=0)
     train_text_encoder: bool = False
     method: Literal["full", "lora"] = "full"

@@ -11,7 +11,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from . import checkpoint, engine, models, sr
+from . import checkpoint, engine, export, models, sr
 from .images import load_subject_images
 from .priors import PriorCache
 from .spec import JobSpec, Subject, TrainConfig
@@ -73,6 +73,11 @@ def train_loop(config: dict) -> None:
             checkpoint.save(eng.ds, done, metrics, started_at=start, run_root=run_root, lora=lora,
                             upload=cfg.checkpoint_upload)
             _maybe_inject_fault(config.get("fault"), done, start, rank)
+    if config.get("export_to"):  # also after a resume at the last step: a failed export is redone
+        t = time.perf_counter()
+        record = export.from_engine(eng.ds, spec, Storage(spec.storage, spec.s3), *config["export_to"], rank)
+        if record:
+            print(f"[{tag}] exported {record['model']} ({record['dtype']}, {time.perf_counter() - t:.1f} s)", flush=True)
 
 
 def _maybe_inject_fault(fault: tuple[str, int] | None, step: int, start: int, rank: int) -> None:
@@ -105,7 +110,8 @@ def stage_config(spec: JobSpec, stage: str) -> TrainConfig:
 
 
 def fit(spec: JobSpec, subject: Subject, storage: Storage, run_name: str, prior_key: str | None,
-        use_gpu: bool, fault: tuple[str, int] | None = None, stage: str = "base") -> TrainResult:
+        use_gpu: bool, fault: tuple[str, int] | None = None, stage: str = "base",
+        export_to: tuple[tuple[str, ...], str] | None = None) -> TrainResult:
     """Run (or resume) one subject's training stage ('base' or 'sr'). Same `run_name` + storage =
     resume from the last checkpoint.
 
@@ -119,7 +125,7 @@ def fit(spec: JobSpec, subject: Subject, storage: Storage, run_name: str, prior_
     trainer = lambda attempt: TorchTrainer(  # noqa: E731  (a fresh trainer per attempt, same run)
         train_loop,
         train_loop_config={"spec": spec, "subject": subject, "prior_key": prior_key, "stage": stage,
-                           "fault": fault if attempt == 0 else None,
+                           "fault": fault if attempt == 0 else None, "export_to": export_to,
                            "run_root": (f"{storage_path}/{run_name}", storage_fs)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu),
         # On GPUs, NCCL for CUDA tensors and gloo for any CPU tensor a collective meets: Ray's

@@ -2,6 +2,7 @@
 a checkpoint that was still uploading when its worker died is never resumed from."""
 
 import ray
+import torch
 
 from dreambooth_ray import train
 from dreambooth_ray.checkpoint import consolidated_state_dict, read_state
@@ -35,3 +36,28 @@ def test_a_worker_killed_mid_upload_resumes_from_the_last_complete_checkpoint(ra
     # from the last complete one (1 or 2, as far as uploads had got) and wrote step 3 anew.
     assert state_b["step"] == 4 and state_b["started_at"] < 3, state_b
     assert_trained_and_identical(a, b)
+
+
+def test_the_training_workers_export_the_trained_weights_under_zero3(ray_cluster, tmp_path, toy_images):
+    """ZeRO-3 shards gathered on rank 0 at the last step become the diffusers folder: equal to the final
+    checkpoint's consolidated weights (fp32 asked), with no checkpoint downloaded to export."""
+    import json
+
+    from diffusers import StableDiffusionPipeline
+
+    from dreambooth_ray import job
+
+    store = tmp_path / "store"
+    spec = parse_spec(tiny_spec(str(store), str(toy_images), prior={"enabled": False},
+                                train={"zero_stage": 3, "num_workers": 2, "export_dtype": "fp32", "steps": 2}))
+    [r] = job.run_job(spec)
+    assert r.status == "done", r.error
+    out = store / "outputs" / "t" / "toy"
+    record = json.loads((out / "job.json").read_text())
+    assert record["exported_by"] == "training workers" and record["dtype"] == "fp32"
+    trained = json.loads((out / "train.json").read_text())
+    weights, state = _final(ray.train.Checkpoint(trained["checkpoint"]), tmp_path, "ckpt")
+    assert state["step"] == 2
+    unet = StableDiffusionPipeline.from_pretrained(out / "model").unet.state_dict()
+    assert {f"unet.{k}" for k in unet} == set(weights)
+    assert all(torch.equal(unet[k.removeprefix("unet.")], v) for k, v in weights.items())
