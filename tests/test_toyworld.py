@@ -1,0 +1,127 @@
+"""The toy world (dreambooth_ray/toyworld.py) and the pretrained `toy` model built on it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dreambooth_ray import toyworld as tw
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = tw.assets_dir() / "pipeline" / "model_index.json"
+needs_weights = pytest.mark.skipif(not SHIPPED.exists(), reason="toy weights not shipped yet")
+
+
+def _pixels(trip):
+    return [np.asarray(im).tobytes() for _, im, _ in trip]
+
+
+def test_generator_is_deterministic_and_seeded():
+    a, b, c = tw.sample(3, 6), tw.sample(3, 6), tw.sample(4, 6)
+    assert _pixels(a) == _pixels(b) and [x[2] for x in a] == [x[2] for x in b]
+    assert _pixels(a) != _pixels(c)
+    for attrs, im, cap in a:
+        assert im.size == (tw.RESOLUTION, tw.RESOLUTION) and im.mode == "RGB"
+        assert cap.startswith("a ") and attrs.cls in cap.split()
+    # render is a pure function of the attributes; attributes change the picture
+    attrs = a[0][0]
+    assert np.array_equal(np.asarray(tw.render(attrs)), np.asarray(a[0][1]))
+    other = tw.Attrs(**{**attrs.to_dict(), "colour": "blue" if attrs.colour != "blue" else "red"})
+    assert not np.array_equal(np.asarray(tw.render(other)), np.asarray(a[0][1]))
+
+
+def test_caption_grammar():
+    at = tw.Attrs(cls="dog", colour="red", scene="snow")
+    assert tw.caption(at) == "a red dog in the snow"
+    assert tw.caption(at, colour=False, scene=False) == "a dog"
+    assert tw.caption(tw.Attrs(cls="toy", colour="red", scene="beach"), identifier="sks") == "a sks red toy on the beach"
+
+
+def test_vocabulary_is_one_token_a_word_in_the_toy_tokenizer(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from pretrain_toy import write_toy_tokenizer
+    from transformers import CLIPTokenizer
+
+    write_toy_tokenizer(tmp_path)
+    tok = CLIPTokenizer.from_pretrained(str(tmp_path))
+    # classes, colours and scene nouns are one token each; the plain scene's phrase ("on a plain
+    # background") is several byte-pair pieces, which is fine: it is one fixed phrase
+    for word in set(tw.vocabulary()) - {"plain", "background"} | {"sks"}:
+        assert tok.tokenize(word) == [word + "</w>"], word
+    # prompts fit the 16-token context; "... on a plain background" loses its last pieces (and the end
+    # token) to truncation, identically in pretraining and sampling, and "plain" itself survives
+    for at, _, _ in tw.sample(0, 50):
+        ids = tok(tw.caption(at, colour=True, scene=True, identifier="sks"), truncation=True).input_ids
+        assert len(ids) <= tok.model_max_length
+        if at.scene != "plain":
+            assert ids[-1] == tok.eos_token_id
+        else:
+            assert "in</w>" in tok.convert_ids_to_tokens(ids)
+
+
+def test_pretrain_script_short_run_makes_a_loadable_pipeline(tmp_path):
+    """A ~30 s run of benchmarks/pretrain_toy.py: every stage runs and the folder loads by from_pretrained."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from pretrain_toy import main
+
+    report = main(["--minutes", "0.1", "--judge-seconds", "2", "--data", "200", "--eval-samples", "0",
+                   "--threads", "1", "--out", str(tmp_path)])
+    assert report["unet_steps"] >= 1 and report["vae_steps"] >= 1
+    assert json.loads((tmp_path / "pretrain.json").read_text())["seed"] == 0
+    assert (tmp_path / "judge.safetensors").exists()
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "pipeline"), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(["a red toy on the beach"], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.images[0].size == (tw.RESOLUTION, tw.RESOLUTION)
+    assert pipe.tokenizer.model_max_length == 16
+
+
+@needs_weights
+def test_shipped_weights_are_small_and_safetensors():
+    files = [p for p in tw.assets_dir().rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 20e6
+    weights = [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    assert not weights, weights
+    for part in ("unet", "vae", "text_encoder"):
+        assert list((tw.assets_dir() / "pipeline" / part).glob("*.safetensors")), part
+
+
+@needs_weights
+def test_shipped_judge_recognises_the_toy_world():
+    acc = tw.judge_accuracy(tw.load_shipped_judge(), seed=12345, n=300)
+    assert min(acc.values()) >= 0.95, acc
+
+
+@needs_weights
+def test_toy_is_a_built_in_model_loaded_like_any_folder(tmp_path, monkeypatch):
+    from dreambooth_ray import models, tiny
+
+    monkeypatch.setenv("DREAMBOOTH_RAY_CACHE", str(tmp_path))
+    path = Path(models.resolve("toy"))
+    assert path.parent == tmp_path / "models" and (path / "model_index.json").exists()
+    assert models.identity("toy") == tiny.TOY_VERSION
+    pipe = models.load_pipeline("toy")
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+
+
+@needs_weights
+def test_base_model_is_competent():
+    """Prompts naming a class, a colour and a scene: the judge recognises each in most samples.
+    The issue's bar is 80% for each; the threshold here sits below the shipped model's measured rates
+    (assets/toy/pretrain.json) by a margin for the smaller sample."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from pretrain_toy import competence
+
+    res = competence(tw.assets_dir() / "pipeline", tw.load_shipped_judge(), n=40, seed=7)
+    for k in ("cls", "colour", "scene"):
+        assert res[k] >= COMPETENCE_FLOOR[k], res
+
+
+# measured on the shipped weights (see the module docstring of benchmarks/pretrain_toy.py); set below them
+COMPETENCE_FLOOR = {"cls": 0.8, "colour": 0.8, "scene": 0.8}
