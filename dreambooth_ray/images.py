@@ -114,15 +114,20 @@ def load_subject_images(
 ) -> list[SubjectImage]:
     fs, root = filesystem(url, s3)
     out: list[SubjectImage] = []
+    bad: list[str] = []
     for path in list_images(url, s3):
         name = _rel(path, root)
         try:
             out.append(SubjectImage(name, *decode_with_geometry(fs.cat_file(path), f"{url.rstrip('/')}/{name}",
                                                                  resolution)))
         except ImageError as e:
-            if not skip_bad:
-                raise
-            log.warning("skipping bad image: %s", e)
+            bad.append(str(e))
+            if skip_bad:
+                log.warning("skipping bad image: %s", e)
+    if bad and not skip_bad:  # every bad file at once: one fix-and-retry, not one per file
+        # One line: the results table shows a failed subject's first line.
+        raise ImageError(f"{len(bad)} bad image(s) (fix or remove them, or set skip_bad_images: true): "
+                         + "; ".join(bad))
     if len(out) < MIN_IMAGES:
         raise ImageError(f"{url}: {len(out)} usable image(s); DreamBooth needs at least {MIN_IMAGES}")
     if len(out) > MAX_IMAGES:

@@ -81,6 +81,20 @@ def test_bad_files_are_named(tmp_path):
         load_subject_images(str(tmp_path), 16)
 
 
+def test_every_bad_file_is_listed_in_one_error(tmp_path):
+    for i in range(3):
+        save(red(), tmp_path / f"ok{i}.png")
+    good = (tmp_path / "ok0.png").read_bytes()
+    (tmp_path / "broken.png").write_bytes(good[: len(good) // 2])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "notes.png").write_text("this is text")
+    with pytest.raises(ImageError) as e:
+        load_subject_images(str(tmp_path), 16)
+    head, _, files = str(e.value).partition("): ")
+    assert head.startswith("3 bad image(s)") and "\n" not in str(e.value)
+    assert [f.split(":")[0].rsplit("/", 1)[-1] for f in files.split("; ")] == ["broken.png", "empty.jpg", "notes.png"]
+
+
 def test_skip_bad_warns_and_keeps_the_rest(tmp_path, caplog):
     for i in range(3):
         save(red(), tmp_path / f"ok{i}.png")
