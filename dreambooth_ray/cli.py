@@ -47,11 +47,14 @@ def cmd_run(args, console: Console) -> int:
     t0 = time.perf_counter()
     results = run_job(spec, console)
     table = Table(title=f"job {spec.name} ({time.perf_counter() - t0:.0f} s)")
-    for col in ("subject", "status", "steps", "final loss", "time", "output / error"):
+    from .job import format_timeline
+
+    for col in ("subject", "status", "steps", "final loss", "time", "time by stage", "output / error"):
         table.add_column(col, overflow="fold")
     for r in results:
         loss = f"{r.final_loss:.4f}" if r.final_loss is not None else "-"
-        table.add_row(r.name, r.status, str(r.steps), loss, f"{r.seconds:.0f} s", r.error or r.model)
+        table.add_row(r.name, r.status, str(r.steps), loss, f"{r.seconds:.0f} s", format_timeline(r.timeline),
+                      r.error or r.model)
     Console(width=max(120, Console().width)).print(table)
     failed = [r.name for r in results if r.status == "failed"]
     if failed:

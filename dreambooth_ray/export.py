@@ -61,7 +61,8 @@ def pipeline_with(spec: JobSpec, state_dict: dict[str, torch.Tensor], stage: str
 EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def from_engine(ds, spec: JobSpec, storage: Storage, out: tuple[str, ...], run: str, rank: int) -> dict | None:
+def from_engine(ds, spec: JobSpec, storage: Storage, out: tuple[str, ...], run: str, rank: int,
+                timeline: dict | None = None) -> dict | None:
     """The exported model, written by the training workers at the end of training: no checkpoint
     (optimizer state included) is downloaded and merged on one CPU to export.
 
@@ -71,7 +72,9 @@ def from_engine(ds, spec: JobSpec, storage: Storage, out: tuple[str, ...], run: 
     bf16-weights/fp16 run, whose fp32 master copy lives in the optimizer): the job then exports from
     the final checkpoint, as it also does when this fails.
     """
-    cfg = spec.train
+    import time
+
+    cfg, t0 = spec.train, time.perf_counter()
     if cfg.export_dtype == "fp32" and cfg.mixed_precision in ("bf16-weights", "fp16"):
         return None
     # ZeRO-3: a collective that gathers every shard on rank 0 (in the weights' own dtype, despite the name).
@@ -83,12 +86,13 @@ def from_engine(ds, spec: JobSpec, storage: Storage, out: tuple[str, ...], run: 
     if lora:  # the base weights never changed: only the adapters travel
         sd = {k: v for k, v in sd.items() if "lora_" in k}
     pipe = pipeline_with(spec, sd).to(dtype=EXPORT_DTYPES[cfg.export_dtype])
-    record = {"run": run, "dtype": cfg.export_dtype}
+    record = {"run": run, "dtype": cfg.export_dtype, "timeline": timeline or {}}
     if lora:
         url, size = save_lora(storage, pipe, out, cfg.lora.text_encoder)
         record.update(model=url, lora=url, lora_bytes=size, base_model=spec.model)
     else:
         record["model"] = save(storage, pipe, out)
+    record["seconds"] = round(time.perf_counter() - t0, 3)
     storage.write_json(record, *out, "export.json")
     return record
 

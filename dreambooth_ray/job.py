@@ -31,6 +31,17 @@ class SubjectResult:
     error: str | None = None
     train_start: float | None = None  # wall-clock seconds since the epoch, when training ran
     train_end: float | None = None
+    timeline: dict = field(default_factory=dict)  # seconds by stage (see TIMELINE)
+
+
+# A subject's time, stage by stage, as job.json, results.json and the results table show it.
+TIMELINE = (("waiting_for_a_slot", "slot"), ("waiting_for_class_images", "priors"), ("worker_start", "start"),
+            ("model_load", "load"), ("latent_cache_and_engine", "cache"), ("steps", "steps"),
+            ("checkpoint_stalls", "ckpt"), ("export", "export"), ("samples", "samples"))
+
+
+def format_timeline(t: dict) -> str:
+    return " ".join(f"{short} {t[k]:.0f}s" for k, short in TIMELINE if k in t)
 
 
 # Settings that change neither the trained weights nor which checkpoint may resume: cadence, retries,
@@ -80,6 +91,7 @@ def finalize(spec: JobSpec, subject: Subject, ckpt, out: tuple[str, ...], record
     """Export the trained pipeline(s), render the sample grid (through the SR stage when there is
     one), then write job.json (the completion mark)."""
     storage = Storage(spec.storage, spec.s3)
+    t0 = time.perf_counter()
     exported = storage.read_json(*out, "export.json")
     if exported and exported.get("run") == run:  # the training workers exported it: no checkpoint round trip
         pipe = export.load_exported(spec, exported)
@@ -95,6 +107,15 @@ def finalize(spec: JobSpec, subject: Subject, ckpt, out: tuple[str, ...], record
         else:
             model_url = export.save(storage, pipe, out)
         record.update(exported_by="final checkpoint", dtype="fp32")
+    timeline = record.setdefault("timeline", {})
+    if record["exported_by"] == "training workers":  # the worker's own, final-checkpoint stall included
+        worker = dict(exported.get("timeline") or {})
+        worker.pop("worker_started_at", None)
+        timeline.update(worker)
+    # The workers' export happened during training; here the exported model is only loaded back.
+    timeline["export"] = exported["seconds"] if record["exported_by"] == "training workers" else 0.0
+    timeline["export"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
     items = samples.render(pipe, subject, spec.samples, spec.train.resolution)
     if sr_ckpt is not None:
         with checkpoint.local_copy(sr_ckpt) as ckpt_dir:
@@ -102,9 +123,11 @@ def finalize(spec: JobSpec, subject: Subject, ckpt, out: tuple[str, ...], record
         record["sr_model"] = export.save(storage, sr_pipe, out, "sr")
         items = samples.through_sr(items, sr_pipe, spec.sr, spec.samples.seed)
     storage.write_bytes(samples.png_bytes(samples.grid(items)), *out, "samples.png")
+    timeline["samples"] = time.perf_counter() - t0
+    record["timeline"] = {k: round(v, 3) for k, v in timeline.items()}
     export.write_record(spec, storage, out, {**record, "model": model_url,
                                              "samples": storage.url(*out, "samples.png")})
-    return model_url, storage.url(*out, "samples.png")
+    return model_url, storage.url(*out, "samples.png"), record["timeline"]
 
 
 @ray.remote(num_cpus=0)
@@ -117,15 +140,18 @@ def prior_task(cache: priors.PriorCache, spec: JobSpec, use_gpu: bool) -> dict:
 
 
 @ray.remote(num_cpus=0)
-def subject_task(spec, subject, identity, use_gpu, prior_counts) -> SubjectResult:
+def subject_task(spec, subject, identity, use_gpu, prior_counts, queued_at: float, submitted_at: float) -> SubjectResult:
     """One subject, start to finish; its failure is its own result, never the batch's."""
     t0 = time.perf_counter()
+    # Ray starts this task once its class images exist (a dependency) and a slot was free (the window).
+    timeline = {"waiting_for_a_slot": submitted_at - queued_at, "waiting_for_class_images": time.time() - submitted_at}
     try:
-        return _run_subject(spec, subject, Storage(spec.storage, spec.s3), identity, use_gpu, prior_counts)
+        return _run_subject(spec, subject, Storage(spec.storage, spec.s3), identity, use_gpu, prior_counts, timeline)
     except Exception as e:  # isolation: whatever went wrong is recorded, the other subjects go on
         msg = _first_line(e)
         print(f"{subject.name}: FAILED: {msg}", flush=True)
-        return SubjectResult(subject.name, "failed", "", "", 0, None, time.perf_counter() - t0, error=msg)
+        return SubjectResult(subject.name, "failed", "", "", 0, None, time.perf_counter() - t0, error=msg,
+                             timeline={k: round(v, 3) for k, v in timeline.items()})
 
 
 def _first_line(e: BaseException) -> str:
@@ -176,6 +202,7 @@ def run_job(spec: JobSpec, console: Console | None = None) -> list[SubjectResult
 
 
 def _run_subjects(spec: JobSpec, storage: Storage, identity: str, use_gpu: bool, console: Console):
+    queued_at = time.time()
     # Priors: one task per distinct cache key, started now; subjects depend on their class's task,
     # so Ray starts each subject as soon as its own priors are ready (others may still be generating).
     prior_refs: dict[str, ray.ObjectRef] = {}
@@ -197,7 +224,7 @@ def _run_subjects(spec: JobSpec, storage: Storage, identity: str, use_gpu: bool,
     while pending or running:
         while pending and len(running) < window:
             subject, pref = pending.pop(0)
-            ref = subject_task.remote(spec, subject, identity, use_gpu, pref)
+            ref = subject_task.remote(spec, subject, identity, use_gpu, pref, queued_at, time.time())
             running[ref] = subject.name
         [ready], _ = ray.wait(list(running), num_returns=1)  # blocks until one subject finishes
         name = running.pop(ready)
@@ -226,7 +253,7 @@ def planned_runs(spec: JobSpec, storage: Storage, identity: str) -> list[tuple[s
     return runs
 
 
-def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts) -> SubjectResult:
+def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeline: dict) -> SubjectResult:
     t0 = time.perf_counter()
     say = lambda msg: print(f"{subject.name}: {msg}", flush=True)  # noqa: E731
     out = ("outputs", spec.name, subject.name)
@@ -269,6 +296,10 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts) -> Sub
         result = train.fit(spec, subject, storage, name, prior_key, use_gpu, export_to=(out, name))
         train_end = time.time()
         ckpt, metrics, stages["train"] = result.checkpoint, result.metrics, "ran"
+        worker = dict(metrics.get("timeline") or {})  # the last attempt's, from rank 0
+        if "worker_started_at" in worker:
+            timeline["worker_start"] = worker.pop("worker_started_at") - train_start
+        timeline.update(worker)
         storage.write_json({"run": name, "checkpoint": ckpt.path, "metrics": metrics}, *out, "train.json")
 
     sr_ckpt = sr_metrics = None
@@ -278,14 +309,15 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts) -> Sub
     say("exporting and rendering samples")
     record = {"run": complete, "subject": subject.name, "sr_metrics": sr_metrics, "identifier": subject.identifier,
               "instance_prompt": subject.instance_text, "metrics": metrics,
-              "priors": {"key": prior_key, "url": prior_counts["url"]} if prior_counts else None}
-    model_url, samples_url = ray.get(finalize.options(num_gpus=1 if use_gpu else 0).remote(
+              "priors": {"key": prior_key, "url": prior_counts["url"]} if prior_counts else None,
+              "timeline": timeline}
+    model_url, samples_url, timeline = ray.get(finalize.options(num_gpus=1 if use_gpu else 0).remote(
         spec, subject, ckpt, out, record, name, sr_ckpt))
     stages.update(export="ran", samples="ran")
     say(f"model -> {model_url}; samples -> {samples_url}")
     return SubjectResult(subject.name, "done", model_url, samples_url, int(metrics.get("step", spec.train.steps)),
                          metrics.get("loss"), time.perf_counter() - t0, stages, train_start=train_start,
-                         train_end=train_end)
+                         train_end=train_end, timeline=timeline)
 
 
 def _run_sr(spec, subject, storage, out, name, prior_cache, use_gpu, say):

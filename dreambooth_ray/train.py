@@ -30,6 +30,15 @@ def train_loop(config: dict) -> None:
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
+    # Where this attempt's time goes (rank 0's view), for the job's per-subject timeline.
+    timeline = {"worker_started_at": time.time(), "checkpoint_stalls": 0.0}
+    mark = time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        timeline[name] = timeline.get(name, 0.0) + now - mark
+        mark = now
 
     photos = load_subject_images(subject.images, cfg.resolution, spec.s3, spec.skip_bad_images)
     instance = [s.image for s in photos]
@@ -37,22 +46,29 @@ def train_loop(config: dict) -> None:
     if config["prior_key"]:  # class images at this stage's resolution
         classes = PriorCache(Storage(spec.storage, spec.s3), config["prior_key"], subject.class_text,
                              cfg.resolution, spec.prior).load(spec.prior.num_class_images)
+    phase("photos_and_class_images")
+    parts = (models.load_sr_components(spec.sr.model, spec.s3) if stage == "sr"
+             else models.load_components(spec.model, spec.s3))
+    phase("model_load")
     if stage == "sr":
-        eng = sr.build(models.load_sr_components(spec.sr.model, spec.s3), instance, classes, subject.instance_text,
+        eng = sr.build(parts, instance, classes, subject.instance_text,
                        subject.class_text, cfg, spec.sr, spec.sr.input_resolution or spec.train.resolution, device)
     else:
-        eng = engine.build(models.load_components(spec.model, spec.s3), instance, classes, subject.instance_text,
+        eng = engine.build(parts, instance, classes, subject.instance_text,
                            subject.class_text, cfg, spec.prior.loss_weight, device,
                            geometry=[s.geometry for s in photos])
     lora = cfg.method == "lora"
     tag = subject.name if stage == "base" else f"{subject.name} {stage}"
+    phase("latent_cache_and_engine")  # VAE latents, frozen text embeddings, DeepSpeed set-up
     start = checkpoint.restore(eng.ds, lora)
+    phase("restore")
     if start and rank == 0:
         print(f"[{tag}] resumed from checkpoint at step {start}", flush=True)
 
     run_root = config["run_root"]  # (path, pyarrow filesystem) of this run's checkpoints
     t0, last = time.perf_counter(), start
     for step in range(start, cfg.steps):
+        mark = time.perf_counter()
         sums = eng.step(step, rank)  # on the training device: NCCL reduces no CPU tensors
         torch.distributed.all_reduce(sums)  # report the mean over all ranks, not rank 0's sample
         sums /= ctx.get_world_size()
@@ -63,6 +79,7 @@ def train_loop(config: dict) -> None:
             "lr": eng.lr(), "steps_per_s": (done - last) / max(elapsed, 1e-9),
             "node_id": ray.get_runtime_context().get_node_id(),  # rank 0's node: where the run was placed
         }
+        phase("steps")
         if rank == 0:
             print(f"[{tag}] step {done}/{cfg.steps} loss {metrics['loss']:.4f} "
                   f"(subject {metrics['instance_loss']:.4f}, prior {metrics['prior_loss']:.4f}) "
@@ -70,14 +87,18 @@ def train_loop(config: dict) -> None:
         # Ray Train hears of the run at checkpoints only: each report waits for the controller's poll
         # (~2 s), which would throttle every step; every rank reports, as Ray requires.
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            # The stall: what training waits for (the local write; with async uploads, not the upload).
+            metrics["timeline"] = {k: round(v, 3) for k, v in timeline.items()}
             checkpoint.save(eng.ds, done, metrics, started_at=start, run_root=run_root, lora=lora,
                             upload=cfg.checkpoint_upload)
+            phase("checkpoint_stalls")
             _maybe_inject_fault(config.get("fault"), done, start, rank)
     if config.get("export_to"):  # also after a resume at the last step: a failed export is redone
-        t = time.perf_counter()
-        record = export.from_engine(eng.ds, spec, Storage(spec.storage, spec.s3), *config["export_to"], rank)
+        # The whole attempt's timeline (the last checkpoint's stall included) travels with the export.
+        record = export.from_engine(eng.ds, spec, Storage(spec.storage, spec.s3), *config["export_to"], rank,
+                                    timeline={k: round(v, 3) for k, v in timeline.items()})
         if record:
-            print(f"[{tag}] exported {record['model']} ({record['dtype']}, {time.perf_counter() - t:.1f} s)", flush=True)
+            print(f"[{tag}] exported {record['model']} ({record['dtype']}, {record['seconds']:.1f} s)", flush=True)
 
 
 def _maybe_inject_fault(fault: tuple[str, int] | None, step: int, start: int, rank: int) -> None:

@@ -61,3 +61,13 @@ def test_the_training_workers_export_the_trained_weights_under_zero3(ray_cluster
     unet = StableDiffusionPipeline.from_pretrained(out / "model").unet.state_dict()
     assert {f"unet.{k}" for k in unet} == set(weights)
     assert all(torch.equal(unet[k.removeprefix("unet.")], v) for k, v in weights.items())
+
+    # The per-subject timeline: every stage, none negative, the worker's phases within the training span.
+    t = record["timeline"]
+    assert {k for k, _ in job.TIMELINE} <= set(t), t
+    assert min(t.values()) >= 0 and t["steps"] > 0 and t["model_load"] > 0
+    summary = json.loads((store / "outputs" / "t" / "results.json").read_text())["subjects"][0]
+    inside = sum(t[k] for k in ("worker_start", "photos_and_class_images", "model_load", "latent_cache_and_engine",
+                                "restore", "steps", "checkpoint_stalls"))
+    assert inside <= summary["train_end"] - summary["train_start"], (inside, summary)
+    assert summary["timeline"] == t and "steps" in job.format_timeline(t)
