@@ -422,3 +422,16 @@ class ToyAssets:
 
 def load_shipped_judge():
     return load_judge(assets_dir() / "judge.safetensors")
+
+
+def write_subject(name: str, folder, n: int = 5, seed: int = 0) -> list:
+    """Save a subject's n photos as PNGs (the images folder of a job's subject)."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (_, im) in enumerate(subject_photos(name, n, seed)):
+        paths.append(folder / f"{name}_{i:02d}.png")
+        im.save(paths[-1])
+    return paths
