@@ -103,7 +103,9 @@ def load_exported(spec: JobSpec, record: dict):
         pipe = models.load_pipeline(record.get("base_model", spec.model), spec.s3)
         pipe.load_lora_weights(models.resolve(record["lora"], spec.s3, marker="pytorch_lora_weights.safetensors"))
         return pipe
-    return models.load_pipeline(record["model"], spec.s3)
+    # fp32 in memory, whatever the export's precision: CPU kernels mix no fp16 and fp32, and GPU
+    # renderers cast to fp16 themselves (models.prepare_sampler).
+    return models.load_pipeline(record["model"], spec.s3, torch_dtype=torch.float32)
 
 
 def save_lora(storage: Storage, pipe, out: tuple[str, ...], with_text_encoder: bool, family=None) -> tuple[str, int]:
