@@ -339,8 +339,32 @@ def build_clip(seed: int = 0) -> _Folder:
     return _Folder(CLIPModel(config), processor)
 
 
+def _toy_version() -> str:
+    """'toy-' + a digest of the shipped files (about 10 MB, ~20 ms): retraining them renews the cache key."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent / "assets" / "toy" / "pipeline"
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")) if root.is_dir() else []:
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes())
+    return "toy-" + h.hexdigest()[:12]
+
+
+TOY_VERSION = _toy_version()
+
+
+def build_toy():
+    """The built-in `toy` model: pretrained on the toy world (benchmarks/pretrain_toy.py), shipped as
+    weights in dreambooth_ray/assets/toy/pipeline; materialize copies it into the cache."""
+    from .toyworld import ToyAssets
+
+    return ToyAssets("pipeline")
+
+
 # name -> (version, builder, the file whose presence makes the folder complete)
 BUILT_IN = {
+    "toy": (TOY_VERSION, "build_toy", "model_index.json"),
     "tiny": (TINY_VERSION, "build_pipeline", "model_index.json"),
     "tiny-if": (TINY_IF_VERSION, "build_if_pipeline", "model_index.json"),
     "tiny-sdxl": (TINY_SDXL_VERSION, "build_sdxl_pipeline", "model_index.json"),
