@@ -123,5 +123,7 @@ def test_base_model_is_competent():
         assert res[k] >= COMPETENCE_FLOOR[k], res
 
 
-# measured on the shipped weights (see the module docstring of benchmarks/pretrain_toy.py); set below them
+# The bar (80% each). Measured on the shipped weights, this test's draw (n=40, seed 7): class 1.00,
+# colour 1.00, scene 0.925; pretrain_toy.py's own draw (n=50, seed 0, assets/toy/pretrain.json): class
+# 1.00, colour 0.86, scene 0.96. Random weights score about 1/4, 1/5, 1/5.
 COMPETENCE_FLOOR = {"cls": 0.8, "colour": 0.8, "scene": 0.8}
