@@ -70,6 +70,7 @@ def quickstart(ray_cluster, tmp_path_factory):
     data = yaml.safe_load((ROOT / "jobs" / "quickstart.yaml").read_text())
     data["storage"] = str(tmp / "store")
     data["subject"]["images"] = str(ROOT / "jobs" / "quickstart-toy")
+    data["prior"]["loss_weight"] = 0.5  # not the default 1: test_job checks job.json's loss is subject + 0.5 x prior
     data["eval"] = {"prompts": ["a {identifier} {class_noun} on the beach", "a red {identifier} {class_noun}"],
                     "images_per_prompt": 2, "class_images": 2, "inference_steps": 2, "num_actors": 2,
                     "batch_size": 2, "dino": "tiny-dino", "clip": "tiny-clip"}
@@ -119,3 +120,33 @@ def assert_trained_and_identical(straight: dict, resumed: dict, what: str = "wei
     assert any(not torch.allclose(straight[k], base[k.removeprefix("unet.")]) for k in straight)  # it did train
     diff = max((straight[k] - resumed[k]).abs().max().item() for k in straight)
     assert diff == 0.0, f"resumed {what} differ from the uninterrupted run by {diff}"
+
+
+def final_checkpoint(storage, out: tuple[str, ...], record: str = "train.json") -> tuple[dict, dict]:
+    """(consolidated weights, state.json) of the final checkpoint a finished stage recorded in
+    `<out>/<record>` (train.json: the base stage; sr.json: the SR stage), wherever the storage is."""
+    import ray.train
+
+    from dreambooth_ray.checkpoint import consolidated_state_dict, local_copy, read_state
+
+    ckpt = ray.train.Checkpoint(storage.read_json(*out, record)["checkpoint"], storage.ray_storage()[1])
+    with local_copy(ckpt) as d:
+        return consolidated_state_dict(d), read_state(d)
+
+
+def assert_exported_is_the_trained_checkpoint(exported: dict, final: dict, base: dict, lr: float, dtype=None,
+                                              prefix: str = "unet.") -> None:
+    """An exported model part's state dict is the final checkpoint's consolidated weights, bit for bit once
+    those are rounded to the export's precision (`dtype`; None: fp32), and those are trained: every tensor
+    moved from the base model's by at least half an AdamW step (lr / 2). Adam moves an entry with a gradient
+    by about lr per step; weight decay alone moves a weight w by steps x lr x 0.01 x |w|, under lr / 10 for
+    these few-step runs."""
+    import torch
+
+    dtype = dtype or torch.float32
+    assert sorted(final) == sorted(prefix + k for k in exported)
+    unequal = [k for k in exported if not torch.equal(exported[k].float(), final[prefix + k].to(dtype).float())]
+    assert not unequal, f"exported weights differ from the final checkpoint's (in {dtype}) in {unequal[:5]}"
+    moved = {k: (final[prefix + k] - v).abs().max().item() for k, v in base.items()}
+    still = [k for k, d in moved.items() if d < lr / 2]
+    assert not still, f"{len(still)} of {len(moved)} tensors moved less than lr / 2: {still[:5]}"

@@ -54,6 +54,40 @@ def test_the_papers_prompt_sets():
         EvalConfig(prompts=("a {subject}",))
 
 
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean cosine similarity over all (row of a, row of b) pairs, pair by pair."""
+    return sum(torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=0).item() for x in a for y in b) / (
+        len(a) * len(b))
+
+
+def _by_hand(m, real, generated, class_images) -> dict:
+    """The paper's metrics from the metric models' features, with the arithmetic written out here: DINO and
+    CLIP-I mean cosine to the real images, CLIP-T to the prompt's text embedding, PRES the class images'
+    DINO cosine to the real images, DIV the mean over image pairs and DINO layers of LPIPS's formula
+    (per-position unit vectors, squared distance summed over channels, mean over positions)."""
+    real_dino, real_clip = m.dino_features(real)[0], m.clip_images(real)
+    per_prompt = []
+    for text, ims in generated:
+        dino, layers = m.dino_features(ims)
+        clip = m.clip_images(ims)
+        pairs = [(i, j) for i in range(len(ims)) for j in range(i + 1, len(ims))]
+        div = [sum(((a[i] / a[i].norm(dim=-1, keepdim=True) - a[j] / a[j].norm(dim=-1, keepdim=True)) ** 2)
+                   .sum(-1).mean().item() for a in (t.double() for t in layers)) / len(layers) for i, j in pairs]
+        per_prompt.append({"dino": _cos(dino, real_dino), "clip_i": _cos(clip, real_clip),
+                           "clip_t": _cos(clip, m.clip_texts([text])), "div": sum(div) / len(div) if div else None})
+    metrics = {k: sum(p[k] for p in per_prompt if p[k] is not None) / sum(p[k] is not None for p in per_prompt)
+               for k in ("dino", "clip_i", "clip_t", "div")}
+    metrics["pres"] = _cos(m.dino_features(class_images)[0], real_dino) if class_images else None
+    return {"metrics": metrics, "per_prompt": per_prompt}
+
+
+def _assert_same_metrics(report: dict, expected: dict, rel: float) -> None:
+    pairs = [(report["metrics"], expected["metrics"])] + list(zip(report["per_prompt"], expected["per_prompt"], strict=True))
+    for got, want in pairs:
+        for k, v in want.items():
+            assert got[k] == (None if v is None else pytest.approx(v, rel=rel, abs=1e-12)), k
+
+
 @pytest.fixture(scope="module")
 def metric_models():
     return ev.MetricModels("tiny-dino", "tiny-clip")
@@ -71,7 +105,9 @@ def test_identical_images_score_one_and_clip_t_matches_clips_own_logits(metric_m
     r = ev.score(m, real[:2], [("a red toy", real[2:4]), ("a toy on the beach", real[:1])], [])
     assert r["metrics"]["pres"] is None
     assert r["metrics"]["div"] == pytest.approx(r["per_prompt"][0]["div"]) and r["metrics"]["div"] > 0
-    assert -1 <= r["metrics"]["dino"] < 1 and -1 <= r["metrics"]["clip_i"] < 1
+    # Same features, float64 arithmetic in another order: equal to 1e-9 relative.
+    _assert_same_metrics(r, _by_hand(m, real[:2], [("a red toy", real[2:4]), ("a toy on the beach", real[:1])], []),
+                         rel=1e-9)
     # CLIP-T against CLIP's own forward pass: logits_per_image / logit_scale is the cosine similarity.
     inputs = m.clip_processor(text=["a red toy"], images=real[2:4], return_tensors="pt", padding=True)
     with torch.no_grad():
@@ -117,8 +153,20 @@ def test_eval_command_on_the_finished_quickstart(quickstart, capsys):
     assert sorted(p.name for p in (run_dir / "images").iterdir()) == [
         "class-000.png", "class-001.png", "p00-000.png", "p00-001.png", "p01-000.png", "p01-001.png"]
     m = report["metrics"]
-    assert all(-1 <= m[k] <= 1 for k in ("dino", "clip_i", "clip_t", "pres")) and m["div"] >= 0
     assert [p["prompt"] for p in report["per_prompt"]] == ["a toy on the beach", "a red toy"]
+    # The numbers, recomputed from the stored images: the trained subject's renders per prompt (scored against
+    # the prompt without the identifier), the class-prompt renders, and the subject's photos as training saw them.
+    from dreambooth_ray.images import load_subject_images
+
+    spec = load_spec(quickstart.spec_file)
+    stored = lambda name: Image.open(run_dir / "images" / name).convert("RGB")  # noqa: E731
+    real = [s.image for s in load_subject_images(spec.subjects[0].images, spec.train.resolution)]
+    generated = [(text, [stored(f"p{i:02d}-{j:03d}.png") for j in range(2)])
+                 for i, text in enumerate(["a toy on the beach", "a red toy"])]
+    # The eval's float32 features came from another process (the Ray scoring task) in other batches: measured
+    # 6e-9 relative apart from these, so 1e-6.
+    _assert_same_metrics(report, _by_hand(ev.MetricModels("tiny-dino", "tiny-clip"), real, generated,
+                                          [stored("class-000.png"), stored("class-001.png")]), rel=1e-6)
     assert json.loads((run_dir / "metrics.json").read_text())["metrics"] == m
     assert Image.open(run_dir / "grid.png").size[0] == 2 * 192  # first image of each prompt
 
