@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -127,9 +128,13 @@ def final_checkpoint(storage, out: tuple[str, ...], record: str = "train.json") 
     `<out>/<record>` (train.json: the base stage; sr.json: the SR stage), wherever the storage is."""
     import ray.train
 
+    return final_weights(ray.train.Checkpoint(storage.read_json(*out, record)["checkpoint"], storage.ray_storage()[1]))
+
+
+def final_weights(ckpt) -> tuple[dict, dict]:
+    """(consolidated weights, state.json) of a Ray Train checkpoint, local or in object storage."""
     from dreambooth_ray.checkpoint import consolidated_state_dict, local_copy, read_state
 
-    ckpt = ray.train.Checkpoint(storage.read_json(*out, record)["checkpoint"], storage.ray_storage()[1])
     with local_copy(ckpt) as d:
         return consolidated_state_dict(d), read_state(d)
 
@@ -150,3 +155,34 @@ def assert_exported_is_the_trained_checkpoint(exported: dict, final: dict, base:
     moved = {k: (final[prefix + k] - v).abs().max().item() for k, v in base.items()}
     still = [k for k, d in moved.items() if d < lr / 2]
     assert not still, f"{len(still)} of {len(moved)} tensors moved less than lr / 2: {still[:5]}"
+
+
+@pytest.fixture(scope="session")
+def _gloo_world():
+    """One 1-process gloo group for the session: DeepSpeed caches the first group it meets, so a group
+    torn down and made anew in a later module is one it no longer knows."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+
+@pytest.fixture
+def group(_gloo_world):
+    """This process as a Ray Train worker sees itself: in a 1-process group, with torch's launcher
+    variables (DeepSpeed asserts LOCAL_RANK), restored after the test."""
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

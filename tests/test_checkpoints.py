@@ -5,17 +5,10 @@ import ray
 import torch
 
 from dreambooth_ray import train
-from dreambooth_ray.checkpoint import consolidated_state_dict, read_state
 from dreambooth_ray.spec import parse_spec
 from dreambooth_ray.storage import Storage
 
-from conftest import assert_trained_and_identical, tiny_spec
-
-
-def _final(ckpt, tmp_path, name):
-    d = tmp_path / name
-    ckpt.to_directory(str(d))
-    return consolidated_state_dict(str(d)), read_state(str(d))
+from conftest import assert_trained_and_identical, final_checkpoint, final_weights, tiny_spec
 
 
 def test_a_worker_killed_mid_upload_resumes_from_the_last_complete_checkpoint(ray_cluster, s3_endpoint, bucket,
@@ -29,8 +22,8 @@ def test_a_worker_killed_mid_upload_resumes_from_the_last_complete_checkpoint(ra
     fit = ray.remote(num_cpus=0)(train.fit)
     straight, killed = ray.get([fit.remote(spec, subject, storage, "straight", None, False),
                                 fit.remote(spec, subject, storage, "killed", None, False, ("kill-uploading", 3))])
-    a, state_a = _final(straight.checkpoint, tmp_path, "a")
-    b, state_b = _final(killed.checkpoint, tmp_path, "b")
+    a, state_a = final_weights(straight.checkpoint)
+    b, state_b = final_weights(killed.checkpoint)
     assert state_a == {"step": 4, "started_at": 0, "world_size": 2}
     # Step 3's checkpoint was uploading when rank 0 died: Ray never registered it, so the run resumed
     # from the last complete one (1 or 2, as far as uploads had got) and wrote step 3 anew.
@@ -55,8 +48,7 @@ def test_the_training_workers_export_the_trained_weights_under_zero3(ray_cluster
     out = store / "outputs" / "t" / "toy"
     record = json.loads((out / "job.json").read_text())
     assert record["exported_by"] == "training workers" and record["dtype"] == "fp32"
-    trained = json.loads((out / "train.json").read_text())
-    weights, state = _final(ray.train.Checkpoint(trained["checkpoint"]), tmp_path, "ckpt")
+    weights, state = final_checkpoint(Storage(str(store)), ("outputs", "t", "toy"))
     assert state["step"] == 2
     unet = StableDiffusionPipeline.from_pretrained(out / "model").unet.state_dict()
     assert {f"unet.{k}" for k in unet} == set(weights)

@@ -2,8 +2,6 @@
 it learns, it weights the prior term by the spec's weight, and gradient accumulation is a bigger batch."""
 
 import copy
-import os
-import tempfile
 
 import numpy as np
 import pytest
@@ -15,28 +13,6 @@ from dreambooth_ray.loss import diffusion_target, prior_preservation_loss
 from dreambooth_ray.spec import TrainConfig
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def group():
-    """A 1-process gloo group, as a Ray Train worker has (torch's launcher variables included: DeepSpeed
-    asserts LOCAL_RANK). Torn down, and the environment restored, after this module."""
-    import torch.distributed as dist
-
-    assert not dist.is_initialized()
-    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0, world_size=1)
-        try:
-            yield
-        finally:
-            dist.destroy_process_group()
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 from dreambooth_ray import job, models, train
-from dreambooth_ray.checkpoint import consolidated_state_dict, read_state
 from dreambooth_ray.spec import S3Settings, load_spec, parse_spec
 from dreambooth_ray.storage import Storage
 
-from conftest import assert_exported_is_the_trained_checkpoint, assert_trained_and_identical, final_checkpoint, tiny_spec
+from conftest import (assert_exported_is_the_trained_checkpoint, assert_trained_and_identical, final_checkpoint,
+                      final_weights, tiny_spec)
 
 
 def snapshot(root) -> dict:
@@ -128,12 +128,6 @@ def test_s3_two_subjects_share_one_prior_set_through_a_flaky_store(ray_cluster, 
     assert fs.exists(f"{bucket}/dreambooth/outputs/t/toy2/samples.png")
 
 
-def _final_weights(ckpt, tmp_path, name):
-    d = tmp_path / name
-    ckpt.to_directory(str(d))
-    return consolidated_state_dict(str(d)), read_state(str(d))
-
-
 def test_zero2_killed_worker_resumes_from_s3_with_identical_weights(ray_cluster, s3_endpoint, bucket, toy_images,
                                                                    tmp_path):
     """A training worker is SIGKILLed after the step-2 checkpoint; Ray Train restarts the group from S3.
@@ -147,8 +141,8 @@ def test_zero2_killed_worker_resumes_from_s3_with_identical_weights(ray_cluster,
     ref, res = ray.get([fit.remote(spec, subject, storage, "straight", None, False),
                         fit.remote(spec, subject, storage, "interrupted", None, False, ("kill", 2))])
 
-    a, state_a = _final_weights(ref.checkpoint, tmp_path, "a")
-    b, state_b = _final_weights(res.checkpoint, tmp_path, "b")
+    a, state_a = final_weights(ref.checkpoint)
+    b, state_b = final_weights(res.checkpoint)
     assert state_a == {"step": 4, "started_at": 0, "world_size": 2}
     assert state_b == {"step": 4, "started_at": 2, "world_size": 2}  # resumed, not restarted
     assert_trained_and_identical(a, b)

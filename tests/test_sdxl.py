@@ -5,8 +5,6 @@ StableDiffusionXLPipeline.from_pretrained and renders) and LoRA (the adapter loa
 load_lora_weights and holds the trained weights)."""
 
 import copy
-import os
-import tempfile
 
 import numpy as np
 import pytest
@@ -24,27 +22,6 @@ RES = 32
 # A non-square photo, larger than the training size: resized to 49 x 32 (w x h), then the centre
 # 32 x 32 crop starts 8 px from the left, and 49 - 8 - 32 = 9 px from the left of the mirrored photo.
 PHOTO_W, PHOTO_H = 98, 64
-
-
-@pytest.fixture(scope="module")
-def group():
-    """A 1-process gloo group, as a Ray Train worker has (DeepSpeed asserts LOCAL_RANK)."""
-    import torch.distributed as dist
-
-    assert not dist.is_initialized()
-    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0, world_size=1)
-        try:
-            yield
-        finally:
-            dist.destroy_process_group()
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

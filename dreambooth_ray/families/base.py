@@ -14,8 +14,6 @@ A family, one instance per architecture:
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 
 import torch
 
