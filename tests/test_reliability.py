@@ -88,7 +88,10 @@ def test_killed_driver_rerun_resumes_zero3_with_identical_weights(ray_cluster, t
 
     store = tmp_path / "store"
     spec_data = tiny_spec(str(store), str(toy_images), prior={"num_class_images": 2},
-                          train={"steps": 10, "checkpoint_every": 2, "zero_stage": 3, "num_workers": 2},
+                          # sync uploads: a checkpoint on disk then trails its registration by one report
+                          # (async uploads and their mid-upload deaths: test_checkpoints.py)
+                          train={"steps": 10, "checkpoint_every": 2, "zero_stage": 3, "num_workers": 2,
+                                 "checkpoint_upload": "sync"},
                           samples={"prompts": ["a {class_noun}"]})
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec_data))
     cli = Path(sys.executable).with_name("dreambooth-ray")

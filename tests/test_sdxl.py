@@ -157,8 +157,9 @@ def test_lora_job_with_text_encoders_exports_what_load_lora_weights_reads(ray_cl
     spec = parse_spec(tiny_spec(str(store), str(toy_images), model="tiny-sdxl",
                                 subjects=[{"name": "toy", "images": str(toy_images), "class": "toy",
                                            "identifier": "auto"}],
+                                # fp32 export: the adapter must equal the trained one bit for bit
                                 train={"method": "lora", "lora": {"rank": 4, "text_encoder": True},
-                                       "learning_rate": 1e-2},
+                                       "learning_rate": 1e-2, "export_dtype": "fp32"},
                                 eval={"prompts": ["a {identifier} {class_noun} on the beach"], "images_per_prompt": 2,
                                       "class_images": 2, "inference_steps": 2, "num_actors": 1, "batch_size": 2,
                                       "dino": "tiny-dino", "clip": "tiny-clip"}))
