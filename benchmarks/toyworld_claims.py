@@ -44,7 +44,7 @@ def run_job(subject: str, storage: Path, steps: int, prior: bool, lr: float) -> 
 
     from dreambooth_ray import cli
 
-    data = yaml.safe_load((ROOT / "jobs" / "toy-subject.yaml").read_text())
+    data = yaml.safe_load((ROOT / "jobs" / "quickstart.yaml").read_text())
     cls = tw.SUBJECTS[subject]["cls"]
     data.update(name=f"claims-{'prior' if prior else 'noprior'}", storage=str(storage))
     data["subject"] = dict(name=subject, images=str(ROOT / "jobs" / "toyworld-subjects" / subject), **{"class": cls},

@@ -29,18 +29,26 @@ def init_ray(address: str | None = None, **kwargs) -> None:
         return
     if address is None:
         # A fresh local instance, not whatever cluster happens to run on this machine (pass
-        # --address auto for that). No dashboard: half the start-up time and memory.
+        # --address auto for that). With the dashboard: it serves the state API, which Ray Train's
+        # placement-group cleaner polls (without it, a warning every few seconds) and which
+        # console.save_logs reads the workers' logs through.
         address = "local"
-        kwargs.setdefault("include_dashboard", False)
+        kwargs.setdefault("include_dashboard", True)
+        kwargs.setdefault("dashboard_host", "127.0.0.1")
+        # Ray's notice that a new local instance has token authentication on (its default, which we keep).
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         # One machine has no node drains to watch for: skip Ray Train's per-run watcher actor (a
         # Python process per fit, a few CPU-seconds each on a small machine).
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Workers print nothing to the console: progress comes through console.Board, their logs go to storage.
+    kwargs.setdefault("log_to_driver", False)
     ray.init(address=address, runtime_env={"env_vars": _worker_env()}, logging_level=logging.WARNING, **kwargs)
 
 
 def cmd_run(args, console: Console) -> int:
     from .job import run_job
     from .spec import load_spec
+    from .storage import Storage
 
     spec = load_spec(args.job)
     init_ray(args.address)
@@ -56,6 +64,8 @@ def cmd_run(args, console: Console) -> int:
         table.add_row(r.name, r.status, str(r.steps), loss, f"{r.seconds:.0f} s", format_timeline(r.timeline),
                       r.error or r.model)
     Console(width=max(120, Console().width)).print(table)
+    console.print(f"report -> {Storage(spec.storage, spec.s3).url('outputs', spec.name, 'report.html')}",
+                  highlight=False)
     failed = [r.name for r in results if r.status == "failed"]
     if failed:
         console.print(f"[red]{len(failed)} subject(s) failed:[/] {', '.join(failed)}; re-run the job to retry them")
@@ -95,9 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("job", help="job spec YAML (its `eval:` section sets prompts, images and metric models)")
     p.add_argument("--address", default=None, help="an existing Ray cluster; default: start a local instance")
     p.add_argument("--images-per-prompt", type=int, default=None)
-    p.add_argument("--dino", default=None, help="DINO model: hub id, folder, s3:// or 'tiny-dino'")
-    p.add_argument("--clip", default=None, help="CLIP model: hub id, folder, s3:// or 'tiny-clip'")
+    p.add_argument("--dino", default=None, help="DINO model: hub id, folder, s3://, 'tiny-dino' or 'toy-dino' (the toy world)")
+    p.add_argument("--clip", default=None, help="CLIP model: hub id, folder, s3://, 'tiny-clip' or 'toy-clip' (the toy world)")
     p.set_defaults(fn=_lazy("eval", "cmd_eval"))
+
+    p = sub.add_parser("report", help="rebuild outputs/<job>/report.html from the job's storage")
+    p.add_argument("job", help="job spec YAML")
+    p.set_defaults(fn=_lazy("report", "cmd_report"))
 
     p = sub.add_parser("bench", help="time our training path against the standard DreamBooth recipe")
     add_bench_arguments(p)

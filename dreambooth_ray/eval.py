@@ -5,6 +5,8 @@ For each trained subject, the trained model renders N images for each of the pap
 actors render (one per GPU), each image under a fixed name and seed, so a re-run renders only what
 is missing. Then:
 
+`eval.dino: toy-dino` with `eval.clip: toy-clip` measure the toy world instead (toyworld.ToyMetrics).
+
 - DINO:   mean cosine similarity of DINO ViT CLS embeddings, generated vs real subject images
 - CLIP-I: the same with CLIP image embeddings                               (both: subject fidelity)
 - CLIP-T: mean cosine of each image's CLIP embedding with its prompt's      (prompt fidelity); the
@@ -149,6 +151,24 @@ class MetricModels:
         tok = self.clip_processor.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.device)
         return _pooled(self.clip.get_text_features(**tok)).cpu()
 
+    def clip_t(self, image_features: torch.Tensor, text: str) -> float:
+        return mean_cosine(image_features, self.clip_texts([text]))
+
+
+TOY_METRICS = ("toy-dino", "toy-clip")
+
+
+def metric_models(dino: str, clip: str, s3: S3Settings | None = None, device: str = "cpu"):
+    """DINO and CLIP (MetricModels), or the toy world's stand-ins for both (toyworld.ToyMetrics)."""
+    if (dino in TOY_METRICS) != (clip in TOY_METRICS):
+        raise EvalError(f"eval.dino {dino!r} and eval.clip {clip!r}: toy-dino and toy-clip go together "
+                        "(both measure the toy world)")
+    if dino in TOY_METRICS:
+        from .toyworld import ToyMetrics
+
+        return ToyMetrics(device)
+    return MetricModels(dino, clip, s3, device)
+
 
 def _pooled(out) -> torch.Tensor:
     return out if torch.is_tensor(out) else out.pooler_output  # transformers 5 returns a model output
@@ -166,7 +186,7 @@ def score(m: MetricModels, real: list[Image.Image], generated: list[tuple[str, l
         per_prompt.append({
             "prompt": text, "images": len(ims),
             "dino": mean_cosine(g_dino, real_dino), "clip_i": mean_cosine(g_clip, real_clip),
-            "clip_t": mean_cosine(g_clip, m.clip_texts([text])), "div": mean_pairwise_distance(g_layers),
+            "clip_t": m.clip_t(g_clip, text), "div": mean_pairwise_distance(g_layers),
         })
     out = {k: _mean(p[k] for p in per_prompt) for k in ("dino", "clip_i", "clip_t", "div")}
     out["pres"] = mean_cosine(m.dino_features(class_images)[0], real_dino) if class_images else None
@@ -253,7 +273,7 @@ def score_task(spec: JobSpec, subject: Subject, folder: tuple[str, ...], prompts
             return Image.open(io.BytesIO(f.read())).convert("RGB")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    m = MetricModels(spec.eval.dino, spec.eval.clip, spec.s3, device)
+    m = metric_models(spec.eval.dino, spec.eval.clip, spec.s3, device)
     real = [s.image for s in load_subject_images(subject.images, spec.train.resolution, spec.s3, spec.skip_bad_images)]
     generated = [(text, [load(r) for r in rs]) for text, rs in prompts]
     result = score(m, real, generated, [load(r) for r in pres])
@@ -298,12 +318,16 @@ def check(spec: JobSpec, storage: Storage) -> None:
                 "is missing): run the job first" for s in spec.subjects
                 if not storage.exists("outputs", spec.name, s.name, "job.json")]
     for field, ref in (("eval.dino", spec.eval.dino), ("eval.clip", spec.eval.clip)):
+        if ref in TOY_METRICS:
+            continue
         try:
             if ModelConfigs(ref, spec.s3, field).read("config.json") is None:
                 problems.append(f"{field}: {ref!r} has no config.json (not a transformers model folder)")
         except PreflightError as e:
             problems.append(f"{e} (set {field} or --{field.split('.')[1]} to a folder, an s3:// path or "
                             f"'tiny-{field.split('.')[1]}')")
+    if (spec.eval.dino in TOY_METRICS) != (spec.eval.clip in TOY_METRICS):
+        problems.append("eval.dino and eval.clip: toy-dino and toy-clip go together (both measure the toy world)")
     if problems:
         raise EvalError("evaluation cannot start:\n  " + "\n  ".join(problems))
 
@@ -317,6 +341,9 @@ def evaluate(spec: JobSpec, console=None) -> list[dict]:
     say = console.print if console is not None else print
     results = [evaluate_subject(spec, s, storage, use_gpu, say) for s in spec.subjects]
     storage.write_json({"job": spec.name, "subjects": results}, "outputs", spec.name, "eval.json")
+    from .report import build
+
+    build(spec, storage)  # the report shows the metrics
     return results
 
 

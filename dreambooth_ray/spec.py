@@ -222,6 +222,11 @@ class SampleConfig(_Strict):
     inference_steps: int = Field(25, ge=1)
     guidance_scale: float = Field(7.5, ge=0.0)
     seed: int = 0
+    validation_every: int = Field(0, ge=0, description=(
+        "every N training steps, render these prompts (first image each) with the weights of that step, "
+        "while training goes on; 0: off"))
+    validation_gpus: float = Field(0.0, ge=0.0, le=1.0, description=(
+        "GPUs for the validation renderer on a GPU job (0: it renders on a CPU; 1: it takes a GPU of its own)"))
 
 
 class EvalConfig(_Strict):
@@ -234,8 +239,8 @@ class EvalConfig(_Strict):
     inference_steps: int = Field(50, ge=1)
     guidance_scale: float = Field(7.5, ge=0.0)
     seed: int = 0
-    dino: str = Field("facebook/dino-vits16", description="DINO ViT: 'tiny-dino', hub id, folder or s3://")
-    clip: str = Field("openai/clip-vit-base-patch32", description="CLIP: 'tiny-clip', hub id, folder or s3://")
+    dino: str = Field("facebook/dino-vits16", description="DINO ViT: 'tiny-dino', 'toy-dino', hub id, folder or s3://")
+    clip: str = Field("openai/clip-vit-base-patch32", description="CLIP: 'tiny-clip', 'toy-clip', hub id, folder or s3://")
     num_actors: Optional[int] = Field(None, ge=1, description="renderers; default: one per GPU, else up to 2")
     batch_size: int = Field(8, ge=1)
 

@@ -435,3 +435,57 @@ def write_subject(name: str, folder, n: int = 5, seed: int = 0) -> list:
         paths.append(folder / f"{name}_{i:02d}.png")
         im.save(paths[-1])
     return paths
+
+
+# --- toy-dino and toy-clip: the judge as `eval`'s metric models -----------------------------------
+
+INSTANCE_HEADS = ("cls", "colour", "pattern")  # what tells one toy-world instance from another
+
+
+class ToyMetrics:
+    """`eval.dino: toy-dino` and `eval.clip: toy-clip`: the judge standing in for DINO and CLIP.
+
+    toy-dino embeds an image as the judge's class, colour and pattern probabilities (an instance, less its
+    shape variant; the scene left out, as DINO's subject fidelity should); DIV reads the judge's three
+    convolution stages. toy-clip embeds all four heads (scene included, as CLIP-I does), and CLIP-T is the
+    share of the attributes a prompt names (class, colour, scene) that the judge sees. Their numbers
+    measure the toy world; they are not comparable with the paper's DINO and CLIP figures."""
+
+    def __init__(self, device: str = "cpu"):
+        self.net = load_shipped_judge().to(device)
+        self.device = device
+
+    def _run(self, images):
+        import numpy as np
+        import torch
+
+        x = np.stack([np.asarray(im.convert("RGB").resize((RESOLUTION, RESOLUTION)), dtype=np.uint8).transpose(2, 0, 1)
+                      for im in images])
+        h, stages = torch.from_numpy(x).float().to(self.device) / 127.5 - 1, []
+        with torch.no_grad():
+            for layer in self.net.body:
+                h = layer(h)
+                if isinstance(layer, torch.nn.MaxPool2d):
+                    stages.append(h.flatten(2).transpose(1, 2).cpu())  # [N, positions, channels]
+            probs = {k: head(h).softmax(-1).cpu() for k, head in self.net.heads.items()}
+        return probs, stages
+
+    def dino_features(self, images):
+        probs, stages = self._run(images)
+        return __import__("torch").cat([probs[k] for k in INSTANCE_HEADS], -1), stages
+
+    def clip_images(self, images):
+        probs, _ = self._run(images)
+        return __import__("torch").cat([probs[k] for k in HEADS], -1)
+
+    def clip_t(self, features, text: str) -> float | None:
+        """Mean over images of the share of the text's named class, colour and scene the judge predicts."""
+        words = set(text.lower().replace(",", " ").split())
+        named = {k: v for k, vals in (("cls", CLASSES), ("colour", COLOUR_NAMES), ("scene", SCENES))
+                 for v in vals if v in words}
+        if not named:
+            return None
+        heads = features.split([len(v) for v in HEADS.values()], -1)
+        pred = {k: [HEADS[k][i] for i in h.argmax(-1).tolist()] for k, h in zip(HEADS, heads)}
+        hits = [sum(pred[k][i] == v for k, v in named.items()) / len(named) for i in range(len(features))]
+        return sum(hits) / len(hits)

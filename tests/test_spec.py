@@ -18,7 +18,7 @@ def errors_of(data) -> str:
 def test_quickstart_spec_loads_and_resolves_paths_relative_to_the_file():
     spec = load_spec(ROOT / "jobs" / "quickstart.yaml")
     s = spec.subjects[0]
-    assert s.images == str(ROOT / "jobs" / "quickstart-toy")
+    assert s.images == str(ROOT / "jobs" / "toyworld-subjects" / "toy-purple-dots")
     assert spec.storage == str(ROOT / "runs")
     assert s.instance_text == "a sks toy" and s.class_text == "a toy"
 
