@@ -61,6 +61,17 @@ def pipeline_with(spec: JobSpec, state_dict: dict[str, torch.Tensor], stage: str
 EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+def live_state_dict(ds, cfg, rank: int) -> dict[str, torch.Tensor] | None:
+    """The trained weights as they are now, on rank 0 (None elsewhere); every rank calls it. LoRA: the
+    adapters alone (the base weights never change)."""
+    # ZeRO-3: a collective that gathers every shard on rank 0 (in the weights' own dtype, despite the name).
+    sd = ds._zero3_consolidated_16bit_state_dict() if cfg.zero_stage == 3 else (
+        ds.module.state_dict() if rank == 0 else None)
+    if sd is not None and cfg.method == "lora":
+        sd = {k: v for k, v in sd.items() if "lora_" in k}
+    return sd
+
+
 def from_engine(ds, spec: JobSpec, storage: Storage, out: tuple[str, ...], run: str, rank: int,
                 timeline: dict | None = None) -> dict | None:
     """The exported model, written by the training workers at the end of training: no checkpoint
@@ -77,14 +88,10 @@ def from_engine(ds, spec: JobSpec, storage: Storage, out: tuple[str, ...], run: 
     cfg, t0 = spec.train, time.perf_counter()
     if cfg.export_dtype == "fp32" and cfg.mixed_precision in ("bf16-weights", "fp16"):
         return None
-    # ZeRO-3: a collective that gathers every shard on rank 0 (in the weights' own dtype, despite the name).
-    sd = ds._zero3_consolidated_16bit_state_dict() if cfg.zero_stage == 3 else (
-        ds.module.state_dict() if rank == 0 else None)
+    sd = live_state_dict(ds, cfg, rank)
     if rank != 0:
         return None
     lora = cfg.method == "lora"
-    if lora:  # the base weights never changed: only the adapters travel
-        sd = {k: v for k, v in sd.items() if "lora_" in k}
     pipe = pipeline_with(spec, sd).to(dtype=EXPORT_DTYPES[cfg.export_dtype])
     record = {"run": run, "dtype": cfg.export_dtype, "timeline": timeline or {}}
     if lora:

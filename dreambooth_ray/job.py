@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field
 import ray
 from rich.console import Console
 
-from . import checkpoint, cluster, export, identifiers, models, preflight, priors, samples, train
+from . import checkpoint, cluster, export, identifiers, models, preflight, priors, report, samples, train
+from .console import Board, Reporter, View, save_logs
 from .images import load_subject_images
 from .spec import JobSpec, SpecError, Subject
 from .storage import Storage
@@ -37,7 +38,7 @@ class SubjectResult:
 # A subject's time, stage by stage, as job.json, results.json and the results table show it.
 TIMELINE = (("waiting_for_a_slot", "slot"), ("waiting_for_class_images", "priors"), ("worker_start", "start"),
             ("model_load", "load"), ("latent_cache_and_engine", "cache"), ("steps", "steps"),
-            ("checkpoint_stalls", "ckpt"), ("export", "export"), ("samples", "samples"))
+            ("checkpoint_stalls", "ckpt"), ("validation_handover", "val"), ("export", "export"), ("samples", "samples"))
 
 
 def format_timeline(t: dict) -> str:
@@ -131,25 +132,29 @@ def finalize(spec: JobSpec, subject: Subject, ckpt, out: tuple[str, ...], record
 
 
 @ray.remote(num_cpus=0)
-def prior_task(cache: priors.PriorCache, spec: JobSpec, use_gpu: bool) -> dict:
+def prior_task(cache: priors.PriorCache, spec: JobSpec, use_gpu: bool, reporter: Reporter) -> dict:
     """One per distinct class: the subjects that need these images wait on this task's result."""
-    print(f"priors: {cache.prompt!r} -> {cache.url}", flush=True)
-    counts = priors.generate(cache, spec, use_gpu)
-    print(f"priors: {cache.prompt!r}: {counts['cached']} cached, {counts['generated']} generated", flush=True)
+    reporter.stage("class images", f"{spec.prior.num_class_images} class images -> {cache.url}",
+                 total=spec.prior.num_class_images)
+    counts = priors.generate(cache, spec, use_gpu, on_progress=lambda done, todo: reporter.progress(
+        spec.prior.num_class_images - todo + done, spec.prior.num_class_images))
+    reporter.stage("ready", f"{counts['cached']} cached, {counts['generated']} generated")
     return {"key": cache.key, "url": cache.url, **counts}
 
 
 @ray.remote(num_cpus=0)
-def subject_task(spec, subject, identity, use_gpu, prior_counts, queued_at: float, submitted_at: float) -> SubjectResult:
+def subject_task(spec, subject, identity, use_gpu, prior_counts, queued_at: float, submitted_at: float,
+                 reporter: Reporter) -> SubjectResult:
     """One subject, start to finish; its failure is its own result, never the batch's."""
     t0 = time.perf_counter()
     # Ray starts this task once its class images exist (a dependency) and a slot was free (the window).
     timeline = {"waiting_for_a_slot": submitted_at - queued_at, "waiting_for_class_images": time.time() - submitted_at}
     try:
-        return _run_subject(spec, subject, Storage(spec.storage, spec.s3), identity, use_gpu, prior_counts, timeline)
+        return _run_subject(spec, subject, Storage(spec.storage, spec.s3), identity, use_gpu, prior_counts, timeline,
+                            reporter)
     except Exception as e:  # isolation: whatever went wrong is recorded, the other subjects go on
         msg = _first_line(e)
-        print(f"{subject.name}: FAILED: {msg}", flush=True)
+        reporter.stage("failed", f"FAILED: {msg}")
         return SubjectResult(subject.name, "failed", "", "", 0, None, time.perf_counter() - t0, error=msg,
                              timeline={k: round(v, 3) for k, v in timeline.items()})
 
@@ -191,17 +196,22 @@ def run_job(spec: JobSpec, console: Console | None = None) -> list[SubjectResult
     # Every concurrent run's workers from the autoscaler at once (nothing asked if the cluster has them).
     cluster.request_workers(use_gpu, min(capacity(spec, use_gpu), len(spec.subjects)) * spec.train.num_workers)
 
+    board = Board.remote()
     try:
-        results, prior_refs = _run_subjects(spec, storage, identity, use_gpu, console)
+        with View(console, board) as view:
+            results, prior_refs = _run_subjects(spec, storage, identity, use_gpu, console, board, view)
     finally:
         cluster.release()  # idle nodes may scale down now
+        save_logs(storage, spec.name)
+        ray.kill(board)
     ordered = [results[s.name] for s in spec.subjects]
     storage.write_json({"job": spec.name, "priors": [_outcome(ref) for ref in prior_refs.values()],
                         "subjects": [asdict(r) for r in ordered]}, "outputs", spec.name, "results.json")
+    report.build(spec, storage)
     return ordered
 
 
-def _run_subjects(spec: JobSpec, storage: Storage, identity: str, use_gpu: bool, console: Console):
+def _run_subjects(spec: JobSpec, storage: Storage, identity: str, use_gpu: bool, console: Console, board, view: View):
     queued_at = time.time()
     # Priors: one task per distinct cache key, started now; subjects depend on their class's task,
     # so Ray starts each subject as soon as its own priors are ready (others may still be generating).
@@ -210,7 +220,7 @@ def _run_subjects(spec: JobSpec, storage: Storage, identity: str, use_gpu: bool,
     for subject in spec.subjects:
         cache = priors.PriorCache.for_subject(spec, subject, storage, identity) if spec.prior.enabled else None
         if cache and cache.key not in prior_refs:
-            prior_refs[cache.key] = prior_task.remote(cache, spec, use_gpu)
+            prior_refs[cache.key] = prior_task.remote(cache, spec, use_gpu, Reporter(f"priors {cache.prompt!r}", board))
         subject_priors.append(prior_refs[cache.key] if cache else None)
 
     # Subjects: at most `capacity` in flight, so hundreds of subjects don't start hundreds of idle
@@ -224,16 +234,20 @@ def _run_subjects(spec: JobSpec, storage: Storage, identity: str, use_gpu: bool,
     while pending or running:
         while pending and len(running) < window:
             subject, pref = pending.pop(0)
-            ref = subject_task.remote(spec, subject, identity, use_gpu, pref, queued_at, time.time())
+            ref = subject_task.remote(spec, subject, identity, use_gpu, pref, queued_at, time.time(),
+                                      Reporter(subject.name, board))
             running[ref] = subject.name
-        [ready], _ = ray.wait(list(running), num_returns=1)  # blocks until one subject finishes
-        name = running.pop(ready)
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+        view.refresh()
+        if not ready:
+            continue
+        name = running.pop(ready[0])
         try:
-            r = ray.get(ready)
+            r = ray.get(ready[0])
         except Exception as e:  # its class's prior task failed, so the subject never started
             r = SubjectResult(name, "failed", "", "", 0, None, 0.0, error=_first_line(e))
+            console.print(f"{name}: FAILED: {r.error}", highlight=False, markup=False)
         results[name] = r
-        console.print(f"{r.name}: {r.status}" + (f" ({r.error})" if r.error else ""), highlight=False)
 
     return results, prior_refs
 
@@ -253,9 +267,9 @@ def planned_runs(spec: JobSpec, storage: Storage, identity: str) -> list[tuple[s
     return runs
 
 
-def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeline: dict) -> SubjectResult:
+def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeline: dict, reporter: Reporter) -> SubjectResult:
     t0 = time.perf_counter()
-    say = lambda msg: print(f"{subject.name}: {msg}", flush=True)  # noqa: E731
+    say = reporter.say
     out = ("outputs", spec.name, subject.name)
     prior_key = prior_counts["key"] if prior_counts else None
     # `identifier: auto` is deterministic given the model identity and seed, so the run is named
@@ -269,7 +283,7 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeli
     complete = f"{name}+{sr_name}" if sr_name else name  # what job.json's "run" says when all is done
     record = storage.read_json(*out, "job.json")
     if record and record.get("run") == complete:
-        say(f"already complete ({record['model']}); nothing to do")
+        reporter.stage("skipped", f"already complete ({record['model']}); nothing to do")
         return SubjectResult(subject.name, "skipped", record["model"], record["samples"], record["step"],
                              record.get("metrics", {}).get("loss"), time.perf_counter() - t0,
                              {s: "skipped" for s in ("train", "export", "samples")})
@@ -290,10 +304,21 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeli
         metrics, stages["train"] = trained["metrics"], "skipped"
     else:
         t = spec.train
-        say(f"training {t.steps} steps, ZeRO-{t.zero_stage}, {t.num_workers} worker(s), "
-            f"{t.mixed_precision}, {'GPU' if use_gpu else 'CPU'} (run {name})")
+        reporter.stage("training", f"training {t.steps} steps, ZeRO-{t.zero_stage}, {t.num_workers} worker(s), "
+                     f"{t.mixed_precision}, {'GPU' if use_gpu else 'CPU'} (run {name})", total=t.steps)
         train_start = time.time()
-        result = train.fit(spec, subject, storage, name, prior_key, use_gpu, export_to=(out, name))
+        validator = (samples.Validator.options(num_gpus=spec.samples.validation_gpus if use_gpu else 0)
+                     .remote(spec, subject, name) if spec.samples.validation_every else None)
+        try:
+            result = train.fit(spec, subject, storage, name, prior_key, use_gpu, export_to=(out, name),
+                               reporter=reporter, validator=validator)
+            if validator is not None:
+                reporter.stage("validation", "rendering the last validation images")
+                for e in ray.get(validator.drain.remote())["errors"]:
+                    reporter.say(f"warning: validation images of {e}")
+        finally:
+            if validator is not None:
+                ray.kill(validator)
         train_end = time.time()
         ckpt, metrics, stages["train"] = result.checkpoint, result.metrics, "ran"
         worker = dict(metrics.get("timeline") or {})  # the last attempt's, from rank 0
@@ -304,9 +329,9 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeli
 
     sr_ckpt = sr_metrics = None
     if sr_name:
-        sr_ckpt, sr_metrics, stages["sr"] = _run_sr(spec, subject, storage, out, sr_name, sr_prior, use_gpu, say)
+        sr_ckpt, sr_metrics, stages["sr"] = _run_sr(spec, subject, storage, out, sr_name, sr_prior, use_gpu, reporter)
 
-    say("exporting and rendering samples")
+    reporter.stage("samples", "exporting and rendering samples")
     record = {"run": complete, "subject": subject.name, "sr_metrics": sr_metrics, "identifier": subject.identifier,
               "instance_prompt": subject.instance_text, "metrics": metrics,
               "priors": {"key": prior_key, "url": prior_counts["url"]} if prior_counts else None,
@@ -314,24 +339,26 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeli
     model_url, samples_url, timeline = ray.get(finalize.options(num_gpus=1 if use_gpu else 0).remote(
         spec, subject, ckpt, out, record, name, sr_ckpt))
     stages.update(export="ran", samples="ran")
-    say(f"model -> {model_url}; samples -> {samples_url}")
+    reporter.stage("done", f"model -> {model_url}; samples -> {samples_url}")
     return SubjectResult(subject.name, "done", model_url, samples_url, int(metrics.get("step", spec.train.steps)),
                          metrics.get("loss"), time.perf_counter() - t0, stages, train_start=train_start,
                          train_end=train_end, timeline=timeline)
 
 
-def _run_sr(spec, subject, storage, out, name, prior_cache, use_gpu, say):
+def _run_sr(spec, subject, storage, out, name, prior_cache, use_gpu, reporter: Reporter):
     """The SR stage: fine-tune the SR model on the subject (resumable like the base stage)."""
     done = storage.read_json(*out, "sr.json")
     if done and done.get("run") == name:
-        say(f"SR training already finished ({done['checkpoint']})")
+        reporter.say(f"SR training already finished ({done['checkpoint']})")
         return ray.train.Checkpoint(done["checkpoint"], storage.ray_storage()[1]), done["metrics"], "skipped"
     if prior_cache is not None:
         counts = priors.generate(prior_cache, spec, use_gpu)
-        say(f"SR class images at {prior_cache.resolution}px: {counts['cached']} cached, {counts['generated']} generated")
+        reporter.say(f"SR class images at {prior_cache.resolution}px: {counts['cached']} cached, "
+                   f"{counts['generated']} generated")
     s = spec.sr
-    say(f"SR stage: {s.input_resolution or spec.train.resolution}->{s.output_resolution}px, {s.steps} steps, "
-        f"noise augmentation {s.noise_aug:g} (run {name})")
-    result = train.fit(spec, subject, storage, name, prior_cache and prior_cache.key, use_gpu, stage="sr")
+    reporter.stage("training", f"SR stage: {s.input_resolution or spec.train.resolution}->{s.output_resolution}px, "
+                 f"{s.steps} steps, noise augmentation {s.noise_aug:g} (run {name})", total=s.steps)
+    result = train.fit(spec, subject, storage, name, prior_cache and prior_cache.key, use_gpu, stage="sr",
+                       reporter=reporter)
     storage.write_json({"run": name, "checkpoint": result.checkpoint.path, "metrics": result.metrics}, *out, "sr.json")
     return result.checkpoint, result.metrics, "ran"

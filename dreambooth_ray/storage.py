@@ -69,6 +69,12 @@ class Storage:
         except FileNotFoundError:
             return None
 
+    def read_bytes(self, *parts: str) -> bytes | None:
+        try:
+            return self.fs.cat_file(self.path(*parts))
+        except FileNotFoundError:
+            return None
+
     def write_bytes(self, data: bytes, *parts: str) -> None:
         """Write so that a reader never sees a partial file: S3 puts are atomic, local files are renamed."""
         dest = self.path(*parts)

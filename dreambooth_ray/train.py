@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from . import checkpoint, engine, export, models, sr
+from . import checkpoint, engine, export, models, samples, sr
 from .images import load_subject_images
 from .priors import PriorCache
 from .spec import JobSpec, Subject, TrainConfig
@@ -62,10 +63,15 @@ def train_loop(config: dict) -> None:
     phase("latent_cache_and_engine")  # VAE latents, frozen text embeddings, DeepSpeed set-up
     start = checkpoint.restore(eng.ds, lora)
     phase("restore")
+    reporter = config.get("reporter")
     if start and rank == 0:
         print(f"[{tag}] resumed from checkpoint at step {start}", flush=True)
+        if reporter:
+            reporter.say(f"resumed from checkpoint at step {start}")
 
     run_root = config["run_root"]  # (path, pyarrow filesystem) of this run's checkpoints
+    validator, handovers = config.get("validator"), []
+    history = History(spec, subject, config["run_name"], stage) if rank == 0 else None
     t0, last = time.perf_counter(), start
     for step in range(start, cfg.steps):
         mark = time.perf_counter()
@@ -81,9 +87,19 @@ def train_loop(config: dict) -> None:
         }
         phase("steps")
         if rank == 0:
+            history.add(metrics)
+            if reporter:
+                reporter.progress(done, cfg.steps, metrics["loss"])
             print(f"[{tag}] step {done}/{cfg.steps} loss {metrics['loss']:.4f} "
                   f"(subject {metrics['instance_loss']:.4f}, prior {metrics['prior_loss']:.4f}) "
                   f"lr {metrics['lr']:.2e} {metrics['steps_per_s']:.2f} steps/s", flush=True)
+        if validator is not None and done % spec.samples.validation_every == 0:
+            # Every rank gathers (ZeRO-3: a collective); rank 0 puts a CPU copy in the object store and goes
+            # on. The copy is this process's object: it must outlive the hand-over (see below).
+            sd = export.live_state_dict(eng.ds, cfg, rank)
+            if rank == 0:
+                handovers.append(validator.receive.remote(done, samples.to_wire(sd)))
+            phase("validation_handover")
         # Ray Train hears of the run at checkpoints only: each report waits for the controller's poll
         # (~2 s), which would throttle every step; every rank reports, as Ray requires.
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
@@ -92,13 +108,80 @@ def train_loop(config: dict) -> None:
             checkpoint.save(eng.ds, done, metrics, started_at=start, run_root=run_root, lora=lora,
                             upload=cfg.checkpoint_upload)
             phase("checkpoint_stalls")
+            if rank == 0:
+                history.flush()
             _maybe_inject_fault(config.get("fault"), done, start, rank)
+    ray.get(handovers)  # the validator holds every copy of the weights before this process may end
     if config.get("export_to"):  # also after a resume at the last step: a failed export is redone
         # The whole attempt's timeline (the last checkpoint's stall included) travels with the export.
         record = export.from_engine(eng.ds, spec, Storage(spec.storage, spec.s3), *config["export_to"], rank,
                                     timeline={k: round(v, 3) for k, v in timeline.items()})
         if record:
             print(f"[{tag}] exported {record['model']} ({record['dtype']}, {record['seconds']:.1f} s)", flush=True)
+
+
+class History:
+    """Rank 0's per-step metrics: TensorBoard event files under outputs/<job>/tensorboard/<subject>/, and JSON
+    chunks, one per span of steps (outputs/<job>/<subject>/history/<run>/steps-<first>-<last>.json), both
+    written to storage at each checkpoint. A resumed attempt rewrites the steps after its checkpoint, and
+    `read` keeps the newest value of each step. The report's loss curves come from the chunks."""
+
+    KEYS = ("loss", "instance_loss", "prior_loss", "lr", "steps_per_s")
+
+    def __init__(self, spec: JobSpec, subject: Subject, run: str, stage: str = "base"):
+        self.storage = Storage(spec.storage, spec.s3)
+        self.folder = ("outputs", spec.name, subject.name, "history", run)
+        self.tensorboard = tensorboard_folder(spec, subject)
+        self.rows: list[dict] = []
+        self.tag = "train" if stage == "base" else stage
+
+    def add(self, metrics: dict) -> None:
+        self.rows.append({"step": metrics["step"], "time": time.time(), **{k: metrics[k] for k in self.KEYS}})
+
+    def flush(self) -> None:
+        if self.rows:
+            first, last = self.rows[0]["step"], self.rows[-1]["step"]
+            self.storage.write_json({"steps": self.rows}, *self.folder, f"steps-{first:07d}-{last:07d}.json")
+            with tensorboard_events(self.storage, self.tensorboard) as tb:
+                for row in self.rows:
+                    for k in self.KEYS:
+                        tb.add_scalar(f"{self.tag}/{k}", row[k], row["step"])
+            self.rows = []
+
+    @staticmethod
+    def read(storage: Storage, *folder: str) -> list[dict]:
+        by_step: dict[int, dict] = {}
+        chunks = [storage.read_json(*folder, name) or {} for name in sorted(storage.listdir(*folder))]
+        for chunk in sorted(chunks, key=lambda c: c.get("steps", [{}])[0].get("time", 0)):
+            for row in chunk.get("steps", []):
+                by_step[row["step"]] = row  # written later: a resumed attempt's
+        return [by_step[k] for k in sorted(by_step)]
+
+
+def tensorboard_folder(spec: JobSpec, subject: Subject) -> tuple[str, ...]:
+    """One TensorBoard run per subject: `tensorboard --logdir <storage>/outputs/<job>/tensorboard`."""
+    return ("outputs", spec.name, "tensorboard", subject.name)
+
+
+@contextlib.contextmanager
+def tensorboard_events(storage: Storage, folder: tuple[str, ...]):
+    """A TensorBoard writer whose event file goes to storage, complete, when the block ends. One file per
+    block: tensorboardX writes from a background queue that `flush` does not drain, `close` does."""
+    import os
+    import tempfile
+    import uuid
+
+    from tensorboardX import SummaryWriter
+
+    with tempfile.TemporaryDirectory(prefix="dbr-tb-") as local:
+        writer = SummaryWriter(local, filename_suffix=f".{uuid.uuid4().hex[:8]}")
+        try:
+            yield writer
+        finally:
+            writer.close()
+        for name in os.listdir(local):
+            with open(os.path.join(local, name), "rb") as f:
+                storage.write_bytes(f.read(), *folder, name)
 
 
 def _maybe_inject_fault(fault: tuple[str, int] | None, step: int, start: int, rank: int) -> None:
@@ -132,7 +215,7 @@ def stage_config(spec: JobSpec, stage: str) -> TrainConfig:
 
 def fit(spec: JobSpec, subject: Subject, storage: Storage, run_name: str, prior_key: str | None,
         use_gpu: bool, fault: tuple[str, int] | None = None, stage: str = "base",
-        export_to: tuple[tuple[str, ...], str] | None = None) -> TrainResult:
+        export_to: tuple[tuple[str, ...], str] | None = None, reporter=None, validator=None) -> TrainResult:
     """Run (or resume) one subject's training stage ('base' or 'sr'). Same `run_name` + storage =
     resume from the last checkpoint.
 
@@ -146,8 +229,9 @@ def fit(spec: JobSpec, subject: Subject, storage: Storage, run_name: str, prior_
     trainer = lambda attempt: TorchTrainer(  # noqa: E731  (a fresh trainer per attempt, same run)
         train_loop,
         train_loop_config={"spec": spec, "subject": subject, "prior_key": prior_key, "stage": stage,
-                           "fault": fault if attempt == 0 else None, "export_to": export_to,
-                           "run_root": (f"{storage_path}/{run_name}", storage_fs)},
+                           "fault": fault if attempt == 0 else None, "export_to": export_to, "reporter": reporter,
+                           "validator": validator,
+                           "run_root": (f"{storage_path}/{run_name}", storage_fs), "run_name": run_name},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu),
         # On GPUs, NCCL for CUDA tensors and gloo for any CPU tensor a collective meets: Ray's
         # default there is NCCL alone, which cannot reduce a CPU tensor.
@@ -166,8 +250,8 @@ def fit(spec: JobSpec, subject: Subject, storage: Storage, run_name: str, prior_
             cause = worker_error(e)
             if attempt == cfg.max_failures or not retryable(cause):
                 raise TrainingError(describe(cause)) from None
-            log.warning("%s: attempt %d failed (%s); resuming from the last checkpoint",
-                        run_name, attempt + 1, describe(cause))
+            msg = f"attempt {attempt + 1} failed ({describe(cause)}); resuming from the last checkpoint"
+            reporter.say(msg) if reporter else log.warning("%s: %s", run_name, msg)
     ckpt = result.checkpoint
     if ckpt is None:
         raise RuntimeError(f"training of {subject.name!r} finished without a checkpoint")

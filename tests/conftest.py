@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -57,30 +58,32 @@ def ray_cluster(s3_endpoint, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def quickstart(ray_cluster, tmp_path_factory):
-    """jobs/quickstart.yaml, run once through the CLI into a temporary storage root, with an `eval:`
-    section on the tiny metric models: the tests that read a finished job's outputs share it."""
-    import contextlib
-    import io
+    """jobs/quickstart.yaml (the pretrained `toy` model learning a toy-world subject), run once by the CLI in
+    its own process on the session's Ray cluster, its console output (stdout and stderr) captured in a
+    file as a user's would be; with an `eval:` section on the tiny metric models. The tests that read a
+    finished job's outputs share it."""
+    import subprocess
     from types import SimpleNamespace
 
+    import ray
     import yaml
-
-    from dreambooth_ray import cli
 
     tmp = tmp_path_factory.mktemp("quickstart")
     data = yaml.safe_load((ROOT / "jobs" / "quickstart.yaml").read_text())
     data["storage"] = str(tmp / "store")
-    data["subject"]["images"] = str(ROOT / "jobs" / "quickstart-toy")
+    data["subject"]["images"] = str(ROOT / "jobs" / "toyworld-subjects" / "toy-purple-dots")
     data["prior"]["loss_weight"] = 0.5  # not the default 1: test_job checks job.json's loss is subject + 0.5 x prior
     data["eval"] = {"prompts": ["a {identifier} {class_noun} on the beach", "a red {identifier} {class_noun}"],
                     "images_per_prompt": 2, "class_images": 2, "inference_steps": 2, "num_actors": 2,
                     "batch_size": 2, "dino": "tiny-dino", "clip": "tiny-clip"}
     spec_file = tmp / "job.yaml"
     spec_file.write_text(yaml.safe_dump(data))
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        rc = cli.main(["run", str(spec_file)])
-    return SimpleNamespace(rc=rc, printed=printed.getvalue(), spec_file=spec_file, data=data, store=tmp / "store")
+    console = tmp / "console.txt"
+    with open(console, "w") as f:
+        rc = subprocess.run([sys.executable, "-m", "dreambooth_ray.cli", "run", str(spec_file), "--address",
+                             ray.get_runtime_context().gcs_address], stdout=f, stderr=subprocess.STDOUT,
+                            env={**os.environ, "COLUMNS": "120"}, timeout=900).returncode
+    return SimpleNamespace(rc=rc, printed=console.read_text(), spec_file=spec_file, data=data, store=tmp / "store")
 
 
 @pytest.fixture

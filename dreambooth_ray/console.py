@@ -1,0 +1,174 @@
+"""What a user sees while a job runs: a row per subject (stage, progress bar, step/total, loss, ETA) and
+the class-image progress, live on a terminal; elsewhere (CI, `ray job logs`, a file) one line per stage
+change and a progress line every fifth of a run.
+
+Subjects run in Ray tasks and train in Ray Train workers, on any node. None of them prints: they send
+progress to the job's `Board` actor through a `Reporter`, and the driver draws the board. Worker output
+stays in Ray's logs (kept in storage under outputs/<job>/logs/, see `save_logs`), not on the console.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import ray
+
+PROGRESS_LINES = 5  # progress lines per training run, without a terminal
+
+
+@ray.remote(num_cpus=0)
+class Board:
+    """The job's progress: per row (a subject, a class-image set) its stage and counts; and the log lines."""
+
+    def __init__(self):
+        self.rows: dict[str, dict] = {}
+        self.lines: list[str] = []
+
+    def stage(self, who: str, stage: str, line: str | None = None, total: int | None = None) -> None:
+        self.rows[who] = {"stage": stage, "since": time.time(), "done": 0, "total": total, "loss": None}
+        self.lines.append(f"{who}: {line or stage}")
+
+    def progress(self, who: str, done: int, total: int, loss: float | None = None) -> None:
+        row = self.rows.setdefault(who, {"stage": "", "since": time.time(), "loss": None})
+        row.update(done=done, total=total, loss=loss if loss is not None else row.get("loss"))
+        if "first" not in row or done < row["first"][0]:
+            row["first"] = (done, time.time())  # the ETA counts from here (a resumed run starts mid-way)
+        row["at"] = time.time()
+
+    def say(self, who: str, line: str) -> None:
+        self.lines.append(f"{who}: {line}")
+
+    def read(self, since: int) -> tuple[dict, list[str]]:
+        return self.rows, self.lines[since:]
+
+
+@dataclass
+class Reporter:
+    """A subject's (or a class-image set's) handle on the board; prints when there is none (tests, tools)."""
+
+    who: str
+    board: object = None
+
+    def stage(self, stage: str, line: str | None = None, total: int | None = None) -> None:
+        if self.board is None:
+            print(f"{self.who}: {line or stage}", flush=True)
+        else:
+            self.board.stage.remote(self.who, stage, line, total)
+
+    def say(self, line: str) -> None:
+        if self.board is None:
+            print(f"{self.who}: {line}", flush=True)
+        else:
+            self.board.say.remote(self.who, line)
+
+    def progress(self, done: int, total: int, loss: float | None = None) -> None:
+        if self.board is not None:
+            self.board.progress.remote(self.who, done, total, loss)
+
+    def child(self, who: str) -> "Reporter":
+        return Reporter(who, self.board)
+
+
+@dataclass
+class View:
+    """Draws a board on the driver: live on a terminal, lines elsewhere."""
+
+    console: object  # rich.console.Console
+    board: object
+    seen: int = 0
+    marks: dict = field(default_factory=dict)  # row -> progress lines printed (no terminal)
+    live: object = None
+
+    def __enter__(self) -> "View":
+        if self.console.is_terminal:
+            from rich.live import Live
+
+            self.live = Live(console=self.console, refresh_per_second=4, transient=True)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.refresh()
+        if self.live is not None:
+            self.live.__exit__(*exc)
+
+    def refresh(self) -> None:
+        try:
+            rows, lines = ray.get(self.board.read.remote(self.seen), timeout=10)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+            return
+        self.seen += len(lines)
+        for line in lines:
+            self.console.print(line, highlight=False, markup=False, soft_wrap=True)
+        if self.live is not None:
+            self.live.update(table(rows))
+            return
+        for who, row in rows.items():  # without a terminal: a line each fifth of a run
+            total, done = row.get("total"), row.get("done") or 0
+            if not total or row.get("stage") != "training":
+                continue
+            mark, key = done * PROGRESS_LINES // total, (who, row.get("since"))  # per stage: SR counts anew
+            if mark > self.marks.get(key, 0):
+                self.marks[key] = mark
+                self.console.print(f"{who}: {progress_text(row)}", highlight=False, markup=False, soft_wrap=True)
+
+
+def eta(row: dict) -> float | None:
+    first = row.get("first")
+    done, total = row.get("done") or 0, row.get("total")
+    if not first or not total or done <= first[0]:
+        return None
+    rate = (done - first[0]) / max(row["at"] - first[1], 1e-9)
+    return (total - done) / rate
+
+
+def progress_text(row: dict) -> str:
+    parts = [f"step {row.get('done') or 0}/{row.get('total')}"]
+    if row.get("loss") is not None:
+        parts.append(f"loss {row['loss']:.4f}")
+    left = eta(row)
+    if left is not None:
+        parts.append(f"ETA {left:.0f} s")
+    return ", ".join(parts)
+
+
+def table(rows: dict):
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+
+    t = Table(box=None, pad_edge=False)
+    for col in ("", "stage", "progress", "", "loss", "ETA"):
+        t.add_column(col)
+    for who, row in rows.items():
+        total, done = row.get("total"), row.get("done") or 0
+        bar = ProgressBar(total=total, completed=done, width=30) if total else ""
+        left = eta(row)
+        t.add_row(who, row.get("stage", ""), bar, f"{done}/{total}" if total else "",
+                  f"{row['loss']:.4f}" if row.get("loss") is not None else "",
+                  f"{left:.0f} s" if left is not None else "")
+    return t
+
+
+def save_logs(storage, job: str) -> int:
+    """Copies this driver's Ray job's worker logs, from every node, to outputs/<job>/logs/<node>/ (Ray's
+    state API, which the dashboard serves). Returns the number of files; 0 where the API is unavailable."""
+    from ray.util.state import get_log, list_logs
+
+    ctx = ray.get_runtime_context()
+    address, tag, n = ctx.gcs_address, f"-{ctx.get_job_id()}-", 0
+    try:
+        for node in ray.nodes():
+            if not node.get("Alive"):
+                continue
+            files = list_logs(address=address, node_id=node["NodeID"])
+            for name in files.get("worker_out", []) + files.get("worker_err", []):
+                if tag in name:
+                    text = "".join(get_log(address=address, filename=name, node_id=node["NodeID"], tail=-1))
+                    _, worker, _, pid = name.split("-")  # worker-<id>-<job>-<pid>.out: too long a name
+                    storage.write_bytes(text.encode(), "outputs", job, "logs", node["NodeManagerAddress"],
+                                        f"worker-{worker[:12]}-{pid}")
+                    n += 1
+    except Exception:  # noqa: BLE001 -- logs are a convenience: never fail a finished job over them
+        return n
+    return n
