@@ -48,7 +48,6 @@ def init_ray(address: str | None = None, **kwargs) -> None:
 def cmd_run(args, console: Console) -> int:
     from .job import run_job
     from .spec import load_spec
-    from .storage import Storage
 
     spec = load_spec(args.job)
     init_ray(args.address)
@@ -64,8 +63,6 @@ def cmd_run(args, console: Console) -> int:
         table.add_row(r.name, r.status, str(r.steps), loss, f"{r.seconds:.0f} s", format_timeline(r.timeline),
                       r.error or r.model)
     Console(width=max(120, Console().width)).print(table)
-    console.print(f"report -> {Storage(spec.storage, spec.s3).url('outputs', spec.name, 'report.html')}",
-                  highlight=False)
     failed = [r.name for r in results if r.status == "failed"]
     if failed:
         console.print(f"[red]{len(failed)} subject(s) failed:[/] {', '.join(failed)}; re-run the job to retry them")

@@ -150,25 +150,39 @@ def table(rows: dict):
     return t
 
 
-def save_logs(storage, job: str) -> int:
-    """Copies this driver's Ray job's worker logs, from every node, to outputs/<job>/logs/<node>/ (Ray's
-    state API, which the dashboard serves). Returns the number of files; 0 where the API is unavailable."""
-    from ray.util.state import get_log, list_logs
+def log_files() -> dict[str, list[str]]:
+    """{node id: this driver's Ray job's worker log files there} (Ray's state API, which the dashboard
+    serves); empty where the API is unavailable."""
+    from ray.util.state import list_logs
 
     ctx = ray.get_runtime_context()
-    address, tag, n = ctx.gcs_address, f"-{ctx.get_job_id()}-", 0
+    tag, found = f"-{ctx.get_job_id()}-", {}
     try:
         for node in ray.nodes():
-            if not node.get("Alive"):
-                continue
-            files = list_logs(address=address, node_id=node["NodeID"])
-            for name in files.get("worker_out", []) + files.get("worker_err", []):
-                if tag in name:
-                    text = "".join(get_log(address=address, filename=name, node_id=node["NodeID"], tail=-1))
-                    _, worker, _, pid = name.split("-")  # worker-<id>-<job>-<pid>.out: too long a name
-                    storage.write_bytes(text.encode(), "outputs", job, "logs", node["NodeManagerAddress"],
-                                        f"worker-{worker[:12]}-{pid}")
-                    n += 1
+            if node.get("Alive"):
+                files = list_logs(address=ctx.gcs_address, node_id=node["NodeID"])
+                found[node["NodeID"]] = [n for n in files.get("worker_out", []) + files.get("worker_err", [])
+                                         if tag in n]
+    except Exception:  # noqa: BLE001 -- logs are a convenience: never fail a job over them
+        return {}
+    return found
+
+
+def save_logs(storage, job: str, skip: dict[str, list[str]] | None = None) -> int:
+    """Copies this Ray job's worker logs, from every node, to outputs/<job>/logs/<node address>/, except
+    those in `skip` (the files that existed when the job started: a driver that runs several jobs keeps
+    each one's logs apart). Returns the number of files copied."""
+    from ray.util.state import get_log
+
+    address, n = ray.get_runtime_context().gcs_address, 0
+    nodes = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
+    try:
+        for node_id, names in log_files().items():
+            for name in set(names) - set((skip or {}).get(node_id, [])):
+                text = "".join(get_log(address=address, filename=name, node_id=node_id, tail=-1))
+                _, worker, _, pid = name.split("-")  # worker-<id>-<job>-<pid>.out: too long a name
+                storage.write_bytes(text.encode(), "outputs", job, "logs", nodes[node_id], f"worker-{worker[:12]}-{pid}")
+                n += 1
     except Exception:  # noqa: BLE001 -- logs are a convenience: never fail a finished job over them
         return n
     return n

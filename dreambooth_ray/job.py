@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 import ray
 from rich.console import Console
 
-from . import checkpoint, cluster, export, identifiers, models, preflight, priors, report, samples, train
-from .console import Board, Reporter, View, save_logs
+from . import checkpoint, cluster, export, identifiers, models, preflight, priors, report, samples, tracking, train
+from .console import Board, Reporter, View, log_files, save_logs
 from .images import load_subject_images
 from .spec import JobSpec, SpecError, Subject
 from .storage import Storage
@@ -193,21 +193,26 @@ def run_job(spec: JobSpec, console: Console | None = None) -> list[SubjectResult
         raise SpecError("train.mixed_precision: 'fp16' needs GPUs and this cluster has none (use 'bf16' or 'fp32')")
     identity = models.identity(spec.model, spec.s3)
     preflight.check(spec, storage, planned_runs(spec, storage, identity))
+    tracking.check(spec)  # the MLflow server answers (before any compute)
     # Every concurrent run's workers from the autoscaler at once (nothing asked if the cluster has them).
     cluster.request_workers(use_gpu, min(capacity(spec, use_gpu), len(spec.subjects)) * spec.train.num_workers)
 
-    board = Board.remote()
+    board, logs_before = Board.remote(), log_files()
     try:
         with View(console, board) as view:
             results, prior_refs = _run_subjects(spec, storage, identity, use_gpu, console, board, view)
     finally:
         cluster.release()  # idle nodes may scale down now
-        save_logs(storage, spec.name)
+        save_logs(storage, spec.name, skip=logs_before)
         ray.kill(board)
     ordered = [results[s.name] for s in spec.subjects]
     storage.write_json({"job": spec.name, "priors": [_outcome(ref) for ref in prior_refs.values()],
                         "subjects": [asdict(r) for r in ordered]}, "outputs", spec.name, "results.json")
-    report.build(spec, storage)
+    try:
+        console.print(f"report -> {report.build(spec, storage)}", highlight=False, markup=False, soft_wrap=True)
+    except Exception as e:  # noqa: BLE001 -- every subject is trained and stored; only the page failed
+        console.print(f"warning: report.html not written ({type(e).__name__}: {e}); "
+                      f"`dreambooth-ray report` retries", highlight=False, markup=False)
     return ordered
 
 
@@ -248,6 +253,14 @@ def _run_subjects(spec: JobSpec, storage: Storage, identity: str, use_gpu: bool,
             r = SubjectResult(name, "failed", "", "", 0, None, 0.0, error=_first_line(e))
             console.print(f"{name}: FAILED: {r.error}", highlight=False, markup=False)
         results[name] = r
+        if spec.tracking.mlflow is not None:
+            try:
+                rid = tracking.log_subject(spec, next(s for s in spec.subjects if s.name == name), storage, r)
+                if rid:
+                    console.print(f"{name}: MLflow run {rid}", highlight=False, markup=False)
+            except Exception as e:  # noqa: BLE001 -- the subject is trained and stored; only its tracking failed
+                console.print(f"{name}: warning: not logged to MLflow ({type(e).__name__}: {e})",
+                              highlight=False, markup=False)
 
     return results, prior_refs
 

@@ -121,8 +121,10 @@ def build(spec: JobSpec, storage: Storage | None = None) -> str:
     for s in spec.subjects:
         r = results.get(s.name, {})
         loss = r.get("final_loss")
+        # A re-run skips a finished subject: it is done, by an earlier run.
+        status = "done (earlier run)" if r.get("status") == "skipped" else r.get("status", "not run")
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
-            s.name, r.get("status", "not run"), r.get("steps", "-"), "-" if loss is None else f"{loss:.4f}",
+            s.name, status, r.get("steps", "-"), "-" if loss is None else f"{loss:.4f}",
             f"{r['seconds']:.0f} s" if r.get("seconds") else "-", format_timeline(r.get("timeline") or {}) or "-",
             r.get("error") or r.get("model") or "")) + "</tr>")
     page = [
@@ -144,5 +146,5 @@ def cmd_report(args, console) -> int:
     from .spec import load_spec
 
     url = build(load_spec(args.job))
-    console.print(f"report -> {url}", highlight=False)
+    console.print(f"report -> {url}", highlight=False, soft_wrap=True)
     return 0

@@ -229,6 +229,29 @@ class SampleConfig(_Strict):
         "GPUs for the validation renderer on a GPU job (0: it renders on a CPU; 1: it takes a GPU of its own)"))
 
 
+class MlflowConfig(_Strict):
+    uri: str = Field(description="the tracking server, e.g. http://mlflow.internal:5000 (credentials: the "
+                                 "MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN environment variables)")
+    experiment: Optional[str] = Field(None, description="default: the job's name")
+
+    @field_validator("uri")
+    @classmethod
+    def _no_credentials(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        if urlsplit(v).username or urlsplit(v).password:
+            raise ValueError("has credentials in it; specs are stored and logged: put them in the "
+                             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
+                             "environment variables of the command that runs the job")
+        return v
+
+
+class TrackingConfig(_Strict):
+    """TensorBoard event files are always written (outputs/<job>/tensorboard/); MLflow is optional."""
+
+    mlflow: Optional[MlflowConfig] = None
+
+
 class EvalConfig(_Strict):
     """`dreambooth-ray eval`: the paper's metrics over its prompt set (see eval.py)."""
 
@@ -263,6 +286,7 @@ class JobSpec(_Strict):
     sr: SRConfig = SRConfig()
     samples: SampleConfig = SampleConfig()
     eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
     identifiers: IdentifierConfig = IdentifierConfig()
     skip_bad_images: bool = False
     max_concurrent_subjects: Optional[int] = Field(None, ge=1, description="default: as many as the cluster fits")

@@ -32,7 +32,7 @@ def train_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
     # Where this attempt's time goes (rank 0's view), for the job's per-subject timeline.
-    timeline = {"worker_started_at": time.time(), "checkpoint_stalls": 0.0}
+    timeline = {"worker_started_at": time.time(), "checkpoint_stalls": 0.0, "validation_handover": 0.0}
     mark = time.perf_counter()
 
     def phase(name: str) -> None:

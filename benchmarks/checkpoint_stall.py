@@ -1,0 +1,142 @@
+"""Checkpoint stalls and bytes moved per subject (#16): synchronous against asynchronous uploads, in one run.
+
+A random Stable Diffusion layout whose UNet has ~140M parameters (the tiny VAE and text encoder) trains
+one subject through `dreambooth-ray run`'s own path (job.run_job) twice, on a local S3 server (moto, on
+loopback): with `train.checkpoint_upload: sync` and with `async`, the same steps and checkpoints. The
+job's per-subject timeline gives the training time lost to checkpoints (`checkpoint_stalls`: from the end
+of a step to the next step's start, rank 0) and the steps' own time; storage gives the bytes written.
+
+    .venv/bin/python benchmarks/checkpoint_stall.py [--steps 6] [--every 2] [--channels 128]
+
+Writes benchmarks/results/checkpoint_stall.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def big_unet_pipeline(channels: int, seed: int = 0):
+    """The tiny pipeline with a UNet of SD1.5's block layout at `channels` base width (SD1.5: 320)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from dreambooth_ray import tiny
+
+    pipe = tiny.build_pipeline(seed)
+    torch.manual_seed(seed)
+    c = channels
+    pipe.unet = UNet2DConditionModel(
+        sample_size=tiny.TINY_RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(c, 2 * c, 4 * c, 4 * c),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=pipe.text_encoder.config.hidden_size, attention_head_dim=8,
+    )
+    return pipe
+
+
+def start_s3() -> tuple[subprocess.Popen, str]:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return proc, url
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError("moto server did not start")
+
+
+def stored_bytes(fs, root: str) -> int:
+    return sum(info["size"] for info in fs.find(root, detail=True).values())
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--every", type=int, default=2, help="checkpoint_every")
+    ap.add_argument("--channels", type=int, default=128, help="UNet base width (SD1.5: 320)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "checkpoint_stall.json"))
+    args = ap.parse_args(argv)
+
+    import boto3
+    import ray
+    import s3fs
+
+    from dreambooth_ray import job
+    from dreambooth_ray.cli import init_ray
+    from dreambooth_ray.spec import parse_spec
+    from dreambooth_ray.tiny import make_subject_images
+
+    proc, endpoint = start_s3()
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    try:
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
+        init_ray()
+        with tempfile.TemporaryDirectory() as tmp:
+            pipe = big_unet_pipeline(args.channels)
+            params = sum(p.numel() for p in pipe.unet.parameters())
+            pipe.save_pretrained(f"{tmp}/model")
+            make_subject_images(f"{tmp}/photos", n=4)
+            runs = {}
+            for mode in ("sync", "async"):
+                spec = parse_spec({
+                    "name": f"stall-{mode}", "model": f"{tmp}/model", "storage": f"s3://bench/{mode}",
+                    "s3": {"endpoint_url": endpoint},
+                    "subject": {"name": "s", "images": f"{tmp}/photos", "class": "toy"},
+                    "prior": {"enabled": False},
+                    "train": {"resolution": 32, "steps": args.steps, "checkpoint_every": args.every,
+                              "checkpoint_upload": mode, "num_workers": 1, "zero_stage": 2,
+                              "mixed_precision": "fp32", "max_failures": 0, "keep_checkpoints": 2},
+                    "samples": {"prompts": ["a {identifier} {class_noun}"], "inference_steps": 2},
+                })
+                t0 = time.perf_counter()
+                [r] = job.run_job(spec)
+                wall = time.perf_counter() - t0
+                assert r.status == "done", r.error
+                t = r.timeline
+                n_ckpt = args.steps // args.every
+                ckpt = stored_bytes(fs, f"bench/{mode}/checkpoints")
+                out = stored_bytes(fs, f"bench/{mode}/outputs")
+                runs[mode] = {"wall_s": round(wall, 1), "steps_s": t["steps"], "checkpoint_stalls_s": t["checkpoint_stalls"],
+                              "stall_per_checkpoint_s": round(t["checkpoint_stalls"] / n_ckpt, 3),
+                              "checkpoints": n_ckpt, "bytes_checkpoints_kept": ckpt, "bytes_outputs": out,
+                              "timeline": t}
+                print(mode, json.dumps(runs[mode]), flush=True)
+        ray.shutdown()
+    finally:
+        proc.terminate()
+    sync, asyn = runs["sync"]["stall_per_checkpoint_s"], runs["async"]["stall_per_checkpoint_s"]
+    result = {
+        "unet_parameters": params, "steps": args.steps, "checkpoint_every": args.every, "storage": "moto S3 on loopback",
+        "cpus": os.cpu_count(), "runs": runs,
+        "stall_ratio_async_over_sync": round(asyn / sync, 3) if sync else None,
+        "checkpoint_bytes_each": runs["sync"]["bytes_checkpoints_kept"] // min(2, runs["sync"]["checkpoints"]),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
+    return result
+
+
+if __name__ == "__main__":
+    main()
