@@ -1,8 +1,9 @@
 """Checkpoint stalls and bytes moved per subject (#16): synchronous against asynchronous uploads, in one run.
 
 A random Stable Diffusion layout whose UNet has ~140M parameters (the tiny VAE and text encoder) trains
-one subject through `dreambooth-ray run`'s own path (job.run_job) twice, on a local S3 server (moto, on
-loopback): with `train.checkpoint_upload: sync` and with `async`, the same steps and checkpoints. The
+one subject through `dreambooth-ray run`'s own path (job.run_job) twice: with `train.checkpoint_upload:
+sync` and with `async`, the same steps and checkpoints. Storage is a local folder by default (the upload
+is a copy to it); `--s3` uses a local S3 server (moto on loopback), which here takes minutes per GB. The
 job's per-subject timeline gives the training time lost to checkpoints (`checkpoint_stalls`: from the end
 of a step to the next step's start, rank 0) and the steps' own time; storage gives the bytes written.
 
@@ -74,6 +75,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--every", type=int, default=2, help="checkpoint_every")
     ap.add_argument("--channels", type=int, default=128, help="UNet base width (SD1.5: 320)")
+    ap.add_argument("--s3", action="store_true", help="storage on a local S3 server instead of a folder")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "checkpoint_stall.json"))
     args = ap.parse_args(argv)
 
@@ -86,13 +88,20 @@ def main(argv=None) -> dict:
     from dreambooth_ray.spec import parse_spec
     from dreambooth_ray.tiny import make_subject_images
 
-    proc, endpoint = start_s3()
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    proc = endpoint = None
+    if args.s3:
+        proc, endpoint = start_s3()
+        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     try:
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
-        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
+        if args.s3:
+            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+            fs, base = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}), "bench"
         init_ray()
         with tempfile.TemporaryDirectory() as tmp:
+            if not args.s3:
+                import fsspec
+
+                fs, base = fsspec.filesystem("file"), f"{tmp}/storage"
             pipe = big_unet_pipeline(args.channels)
             params = sum(p.numel() for p in pipe.unet.parameters())
             pipe.save_pretrained(f"{tmp}/model")
@@ -100,8 +109,9 @@ def main(argv=None) -> dict:
             runs = {}
             for mode in ("sync", "async"):
                 spec = parse_spec({
-                    "name": f"stall-{mode}", "model": f"{tmp}/model", "storage": f"s3://bench/{mode}",
-                    "s3": {"endpoint_url": endpoint},
+                    "name": f"stall-{mode}", "model": f"{tmp}/model",
+                    "storage": f"s3://bench/{mode}" if args.s3 else f"{base}/{mode}",
+                    **({"s3": {"endpoint_url": endpoint}} if args.s3 else {}),
                     "subject": {"name": "s", "images": f"{tmp}/photos", "class": "toy"},
                     "prior": {"enabled": False},
                     "train": {"resolution": 32, "steps": args.steps, "checkpoint_every": args.every,
@@ -115,8 +125,8 @@ def main(argv=None) -> dict:
                 assert r.status == "done", r.error
                 t = r.timeline
                 n_ckpt = args.steps // args.every
-                ckpt = stored_bytes(fs, f"bench/{mode}/checkpoints")
-                out = stored_bytes(fs, f"bench/{mode}/outputs")
+                ckpt = stored_bytes(fs, f"{base}/{mode}/checkpoints")
+                out = stored_bytes(fs, f"{base}/{mode}/outputs")
                 runs[mode] = {"wall_s": round(wall, 1), "steps_s": t["steps"], "checkpoint_stalls_s": t["checkpoint_stalls"],
                               "stall_per_checkpoint_s": round(t["checkpoint_stalls"] / n_ckpt, 3),
                               "checkpoints": n_ckpt, "bytes_checkpoints_kept": ckpt, "bytes_outputs": out,
@@ -124,10 +134,11 @@ def main(argv=None) -> dict:
                 print(mode, json.dumps(runs[mode]), flush=True)
         ray.shutdown()
     finally:
-        proc.terminate()
+        if proc is not None:
+            proc.terminate()
     sync, asyn = runs["sync"]["stall_per_checkpoint_s"], runs["async"]["stall_per_checkpoint_s"]
     result = {
-        "unet_parameters": params, "steps": args.steps, "checkpoint_every": args.every, "storage": "moto S3 on loopback",
+        "unet_parameters": params, "steps": args.steps, "checkpoint_every": args.every, "storage": "moto S3 on loopback" if args.s3 else "local folder",
         "cpus": os.cpu_count(), "runs": runs,
         "stall_ratio_async_over_sync": round(asyn / sync, 3) if sync else None,
         "checkpoint_bytes_each": runs["sync"]["bytes_checkpoints_kept"] // min(2, runs["sync"]["checkpoints"]),
