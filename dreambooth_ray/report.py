@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 
 from .spec import JobSpec, Subject
 from .storage import Storage
@@ -35,12 +34,6 @@ def _img(data: bytes | None, alt: str, mime: str = "image/png") -> str:
         return ""
     return f'<img alt="{html.escape(alt)}" title="{html.escape(alt)}" src="data:{mime};base64,' \
            f'{base64.b64encode(data).decode()}">'
-
-
-def _png(im) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def loss_svg(history: list[dict], keys=("loss", "instance_loss", "prior_loss"), w: int = 480, h: int = 180) -> str:
@@ -70,6 +63,7 @@ def loss_svg(history: list[dict], keys=("loss", "instance_loss", "prior_loss"), 
 
 def _subject_section(spec: JobSpec, subject: Subject, storage: Storage, result: dict | None, metrics: dict | None) -> str:
     from .images import load_subject_images
+    from .samples import png_bytes
     from .train import History
 
     out = ("outputs", spec.name, subject.name)
@@ -81,7 +75,7 @@ def _subject_section(spec: JobSpec, subject: Subject, storage: Storage, result: 
              f'</span></p>']
     try:
         photos = load_subject_images(subject.images, spec.train.resolution, spec.s3, skip_bad=True)
-        parts.append('<h3>Photos</h3><div class="photos">' + "".join(_img(_png(p.image), p.name) for p in photos)
+        parts.append('<h3>Photos</h3><div class="photos">' + "".join(_img(png_bytes(p.image), p.name) for p in photos)
                      + "</div>")
     except Exception as e:  # noqa: BLE001 -- the report still shows what it can
         parts.append(f'<p class="failed">photos: {html.escape(str(e).splitlines()[0])}</p>')

@@ -353,16 +353,23 @@ def load_judge(path):
     return net
 
 
-def judge_predict(net, images) -> list[dict]:
-    """Predicted attributes for PIL images (or a uint8 array N x 3 x H x W)."""
+def judge_input(images):
+    """The judge's input: PIL images (or a uint8 array N x 3 x H x W) as floats in [-1, 1] at its resolution."""
     import numpy as np
     import torch
 
     if not isinstance(images, np.ndarray):
         images = np.stack([np.asarray(im.convert("RGB").resize((RESOLUTION, RESOLUTION)), dtype=np.uint8).transpose(2, 0, 1)
                            for im in images])
+    return torch.from_numpy(images).float() / 127.5 - 1
+
+
+def judge_predict(net, images) -> list[dict]:
+    """Predicted attributes for PIL images (or a uint8 array N x 3 x H x W)."""
+    import torch
+
     with torch.no_grad():
-        out = net(torch.from_numpy(images).float() / 127.5 - 1)
+        out = net(judge_input(images))
     preds = {k: out[k].argmax(-1).tolist() for k in HEADS}
     return [{k: HEADS[k][preds[k][i]] for k in HEADS} for i in range(len(images))]
 
@@ -456,12 +463,9 @@ class ToyMetrics:
         self.device = device
 
     def _run(self, images):
-        import numpy as np
         import torch
 
-        x = np.stack([np.asarray(im.convert("RGB").resize((RESOLUTION, RESOLUTION)), dtype=np.uint8).transpose(2, 0, 1)
-                      for im in images])
-        h, stages = torch.from_numpy(x).float().to(self.device) / 127.5 - 1, []
+        h, stages = judge_input(images).to(self.device), []
         with torch.no_grad():
             for layer in self.net.body:
                 h = layer(h)
