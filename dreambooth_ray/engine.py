@@ -27,19 +27,20 @@ def autocast_dtype(cfg: TrainConfig) -> torch.dtype | None:
 
 
 class DreamBoothModel(torch.nn.Module):
-    """What DeepSpeed trains: the UNet, and the text encoder(s) when they are trained too. The
-    family (families/) runs them: `forward(noisy, t, **conditioning)` is `family.denoise`. Parts keep
-    their pipeline names (unet, text_encoder, text_encoder_2), so checkpoint keys name them."""
+    """What DeepSpeed trains: the denoiser (a UNet or a transformer), and the text encoder(s) when they
+    are trained too. The family (families/) runs them: `forward(noisy, t, **conditioning)` is
+    `family.denoise`. Parts keep their pipeline names (unet or transformer, text_encoder, ...), so
+    checkpoint keys name them."""
 
-    def __init__(self, unet, text_encoder=None, family=None, **more_text_encoders):
+    def __init__(self, denoiser, text_encoder=None, family=None, **more_text_encoders):
         super().__init__()
         from .families import SD
 
-        self.unet = unet
+        self.family = family or SD
+        self.add_module(self.family.denoiser, denoiser)
         self.text_encoder = text_encoder
         for name, module in more_text_encoders.items():
             self.add_module(name, module)
-        self.family = family or SD
 
     def forward(self, noisy_latents, timesteps, **conditioning):
         # With a trained encoder the mask is given as in inference: T5 (IF) reads it, CLIP gets None.
@@ -53,15 +54,13 @@ def add_lora(unet, text_encoder, cfg: TrainConfig, family=None, **more_text_enco
     (family or SD).add_lora({"unet": unet, "text_encoder": text_encoder, **more_text_encoders}, cfg)
 
 
-def configure_unet(unet, cfg: TrainConfig) -> None:
+def configure_denoiser(denoiser, cfg: TrainConfig, family) -> None:
     """Attention kernel and memory layout: settings that change speed, not what is computed."""
-    from .models import set_sdpa
-
-    set_sdpa(unet, classic=cfg.attention == "classic")
+    family.set_attention(denoiser, classic=cfg.attention == "classic")
     # channels_last is set on the step's input, not the weights: DeepSpeed broadcasts and flattens
     # parameters as contiguous buffers, and a conv with a channels_last input runs channels_last.
     if cfg.compile:
-        unet.compile()  # in place: parameter names (and so checkpoints) stay those of the plain UNet
+        denoiser.compile()  # in place: parameter names (and so checkpoints) stay those of the plain UNet
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict:
@@ -79,6 +78,84 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         "zero_allow_untested_optimizer": True,  # torch AdamW: fused/foreach kernels, works under ZeRO
         "steps_per_print": 1 << 30,
     }
+
+
+def no_shm_comm() -> None:
+    """DeepSpeed JIT-compiles a shared-memory all-reduce for CPU inference that training never calls:
+    30-60 s on first use, and a compile killed midway leaves a lock that hangs every later run."""
+    import deepspeed
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def partitioned_loader(cfg: TrainConfig):
+    """For full fine-tuning under ZeRO-3: a loader that builds the denoiser already sharded, so no
+    worker ever holds all of it (a 12B Flux transformer is 48 GB in fp32). None otherwise."""
+    if cfg.zero_stage != 3 or cfg.method != "full":
+        return None  # LoRA's frozen base is not sharded by a partitioned init: peft wraps whole layers
+    return lambda cls, path, subfolder: load_partitioned(cls, path, subfolder, deepspeed_config(cfg))
+
+
+def load_partitioned(cls, path: str, subfolder: str, ds_config: dict, chunk: int = 1 << 26):
+    """A diffusers model built under deepspeed.zero.Init (each rank allocates only its shard), then
+    filled from its safetensors files: rank 0 reads up to `chunk` elements at a time (memory-mapped)
+    into parameters gathered for that moment, and the shards are scattered back. Peak host memory per
+    worker: its shard plus one chunk, falling with the worker count."""
+    import deepspeed
+    import torch.distributed as dist
+    from safetensors import safe_open
+
+    if not torch.cuda.is_available():
+        no_shm_comm()
+    folder = _local_folder(path, subfolder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights in {folder}")
+    where = {}
+    for f in files:
+        with safe_open(str(f), "pt") as sf:
+            where.update({k: f for k in sf.keys()})
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = cls.from_config(cls.load_config(str(folder)))
+    named = list(model.named_parameters())
+    missing = [n for n, _ in named if n not in where]
+    if missing:
+        raise KeyError(f"{folder}: no weights for {missing[:3]} ({len(missing)} parameters)")
+    rank0 = dist.get_rank() == 0
+    batch: list = []
+
+    def fill(batch):
+        with deepspeed.zero.GatheredParameters([p for _, p in batch], modifier_rank=0):
+            if rank0:
+                for name, p in batch:
+                    with safe_open(str(where[name]), "pt") as sf:
+                        p.data.copy_(sf.get_tensor(name))
+
+    size = 0
+    for name, p in named:  # the same order on every rank: each gather is a collective
+        batch.append((name, p))
+        size += p.ds_numel
+        if size >= chunk:
+            fill(batch)
+            batch, size = [], 0
+    if batch:
+        fill(batch)
+    for name, buf in model.named_buffers():  # buffers are not partitioned: every rank reads its own
+        if name in where:
+            with safe_open(str(where[name]), "pt") as sf:
+                buf.copy_(sf.get_tensor(name))
+    return model
+
+
+def _local_folder(path: str, subfolder: str):
+    from pathlib import Path
+
+    folder = Path(path) / subfolder
+    if folder.is_dir():
+        return folder
+    from huggingface_hub import snapshot_download  # a hub id: this part's files only
+
+    return Path(snapshot_download(path, allow_patterns=[f"{subfolder}/*"])) / subfolder
 
 
 def optimizer(params, cfg: TrainConfig, on_gpu: bool, fused: bool | None = None) -> torch.optim.Optimizer:
@@ -106,12 +183,15 @@ def latent_encoder(vae, device, chunk: int = 8):
 
 
 def diffusion_step(model, noise_scheduler, rows, n_instance, g, prior_weight, dtype, device, *,
-                   vae=None, scaling_factor=None, channels_last=False, autocast=None, family=None, **text):
+                   vae=None, scaling_factor=None, shift_factor=0.0, channels_last=False, autocast=None, family=None,
+                   cfg: TrainConfig | None = None, **text):
     """One noise-prediction forward pass over [subject rows; class rows] and the DreamBooth loss.
 
     `rows` are pixels (encoded here by `vae`), cached latent distributions (mean || std), or, for a
     pixel-space model (no VAE, `scaling_factor=None`), the pixels that are themselves diffused.
-    The family (default: Stable Diffusion's) states the objective: timestep sampling, target, weights.
+    The family (default: Stable Diffusion's) states the objective: timestep sampling, noising, target,
+    weights (`cfg.flow` configures the flow-matching families'). Latents are (z - shift) * scale, the
+    shift being the VAE's `shift_factor` (SD3, Flux; 0 elsewhere).
     """
     from .families import SD
 
@@ -124,18 +204,19 @@ def diffusion_step(model, noise_scheduler, rows, n_instance, g, prior_weight, dt
                 dist = vae.encode(rows.to(device, vae.dtype)).latent_dist
                 mean, std = dist.mean, dist.std
                 scaling_factor = vae.config.scaling_factor
+                shift_factor = vae.config.get("shift_factor") or 0.0
             else:
                 mean, std = rows.to(device).chunk(2, dim=1)
             eps = torch.randn(mean.shape, generator=g).to(device, mean.dtype)
-            latents = ((mean + std * eps) * scaling_factor).float()
+            latents = ((mean + std * eps - shift_factor) * scaling_factor).float()
     noise = torch.randn(latents.shape, generator=g).to(device, latents.dtype)
-    t = family.sample_timesteps(noise_scheduler, latents.shape[0], g).to(device)
-    noisy = noise_scheduler.add_noise(latents, noise, t).to(dtype)
+    t = family.sample_timesteps(noise_scheduler, latents.shape[0], g, cfg, latents.shape).to(device)
+    noisy = family.noisy(noise_scheduler, latents, noise, t).to(dtype)
     if channels_last:
         noisy = noisy.contiguous(memory_format=torch.channels_last)
     target = family.target(noise_scheduler, latents, noise, t)
     return denoise_loss(model, noisy, t, target, n_instance, prior_weight, device, autocast,
-                        family.loss_weights(noise_scheduler, t), **text)
+                        family.loss_weights(noise_scheduler, t, cfg), **text)
 
 
 def denoise_loss(model, x, t, target, n_instance, prior_weight, device, autocast=None, weights=None, **cond):
@@ -186,9 +267,7 @@ def initialize(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, f
     import deepspeed
 
     if device.type == "cpu":
-        # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU inference that training never calls:
-        # 30-60 s on first use, and a compile killed midway leaves a lock that hangs every later run.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        no_shm_comm()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer(params, cfg, on_gpu=device.type == "cuda", fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (cfg.lr_warmup_steps + 1)))
@@ -208,7 +287,7 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
     if device.type == "cuda":  # fp32 matmuls (frozen parts, fp32 mode) on TF32 tensor cores
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     vae = parts.get("vae")
-    step_kw: dict = {"channels_last": cfg.channels_last, "autocast": autocast_dtype(cfg), "family": family}
+    step_kw: dict = {"channels_last": cfg.channels_last, "autocast": autocast_dtype(cfg), "family": family, "cfg": cfg}
     row_cond = family.row_conditioning(geometry or [None] * len(instance), cfg.resolution, cfg.random_flip)
     class_cond = family.row_conditioning([None] * len(classes), cfg.resolution, cfg.random_flip) if classes else None
     cond = {} if row_cond is None else {"row_cond": row_cond, "class_cond": class_cond}
@@ -220,6 +299,7 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
         data = DreamBoothData(instance, classes, cfg.random_flip, latent_encoder(vae.to(device, torch.float32), device),
                               **cond)
         step_kw["scaling_factor"] = vae.config.scaling_factor
+        step_kw["shift_factor"] = vae.config.get("shift_factor") or 0.0
         vae.to("cpu")
     else:
         data = DreamBoothData(instance, classes, cfg.random_flip, **cond)
@@ -232,14 +312,16 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
     lora = cfg.method == "lora"
     if lora:
         family.add_lora(parts, cfg)
-    configure_unet(parts["unet"], cfg)
+    denoiser = parts[family.denoiser]
+    configure_denoiser(denoiser, cfg, family)
+    step_kw.update(family.fixed_conditioning(cfg, denoiser))
     if cfg.train_text_encoder or (lora and cfg.lora.text_encoder):
-        model = DreamBoothModel(parts["unet"], family=family, **encoders)
-        step_kw.update({k: v.to(device) for k, v in inputs.items()})
+        model = DreamBoothModel(denoiser, family=family, **{n: encoders[n] for n in family.trainable_encoders})
+        step_kw.update(family.trained_inputs(parts, inputs, device))
     else:
         # Frozen text encoders: the two prompts' conditioning never changes, so compute it once.
         step_kw.update({k: v.to(dtype) for k, v in family.encode_frozen(encoders, inputs, device).items()})
-        model = DreamBoothModel(parts["unet"], family=family)
+        model = DreamBoothModel(denoiser, family=family)
     noise_scheduler = parts["noise_scheduler"]
 
     def loss(model, rows, n, g, row_cond=None):

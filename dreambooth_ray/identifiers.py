@@ -1,8 +1,10 @@
 """Rare-token identifiers, as in the DreamBooth paper: `identifier: auto` picks one from the vocabulary.
 
-A good identifier is a single token the model has weak priors for: rare (a rank window of the BPE
-vocabulary, whose ids follow merge order, i.e. frequency), short (at most 3 characters, so its
-spelling carries little meaning), not an English word, and not the class noun.
+A good identifier is a single token the model has weak priors for: rare (a rank window of the
+vocabulary, whose ids follow frequency: merge order in CLIP's BPE, piece score in T5's sentencepiece,
+where the paper found its window), short (at most 3 characters, so its spelling carries little
+meaning), not an English word, and not the class noun. Only whole-word tokens qualify: CLIP marks a
+word's end ("sks</w>"), sentencepiece its start ("▁sks").
 """
 
 from __future__ import annotations
@@ -23,6 +25,14 @@ def _english() -> frozenset[str]:
     return frozenset(get_english_words_set(["web2", "gcide"], lower=True))
 
 
+def _whole_word(token: str) -> str | None:
+    if token.endswith("</w>"):
+        return token[: -len("</w>")]
+    if token.startswith("\u2581"):
+        return token[1:]
+    return None
+
+
 def candidates(tokenizer, class_noun: str = "", cfg: IdentifierConfig = IdentifierConfig()) -> list[tuple[int, str]]:
     """(token id, text) of every acceptable identifier in the configured rank window."""
     vocab = tokenizer.get_vocab()
@@ -33,9 +43,9 @@ def candidates(tokenizer, class_noun: str = "", cfg: IdentifierConfig = Identifi
     words = _english()
     out = []
     for token, tid in vocab.items():
-        if not (lo <= tid < hi) or not token.endswith("</w>"):
-            continue  # only whole-word tokens: a word piece would merge with its neighbours
-        text = token[: -len("</w>")]
+        text = _whole_word(token)
+        if not (lo <= tid < hi) or text is None:
+            continue  # a word piece would merge with its neighbours
         if not (1 <= len(text) <= cfg.max_chars and text.isascii() and text.isalpha() and text.islower()):
             continue
         if text in words or text == class_noun.lower() or tokenizer.tokenize(text) != [token]:

@@ -110,13 +110,14 @@ def family(ref: str, s3: S3Settings | None = None, role: str | None = None):
         raise ModelError(f"model {ref!r}: cannot load ({e})") from None
 
 
-def load_components(ref: str, s3: S3Settings | None = None):
+def load_components(ref: str, s3: S3Settings | None = None, partitioned=None):
     """The parts training needs, as the model's family loads them (families/), plus the family itself
     under "family": tokenizer(s), text encoder(s), a VAE (`vae: None` for a pixel-space family such
-    as DeepFloyd IF stage I), the UNet and a DDPM noise schedule."""
+    as DeepFloyd IF stage I), the denoiser (UNet or transformer) and its training schedule.
+    `partitioned`: a loader that shards the denoiser as it is built (ZeRO-3, engine.load_partitioned)."""
     fam = family(ref, s3)
     try:
-        return fam.load_parts(resolve(ref, s3))
+        return fam.load_parts(resolve(ref, s3), partitioned)
     except OSError as e:
         raise ModelError(f"model {ref!r}: cannot load ({e})") from None
 
@@ -155,17 +156,22 @@ def set_sdpa(unet, classic: bool = False) -> None:
 
 
 def prepare_sampler(pipe, device: str):
-    """An inference pipeline set up for throughput: fp16 on GPUs, SDPA attention, channels_last UNet."""
+    """An inference pipeline set up for throughput: half precision on GPUs (the family's: fp16, bf16
+    for the flow transformers, whose activations overflow fp16), SDPA attention, channels_last."""
     import torch
 
-    pipe = pipe.to(device, torch.float16 if device == "cuda" else torch.float32)
-    set_sdpa(pipe.unet)
-    pipe.unet.to(memory_format=torch.channels_last)
+    from . import families
+
+    fam = families.BY_PIPELINE.get(type(pipe).__name__, families.SD)
+    pipe = pipe.to(device, getattr(torch, fam.inference_half) if device == "cuda" else torch.float32)
+    denoiser = getattr(pipe, fam.denoiser)
+    fam.set_attention(denoiser)
+    denoiser.to(memory_format=torch.channels_last)  # a transformer's only 4-D weight is its patch embedding
     return pipe
 
 
 def sampler_scheduler(model_scheduler, kind: str):
-    if kind == "model":
+    if kind == "model" or "FlowMatch" in type(model_scheduler).__name__:  # DPM++ here is for DDPM-type schedules
         return model_scheduler
     from diffusers import DPMSolverMultistepScheduler
 

@@ -62,12 +62,11 @@ def _index(cfgs: ModelConfigs) -> dict:
     return index
 
 
-def _meta_unet(config: dict):
+def _meta_denoiser(family, config: dict):
     from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
 
     with init_empty_weights():
-        return UNet2DConditionModel.from_config(config)
+        return family.denoiser_type().from_config(config)
 
 
 def _meta_text_encoder(class_name: str, config: dict):
@@ -102,32 +101,19 @@ def base_model_problems(spec: JobSpec) -> list[str]:
         names = ", ".join(f"{k} ({v})" for k, v in BASE_PIPELINES.items())
         return [f"model: {spec.model!r} is a {kind}; supported base models: {names}"]
     family = families.family_for(index, "base")
-    problems = []
-    unet = cfgs.read("unet/config.json") or {}
-    added = unet.get("addition_embed_type")
-    if added not in family.added_conditioning:
-        if added is None:
-            problems.append(f"model: a {kind} needs a UNet with added conditioning "
-                            f"({', '.join(map(repr, family.added_conditioning))}); this one takes none")
-        else:
-            problems.append(f"model: its UNet takes added conditioning ({added!r}, e.g. SDXL's pooled text and "
-                            f"time ids) that a {kind} does not provide")
-    if unet.get("class_embed_type") is not None or unet.get("num_class_embeds") is not None:
-        problems.append("model: its UNet is class-conditioned (a super-resolution UNet?); use it as sr.model")
-    if not problems:
-        problems += family.config_problems(cfgs.read, unet)
+    den = cfgs.read(f"{family.denoiser}/config.json") or {}
+    problems = family.config_problems(cfgs.read, den)
     sched = cfgs.read("scheduler/scheduler_config.json") or {}
     if sched.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
         problems.append(f"model: scheduler prediction_type {sched['prediction_type']!r} is not one of {PREDICTION_TYPES}")
-    hidden = family.text_width(cfgs.read)
-    expected = unet.get("encoder_hid_dim") or unet.get("cross_attention_dim")
+    hidden, expected = family.text_width(cfgs.read), family.cross_width(den)
     if hidden and expected and hidden != expected:
-        problems.append(f"model: text encoder width {hidden} does not match the UNet's cross-attention input {expected}")
+        problems.append(f"model: text encoder width {hidden} does not match the {family.denoiser}'s text input {expected}")
     if spec.train.method == "lora" and not problems:
         lc = spec.train.lora
         unet_targets, te_targets = family.lora_targets_of(lc)
-        problems += lora_target_problems(_meta_unet(unet), unet_targets, "train.lora.target_modules")
-        for name in family.text_encoders if lc.text_encoder else ():
+        problems += lora_target_problems(_meta_denoiser(family, den), unet_targets, "train.lora.target_modules")
+        for name in family.trainable_encoders if lc.text_encoder else ():
             te_class = (index.get(name) or [None, None])[1]
             if te_class:
                 where = "train.lora.text_encoder_modules" + ("" if name == "text_encoder" else f" ({name})")

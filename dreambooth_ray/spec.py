@@ -128,6 +128,17 @@ class LoraConfig(_Strict):
     text_encoder_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
+class FlowConfig(_Strict):
+    """The flow-matching objective of SD3 and Flux (families/flow.py); 'auto' is each model's published recipe."""
+
+    timestep_sampling: Literal["auto", "uniform", "logit_normal", "mode"] = "auto"  # auto: logit-normal
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0.0)
+    mode_scale: float = 1.29
+    weighting: Literal["auto", "none", "sigma_sqrt", "cosmap"] = "auto"  # auto: none (uniform weights)
+    guidance: float = Field(3.5, ge=0.0, description="the embedded guidance a guidance-distilled Flux trains at")
+
+
 class TrainConfig(_Strict):
     resolution: int = Field(512, ge=8, le=4096)
     steps: int = Field(400, ge=1)
@@ -153,6 +164,7 @@ class TrainConfig(_Strict):
     train_text_encoder: bool = False
     method: Literal["full", "lora"] = "full"
     lora: LoraConfig = LoraConfig()
+    flow: FlowConfig = FlowConfig()
     random_flip: bool = True
     seed: int = 0
     # Speed: each is measured on and off by `dreambooth-ray bench`.

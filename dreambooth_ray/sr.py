@@ -129,7 +129,7 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
     states = family.encode_frozen(family.encoders(parts), family.prompt_inputs(parts, prompts),
                                   device)["encoder_hidden_states"].to(dtype)
     scaling = parts["vae"].config.scaling_factor if kind == "x4" else 1.0
-    engine.configure_unet(parts["unet"], cfg)
+    engine.configure_denoiser(parts["unet"], cfg, family)
     model = engine.DreamBoothModel(parts["unet"], family=family)
     noise_s, noising_s = parts["noise_scheduler"], parts["image_noising_scheduler"]
     autocast = engine.autocast_dtype(cfg)

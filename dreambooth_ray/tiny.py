@@ -16,6 +16,8 @@ TINY_SR_VERSION = "tiny-sr-v2"
 TINY_X4_VERSION = "tiny-x4-v1"
 TINY_IF_VERSION = "tiny-if-v1"
 TINY_SDXL_VERSION = "tiny-sdxl-v1"
+TINY_SD3_VERSION = "tiny-sd3-v1"
+TINY_FLUX_VERSION = "tiny-flux-v1"
 TINY_METRICS_VERSION = "tiny-metrics-v1"
 TINY_RESOLUTION = 32  # pixels; the VAE downsamples by 2, so latents are 16x16
 
@@ -260,6 +262,112 @@ def build_sdxl_pipeline(seed: int = 0):
     )
 
 
+def write_t5_tokenizer(path: Path, seed: int = 0) -> None:
+    """A sentencepiece-style (unigram) T5 tokenizer, tiny: T5's special tokens, then word-initial
+    pieces ("\u2581dog") for the tiny words, characters, and a tail of rare 2-3 letter pieces, ids in
+    score order as in a trained sentencepiece model (so `identifier: auto` has a rare window to search)."""
+    import random
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    rng = random.Random(seed)
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + w, -3.0 - 0.01 * i) for i, w in enumerate(_WORDS)]
+    chars = string.ascii_lowercase + string.digits + ".,!?'-"
+    pieces += [(c, -6.0) for c in chars] + [("\u2581" + c, -6.5) for c in string.ascii_lowercase if c not in _WORDS]
+    seen = {p for p, _ in pieces}
+    rare = []
+    while len(rare) < 400:
+        w = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.choice((2, 3))))
+        if "\u2581" + w not in seen:
+            seen.add("\u2581" + w)
+            rare.append(("\u2581" + w, -9.0 - 0.001 * len(rare)))
+    tok = Tokenizer(models.Unigram(pieces + rare, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "T5Tokenizer", "model_max_length": 512, "pad_token": "<pad>", "eos_token": "</s>",
+        "unk_token": "<unk>", "extra_ids": 0,
+    }))
+
+
+def _flow_parts(seed: int, t5_width: int, latent_channels: int = 4, shift: float = 0.0609, scale: float = 1.5):
+    """What the tiny SD3 and Flux share: the tiny CLIP tokenizer, a tiny T5 (its own unigram
+    tokenizer), and the tiny VAE with a latent shift and scale (as SD3's and Flux's VAEs have)."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp) / "clip")
+        write_t5_tokenizer(Path(tmp) / "t5", seed)
+        clip_tok, t5_tok = CLIPTokenizer.from_pretrained(Path(tmp) / "clip"), T5TokenizerFast.from_pretrained(Path(tmp) / "t5")
+    torch.manual_seed(seed + 11)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=t5_width, d_kv=8, d_ff=2 * t5_width, num_layers=2,
+                                 num_heads=4, pad_token_id=t5_tok.pad_token_id))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=8, sample_size=TINY_RESOLUTION, scaling_factor=scale, shift_factor=shift,
+        use_quant_conv=False, use_post_quant_conv=False,
+    )
+    return clip_tok, t5_tok, t5, vae
+
+
+def _clip(tokenizer, hidden: int, projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                              num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
+                              projection_dim=hidden, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+
+
+def build_sd3_pipeline(seed: int = 0):
+    """A Stable Diffusion 3 layout (StableDiffusion3Pipeline), tiny and random: two CLIP encoders with
+    projections (pooled 32 + 32), a T5 64 wide (the CLIP states, 32 + 32, are padded to it), an MMDiT
+    on 2x2 latent patches, SD3's flow-matching schedule (shift 3)."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    clip_tok, t5_tok, t5, vae = _flow_parts(seed, t5_width=64)
+    torch.manual_seed(seed + 12)
+    te, te2 = _clip(clip_tok, 32, True), _clip(clip_tok, 32, True)
+    transformer = SD3Transformer2DModel(sample_size=TINY_RESOLUTION // 2, patch_size=2, in_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+                                        caption_projection_dim=32, pooled_projection_dim=64, out_channels=4,
+                                        pos_embed_max_size=32)
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=te, tokenizer=clip_tok, text_encoder_2=te2,
+                                    tokenizer_2=clip_tok, text_encoder_3=t5, tokenizer_3=t5_tok)
+
+
+def build_flux_pipeline(seed: int = 0):
+    """A Flux.1-dev layout (FluxPipeline), tiny and random: CLIP (pooled, 32), T5 (sequence, 32), a
+    transformer with double- and single-stream blocks over packed 2x2 latent patches, the guidance
+    embedding, and Flux's resolution-dependent (dynamic) timestep shift."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    clip_tok, t5_tok, t5, vae = _flow_parts(seed, t5_width=32, shift=0.1159, scale=0.3611)
+    torch.manual_seed(seed + 13)
+    te = _clip(clip_tok, 32, False)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(transformer=transformer, scheduler=sched, vae=vae, text_encoder=te, tokenizer=clip_tok,
+                        text_encoder_2=t5, tokenizer_2=t5_tok)
+
+
 def sd15_pipeline(seed: int = 0):
     """Stable Diffusion 1.5's architecture (UNet 860M, VAE, CLIP ViT-L text) with random weights.
 
@@ -368,6 +476,8 @@ BUILT_IN = {
     "tiny": (TINY_VERSION, "build_pipeline", "model_index.json"),
     "tiny-if": (TINY_IF_VERSION, "build_if_pipeline", "model_index.json"),
     "tiny-sdxl": (TINY_SDXL_VERSION, "build_sdxl_pipeline", "model_index.json"),
+    "tiny-sd3": (TINY_SD3_VERSION, "build_sd3_pipeline", "model_index.json"),
+    "tiny-flux": (TINY_FLUX_VERSION, "build_flux_pipeline", "model_index.json"),
     "tiny-sr": (TINY_SR_VERSION, "build_sr_pipeline", "model_index.json"),
     "tiny-x4": (TINY_X4_VERSION, "build_x4_pipeline", "model_index.json"),
     "tiny-dino": (f"{TINY_METRICS_VERSION}-dino", "build_dino", "config.json"),
@@ -398,8 +508,10 @@ def materialize(cache_dir: str | os.PathLike | None = None, name: str = "tiny") 
                         f"{builder}().save_pretrained(sys.argv[1])", str(tmp)], check=True)
     else:
         globals()[builder]().save_pretrained(tmp)
-    parts = ("unet", "vae", "text_encoder") if marker == "model_index.json" else (".",)
-    missing = [d for d in parts if (d == parts[0] or (tmp / d).exists()) and not any((tmp / d).glob("*.safetensors"))]
+    parts = ("unet", "transformer", "vae", "text_encoder") if marker == "model_index.json" else (".",)
+    missing = [d for d in parts if (tmp / d).exists() and not any((tmp / d).glob("*.safetensors"))]
+    if not any((tmp / d).exists() for d in parts):
+        missing = list(parts)
     if missing:
         raise RuntimeError(f"tiny model written to {tmp} lacks weights for {missing}")
     try:

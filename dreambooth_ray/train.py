@@ -49,7 +49,7 @@ def train_loop(config: dict) -> None:
                              cfg.resolution, spec.prior).load(spec.prior.num_class_images)
     phase("photos_and_class_images")
     parts = (models.load_sr_components(spec.sr.model, spec.s3) if stage == "sr"
-             else models.load_components(spec.model, spec.s3))
+             else models.load_components(spec.model, spec.s3, engine.partitioned_loader(cfg)))
     phase("model_load")
     if stage == "sr":
         eng = sr.build(parts, instance, classes, subject.instance_text,

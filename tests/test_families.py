@@ -15,7 +15,8 @@ from conftest import tiny_spec
 
 def test_each_built_in_is_recognised_and_travels_by_name():
     expected = {"tiny": families.SD, "tiny-if": families.IF_STAGE_I, "tiny-sdxl": families.SDXL,
-                "tiny-sr": families.IF_STAGE_II, "tiny-x4": families.X4}
+                "tiny-sd3": families.SD3, "tiny-flux": families.FLUX, "tiny-sr": families.IF_STAGE_II,
+                "tiny-x4": families.X4}
     for ref, fam in expected.items():
         assert models.family(ref) is fam
         assert pickle.loads(pickle.dumps(fam)) is fam and copy.deepcopy(fam) is fam  # Ray ships it by name
@@ -23,10 +24,11 @@ def test_each_built_in_is_recognised_and_travels_by_name():
     with pytest.raises(models.ModelError, match="supported base models"):
         models.family("tiny-x4", role="base")
     with pytest.raises(families.UnsupportedModel) as e:
-        families.family_for({"_class_name": "FluxPipeline"})
-    assert str(e.value) == ("a FluxPipeline is not supported; supported base models: StableDiffusionPipeline "
+        families.family_for({"_class_name": "AuraFlowPipeline"})
+    assert str(e.value) == ("a AuraFlowPipeline is not supported; supported base models: StableDiffusionPipeline "
                             "(Stable Diffusion 1.x/2.x), IFPipeline (DeepFloyd IF stage I), "
-                            "StableDiffusionXLPipeline (Stable Diffusion XL)")
+                            "StableDiffusionXLPipeline (Stable Diffusion XL), StableDiffusion3Pipeline (Stable "
+                            "Diffusion 3/3.5), FluxPipeline (Flux.1)")
     assert preflight.SR_PIPELINES == {"IFSuperResolutionPipeline": "DeepFloyd IF stage II",
                                       "StableDiffusionUpscalePipeline": "Stable Diffusion x4 upscaler"}
 

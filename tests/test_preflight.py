@@ -33,14 +33,14 @@ def problems(spec_dict, storage=None, runs=()):
 
 
 def test_an_unsupported_architecture_fails_before_any_class_image(ray_cluster, tmp_path, toy_images):
-    sd3 = tiny_copy(tmp_path, **{"model_index.json": {"_class_name": "StableDiffusion3Pipeline"}})
+    other = tiny_copy(tmp_path, **{"model_index.json": {"_class_name": "AuraFlowPipeline"}})
     store = tmp_path / "store"
     t0 = time.perf_counter()
     with pytest.raises(preflight.PreflightError) as e:
-        job.run_job(parse_spec({**tiny_spec(str(store), str(toy_images)), "model": str(sd3)}))
+        job.run_job(parse_spec({**tiny_spec(str(store), str(toy_images)), "model": str(other)}))
     msg = str(e.value)
-    assert "is a StableDiffusion3Pipeline" in msg and "StableDiffusionPipeline (Stable Diffusion 1.x/2.x)" in msg
-    assert "StableDiffusionXLPipeline (Stable Diffusion XL)" in msg  # the supported list comes from the families
+    assert "is a AuraFlowPipeline" in msg and "StableDiffusionPipeline (Stable Diffusion 1.x/2.x)" in msg
+    assert "FluxPipeline (Flux.1)" in msg  # the supported list comes from the families
     assert not (store / "priors").exists() and not (store / "checkpoints").exists()  # no compute started
     assert time.perf_counter() - t0 < 20
 
@@ -122,3 +122,16 @@ def test_retryable_failures_are_told_apart():
     assert train.retryable(RuntimeError("NCCL error")) and train.retryable(OSError("connection reset"))
     assert train.retryable(ray.exceptions.ActorDiedError())
     assert train.describe(KeyError("text_embeds")) == "KeyError: 'text_embeds'"
+
+
+def test_flow_transformer_configs_are_checked_before_compute(tmp_path, toy_images):
+    """SD3/Flux: the scheduler must be flow matching, T5's width the transformer's text input, and
+    LoRA targets must exist in the transformer (checked on a meta-device copy)."""
+    model = tiny_copy(tmp_path, base="tiny-flux", **{"scheduler/scheduler_config.json": {"_class_name": "DDPMScheduler"},
+                                                     "transformer/config.json": {"joint_attention_dim": 48}})
+    msg = problems({**tiny_spec(str(tmp_path / "s"), str(toy_images)), "model": str(model)})
+    assert "its scheduler is a DDPMScheduler, not FlowMatchEulerDiscreteScheduler" in msg
+    assert "text encoder width 32 does not match the transformer's text input 48" in msg
+    msg = problems({**tiny_spec(str(tmp_path / "s"), str(toy_images), train={"method": "lora", "lora": {
+        "target_modules": ["to_q", "conv_in"]}}), "model": "tiny-sd3"})
+    assert msg.endswith("train.lora.target_modules: target module 'conv_in' is not in this model")

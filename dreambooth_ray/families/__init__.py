@@ -1,4 +1,4 @@
-"""Model families: what differs between Stable Diffusion, DeepFloyd IF, SDXL and the x4 upscaler,
+"""Model families: what differs between Stable Diffusion, DeepFloyd IF, SDXL, SD3, Flux and the x4 upscaler,
 one module each behind `base.Family`; the stages (priors, train, SR, export, samples, eval) take a
 family and never ask which model they hold.
 
@@ -10,11 +10,13 @@ before any compute, with the list of supported ones.
 from __future__ import annotations
 
 from .base import Family, UnsupportedModel
+from .flux import FLUX
 from .if_ import IF_STAGE_I, IF_STAGE_II
 from .sd import SD, X4
+from .sd3 import SD3
 from .sdxl import SDXL
 
-FAMILIES: tuple[Family, ...] = (SD, IF_STAGE_I, SDXL, IF_STAGE_II, X4)
+FAMILIES: tuple[Family, ...] = (SD, IF_STAGE_I, SDXL, SD3, FLUX, IF_STAGE_II, X4)
 BY_PIPELINE = {f.pipeline: f for f in FAMILIES}
 
 
@@ -50,5 +52,5 @@ def for_model(ref: str, s3=None, role: str | None = None) -> Family:
     return for_path(models.resolve(ref, s3), role)
 
 
-__all__ = ["Family", "UnsupportedModel", "FAMILIES", "SD", "IF_STAGE_I", "SDXL", "IF_STAGE_II", "X4",
+__all__ = ["Family", "UnsupportedModel", "FAMILIES", "SD", "IF_STAGE_I", "SDXL", "SD3", "FLUX", "IF_STAGE_II", "X4",
            "family_for", "for_path", "for_model", "supported", "supported_line"]

@@ -2,10 +2,11 @@
 
 A family, one instance per architecture:
 - is recognised from model_index.json's `_class_name` (`pipeline`);
-- loads its parts (`load_parts`): tokenizer(s), text encoder(s), VAE (latent families), UNet, DDPM schedule;
+- loads its parts (`load_parts`): tokenizer(s), text encoder(s), VAE (latent families), the denoiser
+  (`denoiser`: a UNet, or a transformer for the flow-matching families) and its training schedule;
 - turns prompts into what its denoiser takes (`prompt_inputs` -> token ids, `encode` -> hidden states,
   pooled embeddings, masks), and per photo (`row_conditioning`: SDXL's time ids);
-- states its training objective (`sample_timesteps`, `target`, `loss_weights`);
+- states its training objective (`sample_timesteps`, `noisy`, `target`, `loss_weights`);
 - runs its denoiser (`denoise`);
 - names its pipeline class (class images, samples, eval and export all load through it);
 - lists its default LoRA targets and saves LoRA in the format its pipeline's `load_lora_weights` reads;
@@ -37,7 +38,10 @@ class Family:
     pipeline = ""  # the diffusers pipeline class (model_index.json's _class_name)
     role = "base"  # "base" (text to image) or "sr" (super-resolution)
     latent = True  # diffused in a VAE's latent space (else in pixels)
+    inference_half = "float16"  # the dtype class images, samples and eval render in on GPUs
     vae_fp32 = False  # the VAE overflows in fp16: encode in fp32 whatever the training precision
+    denoiser = "unet"  # the pipeline attribute of the trained denoiser (checkpoint keys start with it)
+    denoiser_class = "UNet2DConditionModel"
     text_encoders: tuple[str, ...] = ("text_encoder",)  # pipeline attribute names, in order
     tokenizers: tuple[str, ...] = ("tokenizer",)
     reads_text_mask = False  # the text encoder reads the padding mask (T5), else none is given (CLIP)
@@ -46,7 +50,19 @@ class Family:
     row_key: str | None = None  # the denoiser argument that row_conditioning feeds  # what prompt_inputs returns (consumed by encode)
     lora_targets: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
     text_encoder_lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    # The keys the family's LoRA loader expects: the UNet pipelines' own (lora.down/up), or peft's
+    # (lora_A/B), which the transformer pipelines read (a UNet-style rename leaves them half-loaded).
+    lora_key_format = "diffusers"
     supports = {"full": True, "lora": True, "text_encoder": True, "sr": False}
+
+    @property
+    def trainable_encoders(self) -> tuple[str, ...]:
+        """The text encoders `train_text_encoder` and text-encoder LoRA adapt."""
+        return self.text_encoders
+
+    @property
+    def identifier_tokenizer(self) -> str:
+        return self.tokenizers[0]
 
     def __repr__(self) -> str:
         return f"<family {self.name}: {self.pipeline}>"
@@ -76,22 +92,42 @@ class Family:
             return AutoTokenizer.from_pretrained(path, subfolder=name)
 
     def tokenizer(self, path: str):
-        """The tokenizer `identifier: auto` picks a rare token from (the first of the family's)."""
-        return self._tokenizer(path, self.tokenizers[0])
+        """The tokenizer `identifier: auto` picks a rare token from."""
+        return self._tokenizer(path, self.identifier_tokenizer)
 
-    def load_parts(self, path: str) -> dict:
-        from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+    def denoiser_type(self):
+        import diffusers
+
+        return getattr(diffusers, self.denoiser_class)
+
+    def load_denoiser(self, path: str, partitioned=None):
+        """The denoiser; `partitioned(cls, path, subfolder)` builds it sharded across the workers
+        (ZeRO-3's partitioned initialisation, engine.load_partitioned) instead of whole on each."""
+        if partitioned is not None:
+            return partitioned(self.denoiser_type(), path, self.denoiser)
+        return self.denoiser_type().from_pretrained(path, subfolder=self.denoiser)
+
+    def load_parts(self, path: str, partitioned=None) -> dict:
+        from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline
 
         index = DiffusionPipeline.load_config(path)
         parts = {tok: self._tokenizer(path, tok) for tok in self.tokenizers}
         parts.update({te: self._text_encoder(path, index, te) for te in self.text_encoders})
         parts.update(
             vae=AutoencoderKL.from_pretrained(path, subfolder="vae") if self.latent else None,
-            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
             noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
             family=self,
         )
+        parts[self.denoiser] = self.load_denoiser(path, partitioned)
         return parts
+
+    def trained_inputs(self, parts: dict, inputs: dict, device) -> dict:
+        """The step's prompt inputs when text encoders train (computed in the forward pass)."""
+        return {k: v.to(device) for k, v in inputs.items()}
+
+    def fixed_conditioning(self, cfg, denoiser) -> dict:
+        """Denoiser inputs every step shares (Flux's embedded guidance)."""
+        return {}
 
     def encoders(self, holder) -> dict:
         """{name: text encoder} of a parts dict, a pipeline or a DreamBoothModel."""
@@ -129,13 +165,16 @@ class Family:
 
     # ---- objective ------------------------------------------------------------------------------
 
-    def sample_timesteps(self, noise_scheduler, n: int, g: torch.Generator) -> torch.Tensor:
+    def sample_timesteps(self, noise_scheduler, n: int, g: torch.Generator, cfg=None, shape=None) -> torch.Tensor:
         return torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=g)
+
+    def noisy(self, noise_scheduler, x0, noise, t):
+        return noise_scheduler.add_noise(x0, noise, t)
 
     def target(self, noise_scheduler, x0, noise, t):
         return diffusion_target(noise_scheduler, x0, noise, t)
 
-    def loss_weights(self, noise_scheduler, t) -> torch.Tensor | None:
+    def loss_weights(self, noise_scheduler, t, cfg=None) -> torch.Tensor | None:
         """Per-row loss weights (None: uniform, the DreamBooth paper's objective)."""
         return None
 
@@ -149,7 +188,12 @@ class Family:
         inputs = {k: cond.pop(k) for k in list(cond) if k in self.prompt_keys}
         if getattr(model, "text_encoder", None) is not None:
             cond.update(self.encode(self.encoders(model), **inputs))
-        return self.unet_forward(model.unet, noisy, t, **cond)
+        return self.unet_forward(getattr(model, self.denoiser), noisy, t, **cond)
+
+    def set_attention(self, module, classic: bool = False) -> None:
+        from ..models import set_sdpa
+
+        set_sdpa(module, classic)
 
     def after_training(self, pipe, spec) -> None:
         """Settings an exported pipeline should carry (IF stage II: the trained resolution)."""
@@ -165,30 +209,31 @@ class Family:
 
     def add_lora(self, holder, cfg) -> None:
         """Freeze the base weights and add trainable low-rank adapters (peft), as diffusers' LoRA
-        scripts do: on the UNet, and on every text encoder with `lora.text_encoder`."""
+        scripts do: on the denoiser, and on every trainable text encoder with `lora.text_encoder`."""
         from peft import LoraConfig
 
         lc = cfg.lora
         unet_targets, te_targets = self.lora_targets_of(lc)
         get = holder.get if isinstance(holder, dict) else (lambda n: getattr(holder, n))
-        get("unet").requires_grad_(False)
-        get("unet").add_adapter(LoraConfig(r=lc.rank, lora_alpha=lc.alpha, init_lora_weights="gaussian",
+        get(self.denoiser).requires_grad_(False)
+        get(self.denoiser).add_adapter(LoraConfig(r=lc.rank, lora_alpha=lc.alpha, init_lora_weights="gaussian",
                                            target_modules=list(unet_targets)))
         if lc.text_encoder:
-            for te in self.encoders(holder).values():
+            for te in (get(n) for n in self.trainable_encoders):
                 te.requires_grad_(False)
                 te.add_adapter(LoraConfig(r=lc.rank, lora_alpha=lc.alpha, init_lora_weights="gaussian",
                                           target_modules=list(te_targets)))
 
     def lora_parts(self, with_text_encoder: bool) -> tuple[str, ...]:
-        return ("unet",) + (self.text_encoders if with_text_encoder else ())
+        return (self.denoiser,) + (self.trainable_encoders if with_text_encoder else ())
 
     def save_lora(self, pipe, folder: str, with_text_encoder: bool) -> None:
         """The adapters as a diffusers LoRA file that this family's `load_lora_weights` reads."""
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = {f"{part}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(getattr(pipe, part)))
+        convert = convert_state_dict_to_diffusers if self.lora_key_format == "diffusers" else (lambda sd: sd)
+        layers = {f"{part}_lora_layers": convert(get_peft_model_state_dict(getattr(pipe, part)))
                   for part in self.lora_parts(with_text_encoder)}
         # Each adapter's config (rank, alpha, targets) goes along: without it load_lora_weights assumes
         # alpha = rank, and an adapter trained with another alpha would load at the wrong scale.
@@ -199,8 +244,24 @@ class Family:
     # ---- preflight (configs only) ---------------------------------------------------------------
 
     def config_problems(self, read, unet: dict) -> list[str]:
-        """What this family cannot drive in a model's configs (read: relpath -> dict or None)."""
-        return []
+        """What this family cannot drive in a model's configs (read: relpath -> dict or None; `unet`:
+        the denoiser's config): the UNet's added conditioning must be what the family provides."""
+        problems = []
+        added = unet.get("addition_embed_type")
+        if added not in self.added_conditioning:
+            if added is None:
+                problems.append(f"model: a {self.pipeline} needs a UNet with added conditioning "
+                                f"({', '.join(map(repr, self.added_conditioning))}); this one takes none")
+            else:
+                problems.append(f"model: its UNet takes added conditioning ({added!r}, e.g. SDXL's pooled text and "
+                                f"time ids) that a {self.pipeline} does not provide")
+        if unet.get("class_embed_type") is not None or unet.get("num_class_embeds") is not None:
+            problems.append("model: its UNet is class-conditioned (a super-resolution UNet?); use it as sr.model")
+        return problems
+
+    def cross_width(self, denoiser: dict) -> int | None:
+        """The width of the text conditioning the denoiser takes, from its config."""
+        return denoiser.get("encoder_hid_dim") or denoiser.get("cross_attention_dim")
 
     def text_width(self, read) -> int | None:
         """The width of the text conditioning the UNet's cross-attention gets, from config files."""

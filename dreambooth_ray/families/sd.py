@@ -25,12 +25,12 @@ class SRFamily(Family):
     noising_scheduler = ""  # the subfolder of the low-res noise-augmentation schedule
     supports = {"full": True, "lora": False, "text_encoder": False, "sr": True}
 
-    def load_parts(self, path: str) -> dict:
-        from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+    def load_parts(self, path: str, partitioned=None) -> dict:
+        from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline
 
         index = DiffusionPipeline.load_config(path)
         parts = dict(
-            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
+            unet=self.load_denoiser(path, partitioned),
             tokenizer=self._tokenizer(path),
             text_encoder=self._text_encoder(path, index, "text_encoder"),
             noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),

@@ -66,6 +66,9 @@ class StableDiffusionXL(Family):
 
     def config_problems(self, read, unet: dict) -> list[str]:
         """The UNet's added-conditioning input must be 6 time-id embeddings plus the pooled text."""
+        problems = super().config_problems(read, unet)
+        if problems:
+            return problems
         pooled = (read("text_encoder_2/config.json") or {}).get("projection_dim")
         per_id, width = unet.get("addition_time_embed_dim"), unet.get("projection_class_embeddings_input_dim")
         if pooled and per_id and width and width != 6 * per_id + pooled:
