@@ -35,15 +35,18 @@ def trained_pipeline(spec: JobSpec, ckpt_dir: str, stage: str = "base"):
     return pipeline_with(spec, checkpoint.consolidated_state_dict(ckpt_dir), stage)
 
 
-def pipeline_with(spec: JobSpec, state_dict: dict[str, torch.Tensor], stage: str = "base"):
-    """The stage's pipeline with trained weights {'unet.x': .., 'text_encoder.y': ..} loaded."""
+def pipeline_with(spec: JobSpec, state_dict: dict[str, torch.Tensor], stage: str = "base",
+                  dtype: torch.dtype = torch.float32):
+    """The stage's pipeline with trained weights {'unet.x': .., 'text_encoder.y': ..} loaded, all in
+    `dtype` (the base model is loaded in it: an export never holds an fp32 copy of a 16-bit one)."""
     ref = spec.model if stage == "base" else spec.sr.model
     family = models.family(ref, spec.s3, role="base" if stage == "base" else "sr")
-    pipe = models.load_pipeline(ref, spec.s3)
+    pipe = models.load_pipeline(ref, spec.s3, torch_dtype=dtype)
     lora = stage == "base" and spec.train.method == "lora"
     if lora:
         family.add_lora(pipe, spec.train)
-    parts = split_state_dict({k: v.float() for k, v in state_dict.items()})
+        pipe.to(dtype=dtype)  # the adapters too
+    parts = split_state_dict({k: v.to(dtype) for k, v in state_dict.items()})
     for part, sd in parts.items():
         result = getattr(pipe, part).load_state_dict(sd, strict=not lora)
         if lora and result.unexpected_keys:
@@ -61,15 +64,39 @@ def pipeline_with(spec: JobSpec, state_dict: dict[str, torch.Tensor], stage: str
 EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def live_state_dict(ds, cfg, rank: int) -> dict[str, torch.Tensor] | None:
-    """The trained weights as they are now, on rank 0 (None elsewhere); every rank calls it. LoRA: the
-    adapters alone (the base weights never change)."""
-    # ZeRO-3: a collective that gathers every shard on rank 0 (in the weights' own dtype, despite the name).
-    sd = ds._zero3_consolidated_16bit_state_dict() if cfg.zero_stage == 3 else (
-        ds.module.state_dict() if rank == 0 else None)
-    if sd is not None and cfg.method == "lora":
-        sd = {k: v for k, v in sd.items() if "lora_" in k}
-    return sd
+def live_state_dict(ds, cfg, rank: int, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
+    """The trained weights as they are now, on rank 0 (None elsewhere), in `dtype` (default: their
+    own); every rank calls it. LoRA: the adapters alone (the base weights never change)."""
+    keep = (lambda k: "lora_" in k) if cfg.method == "lora" else (lambda k: True)
+    if cfg.zero_stage == 3:
+        return gathered_state_dict(ds.module, rank, dtype, keep)
+    if rank != 0:
+        return None
+    return {k: v.detach().to("cpu", dtype or v.dtype, copy=True) for k, v in ds.module.state_dict().items() if keep(k)}
+
+
+def gathered_state_dict(module, rank: int, dtype=None, keep=lambda k: True, chunk: int = 1 << 26):
+    """ZeRO-3's sharded weights gathered onto rank 0 (a collective: every rank calls it), up to `chunk`
+    elements at a time and cast to `dtype` as they arrive: rank 0 holds the exported weights in the
+    export's precision plus one chunk, never the whole model at training precision."""
+    import deepspeed
+
+    out: dict | None = {} if rank == 0 else None
+    named = [(k, p) for k, p in module.named_parameters() if keep(k)]
+    batch, size = [], 0
+    for i, (name, p) in enumerate(named):  # the same order on every rank
+        batch.append((name, p))
+        size += p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        if size >= chunk or i == len(named) - 1:
+            with deepspeed.zero.GatheredParameters([q for _, q in batch]):
+                if out is not None:
+                    out.update({n: q.data.detach().to("cpu", dtype or q.dtype, copy=True) for n, q in batch})
+            batch, size = [], 0
+    if out is not None:  # persistent buffers (not partitioned): a position table, say
+        params = {k for k, _ in module.named_parameters()}
+        out.update({k: v.detach().to("cpu", dtype or v.dtype, copy=True) if v.is_floating_point() else v.cpu()
+                    for k, v in module.state_dict().items() if k not in params and keep(k)})
+    return out
 
 
 def from_engine(ds, spec: JobSpec, storage: Storage, out: tuple[str, ...], run: str, rank: int,
@@ -88,11 +115,12 @@ def from_engine(ds, spec: JobSpec, storage: Storage, out: tuple[str, ...], run: 
     cfg, t0 = spec.train, time.perf_counter()
     if cfg.export_dtype == "fp32" and cfg.mixed_precision in ("bf16-weights", "fp16"):
         return None
-    sd = live_state_dict(ds, cfg, rank)
+    dtype = EXPORT_DTYPES[cfg.export_dtype]
+    sd = live_state_dict(ds, cfg, rank, dtype)
     if rank != 0:
         return None
     lora = cfg.method == "lora"
-    pipe = pipeline_with(spec, sd).to(dtype=EXPORT_DTYPES[cfg.export_dtype])
+    pipe = pipeline_with(spec, sd, dtype=dtype)
     record = {"run": run, "dtype": cfg.export_dtype, "timeline": timeline or {}}
     if lora:
         url, size = save_lora(storage, pipe, out, cfg.lora.text_encoder)

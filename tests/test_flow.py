@@ -238,8 +238,8 @@ def test_flux_full_zero3_killed_worker_resumes_identically_and_exports_what_flux
 
 def test_sd3_lora_job_exports_what_load_lora_weights_reads(ray_cluster, tmp_path, toy_images):
     """A job (priors, `identifier: auto` from T5's vocabulary, LoRA on the transformer and both CLIP
-    encoders, export, samples) through the SD3 pipeline; the adapter loads with load_lora_weights and
-    equals the trained one."""
+    encoders, export, samples) and its evaluation, all through the SD3 pipeline; the adapter loads with
+    load_lora_weights and equals the trained one."""
     import re
 
     from diffusers import StableDiffusion3Pipeline
@@ -254,7 +254,10 @@ def test_sd3_lora_job_exports_what_load_lora_weights_reads(ray_cluster, tmp_path
                                 subjects=[{"name": "toy", "images": str(toy_images), "class": "toy",
                                            "identifier": "auto"}],
                                 train={"method": "lora", "lora": {"rank": 4, "text_encoder": True},
-                                       "learning_rate": 1e-2, "export_dtype": "fp32"}))
+                                       "learning_rate": 1e-2, "export_dtype": "fp32"},
+                                eval={"prompts": ["a {identifier} {class_noun} on the beach"], "images_per_prompt": 2,
+                                      "class_images": 2, "inference_steps": 2, "num_actors": 1, "batch_size": 2,
+                                      "dino": "tiny-dino", "clip": "tiny-clip"}))
     [result] = job.run_job(spec)
     assert result.status == "done", result.error
     out = store / "outputs" / "t" / "toy"
@@ -278,3 +281,8 @@ def test_sd3_lora_job_exports_what_load_lora_weights_reads(ray_cluster, tmp_path
     assert want.keys() == got.keys()
     for k in want:
         assert torch.equal(want[k], got[k]), k
+
+    from dreambooth_ray import eval as ev  # eval renders the base model + the adapter, through the SD3 pipeline
+
+    [scored] = ev.evaluate(spec)
+    assert scored["rendered"] == 4 and all(scored["metrics"][k] is not None for k in ("dino", "clip_i", "clip_t", "pres"))

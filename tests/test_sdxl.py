@@ -1,14 +1,12 @@
 """Stable Diffusion XL through its family (families/sdxl.py), on the built-in tiny-sdxl: the pooled
 embedding and time ids that reach the UNet against their definition; a job through Ray Train +
-DeepSpeed, full (a killed worker resumes bit-identically; the export loads with
-StableDiffusionXLPipeline.from_pretrained and renders) and LoRA (the adapter loads with
-load_lora_weights and holds the trained weights)."""
+DeepSpeed, full under ZeRO-3 (the export loads with StableDiffusionXLPipeline.from_pretrained and
+renders) and LoRA (the adapter loads with load_lora_weights and holds the trained weights)."""
 
 import copy
 
 import numpy as np
 import pytest
-import ray
 import torch
 from PIL import Image
 
@@ -98,38 +96,30 @@ def _base_weights(part: str) -> dict:
     return getattr(StableDiffusionXLPipeline.from_pretrained(models.resolve("tiny-sdxl")), part).state_dict()
 
 
-def test_full_zero3_both_text_encoders_killed_worker_resume_and_export(ray_cluster, tmp_path, toy_images):
-    """Full fine-tuning of the UNet and both text encoders under ZeRO-3 on 2 workers; one run's rank 0
-    is SIGKILLed after the step-2 checkpoint and resumes bit-identical to the uninterrupted run. Its
-    export is a folder StableDiffusionXLPipeline.from_pretrained loads, holding the trained weights."""
+def test_full_zero3_both_text_encoders_trains_and_exports(ray_cluster, tmp_path, toy_images):
+    """Full fine-tuning of the UNet and both text encoders under ZeRO-3 on 2 workers (the UNet loaded
+    partitioned); the export is a folder StableDiffusionXLPipeline.from_pretrained loads, holding the
+    trained weights. (A killed worker's bit-identical resume under ZeRO-3 is family-independent: it is
+    tested on Flux, tests/test_flow.py, and the UNet families in test_job/test_reliability.)"""
     from diffusers import StableDiffusionXLPipeline
 
     from conftest import tiny_spec
     from dreambooth_ray import export, train
-    from dreambooth_ray.checkpoint import consolidated_state_dict, local_copy, read_state
+    from dreambooth_ray.checkpoint import consolidated_state_dict, local_copy
     from dreambooth_ray.spec import parse_spec
     from dreambooth_ray.storage import Storage
 
     spec = parse_spec(tiny_spec(str(tmp_path / "store"), str(toy_images), model="tiny-sdxl", prior={"enabled": False},
-                                train={"zero_stage": 3, "num_workers": 2, "max_failures": 1,
-                                       "train_text_encoder": True}))
+                                train={"zero_stage": 3, "num_workers": 2, "train_text_encoder": True}))
     storage, subject = Storage(spec.storage), spec.subjects[0]
-    fit = ray.remote(num_cpus=0)(train.fit)
-    straight, resumed = ray.get([fit.remote(spec, subject, storage, "straight", None, False),
-                                 fit.remote(spec, subject, storage, "interrupted", None, False, ("kill", 2))])
-    with local_copy(straight.checkpoint) as d:
-        a = consolidated_state_dict(d)
-    with local_copy(resumed.checkpoint) as d:
-        assert read_state(d) == {"step": 4, "started_at": 2, "world_size": 2}  # resumed, not restarted
+    result = train.fit(spec, subject, storage, "straight", None, False)
+    with local_copy(result.checkpoint) as d:
         b = consolidated_state_dict(d)
         pipe = export.trained_pipeline(spec, d)
-    assert a.keys() == b.keys()
-    assert {k.split(".")[0] for k in a} == {"unet", "text_encoder", "text_encoder_2"}
-    diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert diff == 0.0, f"resumed weights differ from the uninterrupted run by {diff}"
+    assert {k.split(".")[0] for k in b} == {"unet", "text_encoder", "text_encoder_2"}
     for part in ("unet", "text_encoder", "text_encoder_2"):  # every part trained away from the base
         base = _base_weights(part)
-        assert any(not torch.equal(v, base[k.split(".", 1)[1]]) for k, v in a.items() if k.startswith(part + "."))
+        assert any(not torch.equal(v, base[k.split(".", 1)[1]]) for k, v in b.items() if k.startswith(part + "."))
 
     url = export.save(storage, pipe, ("outputs", "t", "toy"))
     loaded = StableDiffusionXLPipeline.from_pretrained(url)
@@ -140,9 +130,9 @@ def test_full_zero3_both_text_encoders_killed_worker_resume_and_export(ray_clust
 
 
 def test_lora_job_with_text_encoders_exports_what_load_lora_weights_reads(ray_cluster, tmp_path, toy_images):
-    """A job (priors, `identifier: auto`, LoRA on the UNet and both text encoders, export, samples) and
-    its evaluation, all through the SDXL pipeline; the exported adapter loads with load_lora_weights
-    and equals the trained one."""
+    """A job (priors, `identifier: auto`, LoRA on the UNet and both text encoders, export, samples), all
+    through the SDXL pipeline; the exported adapter loads with load_lora_weights and equals the trained
+    one. (Evaluation through a family's pipeline is tested on SD3: tests/test_flow.py.)"""
     import json
     import re
 
@@ -159,10 +149,7 @@ def test_lora_job_with_text_encoders_exports_what_load_lora_weights_reads(ray_cl
                                            "identifier": "auto"}],
                                 # fp32 export: the adapter must equal the trained one bit for bit
                                 train={"method": "lora", "lora": {"rank": 4, "text_encoder": True},
-                                       "learning_rate": 1e-2, "export_dtype": "fp32"},
-                                eval={"prompts": ["a {identifier} {class_noun} on the beach"], "images_per_prompt": 2,
-                                      "class_images": 2, "inference_steps": 2, "num_actors": 1, "batch_size": 2,
-                                      "dino": "tiny-dino", "clip": "tiny-clip"}))
+                                       "learning_rate": 1e-2, "export_dtype": "fp32"}))
     [result] = job.run_job(spec)
     assert result.status == "done", result.error
     out = store / "outputs" / "t" / "toy"
@@ -185,8 +172,3 @@ def test_lora_job_with_text_encoders_exports_what_load_lora_weights_reads(ray_cl
     assert want.keys() == got.keys()
     for k in want:
         assert torch.equal(want[k], got[k]), k
-
-    from dreambooth_ray import eval as ev  # eval renders the base model + the adapter, through the SDXL pipeline
-
-    [scored] = ev.evaluate(spec)
-    assert scored["rendered"] == 4 and all(scored["metrics"][k] is not None for k in ("dino", "clip_i", "clip_t", "pres"))

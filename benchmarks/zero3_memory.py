@@ -1,0 +1,124 @@
+"""Peak host memory per worker for full fine-tuning under ZeRO-3, at 1, 2 and 4 workers: the
+partitioned load (engine.load_partitioned: deepspeed.zero.Init, filled chunkwise) against loading the
+whole model on every worker and letting deepspeed.initialize partition it (the old path).
+
+The model is Flux's transformer architecture with random weights, ~110M parameters, saved once as
+a diffusers folder. Each worker is a process in a gloo group (as Ray Train's CPU workers are) that
+loads the transformer, builds the DeepSpeed engine (fp32, AdamW) and takes one optimizer step, so the
+optimizer state exists; its peak RSS (ru_maxrss) and its RSS after imports are recorded.
+
+    .venv/bin/python benchmarks/zero3_memory.py [--workers 1 2 4] [--out benchmarks/results/zero3_memory.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CONFIG = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=64,
+              num_attention_heads=16, joint_attention_dim=256, pooled_projection_dim=128, guidance_embeds=True,
+              axes_dims_rope=(16, 24, 24))
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def worker(rank: int, world: int, port: int, folder: str, mode: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import torch
+    import torch.distributed as dist
+    from diffusers import FluxTransformer2DModel
+
+    from dreambooth_ray import engine, families
+    from dreambooth_ray.spec import TrainConfig
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    after_imports = rss_mb()
+    cfg = TrainConfig(zero_stage=3, mixed_precision="fp32", learning_rate=1e-4)
+    t0 = time.perf_counter()
+    if mode == "partitioned":
+        model = engine.load_partitioned(FluxTransformer2DModel, folder, "transformer", engine.deepspeed_config(cfg))
+    else:
+        model = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer")
+    loaded = time.perf_counter() - t0
+    load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ds = engine.initialize(engine.DreamBoothModel(model, family=families.FLUX), cfg, torch.device("cpu"))
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(1, 16, 16, 16, generator=g)  # 16 latent channels, 8 x 8 packed tokens
+    cond = dict(encoder_hidden_states=torch.randn(1, 32, 256, generator=g),
+                pooled_projections=torch.randn(1, 128, generator=g), guidance=torch.tensor(3.5))
+    loss = ds(x, torch.tensor([500.0]), **cond).float().pow(2).mean()
+    ds.backward(loss)
+    ds.step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(out, f"{mode}-{world}-{rank}.json").write_text(json.dumps(
+        {"after_imports_mb": round(after_imports, 1), "load_peak_mb": round(load_peak, 1), "peak_mb": round(peak, 1),
+         "load_s": round(loaded, 2)}))
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "zero3_memory.json"))
+    args = ap.parse_args()
+
+    import torch
+    import torch.multiprocessing as mp
+    from diffusers import FluxTransformer2DModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        model = FluxTransformer2DModel(**CONFIG)
+        n = sum(p.numel() for p in model.parameters())
+        model.save_pretrained(Path(tmp) / "transformer")
+        del model
+        print(f"Flux-architecture transformer, random weights: {n / 1e6:.1f}M parameters "
+              f"({n * 4 / 2**20:.0f} MiB fp32; + AdamW state: {n * 12 / 2**20:.0f} MiB)")
+        rows = []
+        for world in args.workers:
+            for mode in ("whole", "partitioned"):
+                t0 = time.perf_counter()
+                mp.start_processes(worker, args=(world, free_port(), tmp, mode, tmp), nprocs=world,
+                                   start_method="spawn")
+                ranks = [json.loads(Path(tmp, f"{mode}-{world}-{r}.json").read_text()) for r in range(world)]
+                row = {"workers": world, "load": mode, "seconds": round(time.perf_counter() - t0, 1),
+                       "peak_rss_mb_max": max(r["peak_mb"] for r in ranks),
+                       "peak_rss_mb_per_rank": [r["peak_mb"] for r in ranks],
+                       "rss_after_imports_mb": max(r["after_imports_mb"] for r in ranks),
+                       "load_peak_mb_above_imports_max": round(max(r["load_peak_mb"] - r["after_imports_mb"]
+                                                                   for r in ranks), 1),
+                       "model_mb_above_imports_max": round(max(r["peak_mb"] - r["after_imports_mb"] for r in ranks), 1)}
+                rows.append(row)
+                print(f"{world} worker(s), {mode:11s}: loading {row['load_peak_mb_above_imports_max']:6.0f} MB, "
+                      f"training step {row['model_mb_above_imports_max']:6.0f} MB per worker above the "
+                      f"{row['rss_after_imports_mb']:.0f} MB after imports (peak RSS {row['peak_rss_mb_max']:.0f} MB), "
+                      f"{row['seconds']:.0f} s")
+    result = {"parameters": n, "config": CONFIG, "dtype": "fp32", "optimizer": "AdamW", "rows": rows,
+              "command": "python benchmarks/zero3_memory.py --workers " + " ".join(map(str, args.workers))}
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
