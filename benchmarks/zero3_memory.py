@@ -5,7 +5,7 @@ whole model on every worker and letting deepspeed.initialize partition it (the o
 The model is Flux's transformer architecture with random weights, ~110M parameters, saved once as
 a diffusers folder. Each worker is a process in a gloo group (as Ray Train's CPU workers are) that
 loads the transformer, builds the DeepSpeed engine (fp32, AdamW) and takes one optimizer step, so the
-optimizer state exists; its peak RSS (ru_maxrss) and its RSS after imports are recorded.
+optimizer state exists; its peak RSS (VmHWM) and its RSS after imports are recorded.
 
     .venv/bin/python benchmarks/zero3_memory.py [--workers 1 2 4] [--out benchmarks/results/zero3_memory.json]
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import sys
 import tempfile
@@ -30,12 +29,15 @@ CONFIG = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, a
               axes_dims_rope=(16, 24, 24))
 
 
-def rss_mb() -> float:
+def rss_mb(field: str = "VmRSS") -> float:
+    """VmRSS now, or VmHWM: this process's peak. (Not ru_maxrss: across exec it keeps the forking
+    parent's peak, here the process that built and saved the model.)"""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
-def worker(rank: int, world: int, port: int, folder: str, mode: str, out: str) -> None:
+def worker(rank: int, world: int, port: int, folder: str, mode: str, out: str, chunk: int, step: bool) -> None:
+    """One rank: load (whole, or partitioned), then (unless load-only) engine + one step; writes its RSS."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     import torch
@@ -47,15 +49,27 @@ def worker(rank: int, world: int, port: int, folder: str, mode: str, out: str) -
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
+    import deepspeed  # noqa: F401  (imported by both modes before the baseline: ~120 MB of its own)
+
+    engine.no_shm_comm()
     after_imports = rss_mb()
     cfg = TrainConfig(zero_stage=3, mixed_precision="fp32", learning_rate=1e-4)
     t0 = time.perf_counter()
     if mode == "partitioned":
-        model = engine.load_partitioned(FluxTransformer2DModel, folder, "transformer", engine.deepspeed_config(cfg))
+        model = engine.load_partitioned(FluxTransformer2DModel, folder, "transformer", engine.deepspeed_config(cfg),
+                                        chunk=chunk)
     else:
         model = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer")
+        with torch.no_grad():  # weights are memory-mapped until read: read them, as deepspeed.initialize does
+            for q in model.parameters():
+                q.sum()
     loaded = time.perf_counter() - t0
-    load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    load_peak = rss_mb("VmHWM")
+    if not step:
+        Path(out, f"{mode}-{world}-{rank}.json").write_text(json.dumps(
+            {"after_imports_mb": round(after_imports, 1), "load_peak_mb": round(load_peak, 1), "peak_mb": round(load_peak, 1),
+             "load_s": round(loaded, 2)}))
+        return
     ds = engine.initialize(engine.DreamBoothModel(model, family=families.FLUX), cfg, torch.device("cpu"))
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(1, 16, 16, 16, generator=g)  # 16 latent channels, 8 x 8 packed tokens
@@ -64,7 +78,7 @@ def worker(rank: int, world: int, port: int, folder: str, mode: str, out: str) -
     loss = ds(x, torch.tensor([500.0]), **cond).float().pow(2).mean()
     ds.backward(loss)
     ds.step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = rss_mb("VmHWM")
     Path(out, f"{mode}-{world}-{rank}.json").write_text(json.dumps(
         {"after_imports_mb": round(after_imports, 1), "load_peak_mb": round(load_peak, 1), "peak_mb": round(peak, 1),
          "load_s": round(loaded, 2)}))
@@ -80,6 +94,11 @@ def free_port() -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--layers", type=int, nargs=2, default=[2, 2], metavar=("DOUBLE", "SINGLE"),
+                    help="Flux blocks (double-stream, single-stream): 2 2 is ~113M parameters, 8 16 ~ 930M")
+    ap.add_argument("--chunk", type=int, default=1 << 22, help="elements rank 0 fills per gather")
+    ap.add_argument("--load-only", action="store_true", help="stop after loading (no engine, no step)")
+    ap.add_argument("--modes", nargs="+", default=["whole", "partitioned"])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "zero3_memory.json"))
     args = ap.parse_args()
 
@@ -89,17 +108,18 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
+        CONFIG.update(num_layers=args.layers[0], num_single_layers=args.layers[1])
         model = FluxTransformer2DModel(**CONFIG)
         n = sum(p.numel() for p in model.parameters())
         model.save_pretrained(Path(tmp) / "transformer")
         del model
         print(f"Flux-architecture transformer, random weights: {n / 1e6:.1f}M parameters "
-              f"({n * 4 / 2**20:.0f} MiB fp32; + AdamW state: {n * 12 / 2**20:.0f} MiB)")
+              f"({n * 4 / 2**20:.0f} MiB in fp32; {n * 16 / 2**20:.0f} MiB with gradients and AdamW's two moments)")
         rows = []
         for world in args.workers:
-            for mode in ("whole", "partitioned"):
+            for mode in args.modes:
                 t0 = time.perf_counter()
-                mp.start_processes(worker, args=(world, free_port(), tmp, mode, tmp), nprocs=world,
+                mp.start_processes(worker, args=(world, free_port(), tmp, mode, tmp, args.chunk, not args.load_only), nprocs=world,
                                    start_method="spawn")
                 ranks = [json.loads(Path(tmp, f"{mode}-{world}-{r}.json").read_text()) for r in range(world)]
                 row = {"workers": world, "load": mode, "seconds": round(time.perf_counter() - t0, 1),
@@ -115,7 +135,7 @@ def main() -> None:
                       f"{row['rss_after_imports_mb']:.0f} MB after imports (peak RSS {row['peak_rss_mb_max']:.0f} MB), "
                       f"{row['seconds']:.0f} s")
     result = {"parameters": n, "config": CONFIG, "dtype": "fp32", "optimizer": "AdamW", "rows": rows,
-              "command": "python benchmarks/zero3_memory.py --workers " + " ".join(map(str, args.workers))}
+              "load_only": args.load_only, "chunk": args.chunk, "command": "python " + " ".join(sys.argv)}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"-> {args.out}")
 

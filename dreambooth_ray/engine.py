@@ -96,7 +96,7 @@ def partitioned_loader(cfg: TrainConfig):
     return lambda cls, path, subfolder: load_partitioned(cls, path, subfolder, deepspeed_config(cfg))
 
 
-def load_partitioned(cls, path: str, subfolder: str, ds_config: dict, chunk: int = 1 << 26):
+def load_partitioned(cls, path: str, subfolder: str, ds_config: dict, chunk: int = 1 << 24):
     """A diffusers model built under deepspeed.zero.Init (each rank allocates only its shard), then
     filled from its safetensors files: rank 0 reads up to `chunk` elements at a time (memory-mapped)
     into parameters gathered for that moment, and the shards are scattered back. Peak host memory per
@@ -130,6 +130,7 @@ def load_partitioned(cls, path: str, subfolder: str, ds_config: dict, chunk: int
                 for name, p in batch:
                     with safe_open(str(where[name]), "pt") as sf:
                         p.data.copy_(sf.get_tensor(name))
+        release_freed_memory()  # else glibc keeps each freed gather buffer, and the peak grows to the whole model
 
     size = 0
     for name, p in named:  # the same order on every rank: each gather is a collective
@@ -145,6 +146,18 @@ def load_partitioned(cls, path: str, subfolder: str, ds_config: dict, chunk: int
             with safe_open(str(where[name]), "pt") as sf:
                 buf.copy_(sf.get_tensor(name))
     return model
+
+
+def release_freed_memory() -> None:
+    """Hand memory that was freed back to the OS (glibc's malloc_trim): gathered buffers of a few MB
+    land on the heap once glibc's adaptive mmap threshold has grown, and freeing them does not shrink it."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _local_folder(path: str, subfolder: str):

@@ -189,3 +189,25 @@ def group(_gloo_world):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def assert_loaded_adapter_is_the_trained_one(out, pipe, parts: tuple[str, ...]) -> None:
+    """The adapter `pipe.load_lora_weights` loaded from a job's export equals the LoRA weights of the
+    job's final checkpoint, part by part (adapter names differ: peft's 'default' vs the loader's)."""
+    import json
+    import re
+
+    import torch
+
+    from dreambooth_ray.checkpoint import consolidated_state_dict
+
+    trained = consolidated_state_dict(json.loads((out / "train.json").read_text())["checkpoint"])
+    adapter = lambda k: re.sub(r"\.lora_([AB])\.[^.]+\.", r".lora_\1.", k)  # noqa: E731
+    # (a checkpoint also holds the denoiser's persistent buffers, e.g. SD3's position table: never trained)
+    want = {adapter(k): v for k, v in trained.items() if "lora_" in k}
+    got = {adapter(f"{part}.{k}"): v for part in parts for k, v in getattr(pipe, part).state_dict().items()
+           if "lora_" in k}
+    assert {k.split(".")[0] for k in want} == set(parts)
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k

@@ -240,13 +240,10 @@ def test_sd3_lora_job_exports_what_load_lora_weights_reads(ray_cluster, tmp_path
     """A job (priors, `identifier: auto` from T5's vocabulary, LoRA on the transformer and both CLIP
     encoders, export, samples) and its evaluation, all through the SD3 pipeline; the adapter loads with
     load_lora_weights and equals the trained one."""
-    import re
-
     from diffusers import StableDiffusion3Pipeline
 
-    from conftest import tiny_spec
+    from conftest import assert_loaded_adapter_is_the_trained_one, tiny_spec
     from dreambooth_ray import job
-    from dreambooth_ray.checkpoint import consolidated_state_dict
     from dreambooth_ray.spec import parse_spec
 
     store = tmp_path / "store"
@@ -271,16 +268,7 @@ def test_sd3_lora_job_exports_what_load_lora_weights_reads(ray_cluster, tmp_path
     pipe.load_lora_weights(record["lora"])
     assert not np.array_equal(before, _render(pipe, record["instance_prompt"])), "the adapter changes the output"
 
-    trained = consolidated_state_dict(json.loads((out / "train.json").read_text())["checkpoint"])
-    adapter = lambda k: re.sub(r"\.lora_([AB])\.[^.]+\.", r".lora_\1.", k)  # noqa: E731 (adapter names differ)
-    # (the checkpoint also holds the transformer's position-embedding buffer, which never trains)
-    want = {adapter(k): v for k, v in trained.items() if "lora_" in k}
-    got = {adapter(f"{part}.{k}"): v for part in ("transformer", "text_encoder", "text_encoder_2")
-           for k, v in getattr(pipe, part).state_dict().items() if "lora_" in k}
-    assert {k.split(".")[0] for k in want} == {"transformer", "text_encoder", "text_encoder_2"}
-    assert want.keys() == got.keys()
-    for k in want:
-        assert torch.equal(want[k], got[k]), k
+    assert_loaded_adapter_is_the_trained_one(out, pipe, ("transformer", "text_encoder", "text_encoder_2"))
 
     from dreambooth_ray import eval as ev  # eval renders the base model + the adapter, through the SD3 pipeline
 

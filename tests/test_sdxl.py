@@ -134,13 +134,11 @@ def test_lora_job_with_text_encoders_exports_what_load_lora_weights_reads(ray_cl
     through the SDXL pipeline; the exported adapter loads with load_lora_weights and equals the trained
     one. (Evaluation through a family's pipeline is tested on SD3: tests/test_flow.py.)"""
     import json
-    import re
 
     from diffusers import StableDiffusionXLPipeline
 
-    from conftest import tiny_spec
+    from conftest import assert_loaded_adapter_is_the_trained_one, tiny_spec
     from dreambooth_ray import job
-    from dreambooth_ray.checkpoint import consolidated_state_dict
     from dreambooth_ray.spec import parse_spec
 
     store = tmp_path / "store"
@@ -163,12 +161,4 @@ def test_lora_job_with_text_encoders_exports_what_load_lora_weights_reads(ray_cl
     pipe.load_lora_weights(record["lora"])
     assert not np.array_equal(before, _render(pipe, record["instance_prompt"])), "the adapter changes the output"
 
-    trained = consolidated_state_dict(json.loads((out / "train.json").read_text())["checkpoint"])
-    adapter = lambda k: re.sub(r"\.lora_([AB])\.[^.]+\.", r".lora_\1.", k)  # noqa: E731 (adapter names differ)
-    want = {adapter(k): v for k, v in trained.items()}
-    got = {adapter(f"{part}.{k}"): v for part in ("unet", "text_encoder", "text_encoder_2")
-           for k, v in getattr(pipe, part).state_dict().items() if "lora_" in k}
-    assert {k.split(".")[0] for k in want} == {"unet", "text_encoder", "text_encoder_2"}
-    assert want.keys() == got.keys()
-    for k in want:
-        assert torch.equal(want[k], got[k]), k
+    assert_loaded_adapter_is_the_trained_one(out, pipe, ("unet", "text_encoder", "text_encoder_2"))
