@@ -108,15 +108,9 @@ def load_partitioned(cls, path: str, subfolder: str, ds_config: dict, chunk: int
     if not torch.cuda.is_available():
         no_shm_comm()
     folder = _local_folder(path, subfolder)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no safetensors weights in {folder}")
-    where = {}
-    for f in files:
-        with safe_open(str(f), "pt") as sf:
-            where.update({k: f for k in sf.keys()})
+    where = weight_files(folder)
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = cls.from_config(cls.load_config(str(folder)))
+        model = cls.from_config(cls.load_config(str(folder))).eval()  # as from_pretrained returns it
     named = list(model.named_parameters())
     missing = [n for n, _ in named if n not in where]
     if missing:
@@ -148,6 +142,25 @@ def load_partitioned(cls, path: str, subfolder: str, ds_config: dict, chunk: int
     return model
 
 
+def weight_files(folder) -> dict:
+    """{tensor name: file} of a diffusers model folder's default weights: the shard index if there is
+    one, else the single file (never a variant such as *.fp16.safetensors beside them)."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.exists():
+        return {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+    single = folder / "diffusion_pytorch_model.safetensors"
+    if not single.exists():
+        raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors (or its index) in {folder}")
+    with safe_open(str(single), "pt") as sf:
+        return {k: single for k in sf.keys()}
+
+
 def release_freed_memory() -> None:
     """Hand memory that was freed back to the OS (glibc's malloc_trim): gathered buffers of a few MB
     land on the heap once glibc's adaptive mmap threshold has grown, and freeing them does not shrink it."""
@@ -168,7 +181,10 @@ def _local_folder(path: str, subfolder: str):
         return folder
     from huggingface_hub import snapshot_download  # a hub id: this part's files only
 
-    return Path(snapshot_download(path, allow_patterns=[f"{subfolder}/*"])) / subfolder
+    patterns = [f"{subfolder}/config.json", f"{subfolder}/diffusion_pytorch_model.safetensors",
+                f"{subfolder}/diffusion_pytorch_model-*-of-*.safetensors",
+                f"{subfolder}/diffusion_pytorch_model.safetensors.index.json"]
+    return Path(snapshot_download(path, allow_patterns=patterns)) / subfolder
 
 
 def optimizer(params, cfg: TrainConfig, on_gpu: bool, fused: bool | None = None) -> torch.optim.Optimizer:
@@ -323,6 +339,9 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
     inputs = family.prompt_inputs(parts, prompts)
     encoders = family.encoders(parts)
     lora = cfg.method == "lora"
+    if cfg.train_text_encoder or (lora and cfg.lora.text_encoder):
+        for name in family.trainable_encoders:  # hub encoders may be stored in 16 bits; they train in fp32
+            parts[name].float()
     if lora:
         family.add_lora(parts, cfg)
     denoiser = parts[family.denoiser]

@@ -82,18 +82,28 @@ def gathered_state_dict(module, rank: int, dtype=None, keep=lambda k: True, chun
     import deepspeed
 
     out: dict | None = {} if rank == 0 else None
-    named = [(k, p) for k, p in module.named_parameters() if keep(k)]
+    # Tied weights (T5's shared embedding) are one parameter under several names: gather it once, emit each name.
+    names: dict[int, list[str]] = {}
+    unique = []
+    for k, p in module.named_parameters(remove_duplicate=False):
+        if keep(k):
+            if id(p) not in names:
+                names[id(p)] = []
+                unique.append(p)
+            names[id(p)].append(k)
     batch, size = [], 0
-    for i, (name, p) in enumerate(named):  # the same order on every rank
-        batch.append((name, p))
+    for i, p in enumerate(unique):  # the same order on every rank
+        batch.append(p)
         size += p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-        if size >= chunk or i == len(named) - 1:
-            with deepspeed.zero.GatheredParameters([q for _, q in batch]):
+        if size >= chunk or i == len(unique) - 1:
+            with deepspeed.zero.GatheredParameters(batch):
                 if out is not None:
-                    out.update({n: q.data.detach().to("cpu", dtype or q.dtype, copy=True) for n, q in batch})
+                    for q in batch:
+                        t = q.data.detach().to("cpu", dtype or q.dtype, copy=True)
+                        out.update({n: t for n in names[id(q)]})
             batch, size = [], 0
     if out is not None:  # persistent buffers (not partitioned): a position table, say
-        params = {k for k, _ in module.named_parameters()}
+        params = {k for k, _ in module.named_parameters(remove_duplicate=False)}
         out.update({k: v.detach().to("cpu", dtype or v.dtype, copy=True) if v.is_floating_point() else v.cpu()
                     for k, v in module.state_dict().items() if k not in params and keep(k)})
     return out

@@ -510,8 +510,8 @@ def materialize(cache_dir: str | os.PathLike | None = None, name: str = "tiny") 
         globals()[builder]().save_pretrained(tmp)
     parts = ("unet", "transformer", "vae", "text_encoder") if marker == "model_index.json" else (".",)
     missing = [d for d in parts if (tmp / d).exists() and not any((tmp / d).glob("*.safetensors"))]
-    if not any((tmp / d).exists() for d in parts):
-        missing = list(parts)
+    if marker == "model_index.json" and not any((tmp / d).exists() for d in ("unet", "transformer")):
+        missing = ["unet or transformer"]
     if missing:
         raise RuntimeError(f"tiny model written to {tmp} lacks weights for {missing}")
     try:

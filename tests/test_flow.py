@@ -77,6 +77,36 @@ def test_timestep_shifts_equal_the_schedulers_and_sampling_follows_its_density()
                                1000 * flow.shift_sigmas(r, sd3.config, 64))
 
 
+def test_the_step_applies_the_vae_shift_and_the_flow_settings():
+    """Cached latent rows (std 0) through the SD3 step: the transformer's input moves by
+    -(1 - s) * shift * scale when the VAE's shift factor changes, and `train.flow` sets the density of
+    the noise levels (drawn after the latent and noise draws, from the step's generator)."""
+    fam = families.SD3
+    parts = models.load_components("tiny-sd3")
+    model = engine.DreamBoothModel(parts["transformer"], family=fam)
+    seen = []
+    parts["transformer"].register_forward_pre_hook(lambda m, a, kw: seen.append(kw) and None, with_kwargs=True)
+    mean = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    rows = torch.cat([mean, torch.zeros_like(mean)], dim=1)
+    cond = fam.encode_frozen(fam.encoders(parts), fam.prompt_inputs(parts, ["a sks dog"] * 2), CPU)
+
+    def run(shift, **flow):
+        engine.diffusion_step(model, parts["noise_scheduler"], rows, 2, torch.Generator().manual_seed(0), 1.0,
+                              torch.float32, CPU, scaling_factor=1.5, shift_factor=shift, family=fam,
+                              cfg=TrainConfig(flow=flow), **cond)
+        return seen[-1]
+
+    a, b = run(0.0), run(0.1)
+    s = (a["timestep"] / 1000).view(-1, 1, 1, 1)
+    torch.testing.assert_close(b["hidden_states"] - a["hidden_states"], (-(1 - s) * 0.1 * 1.5).expand_as(mean))
+    g = torch.Generator().manual_seed(0)
+    torch.randn(mean.shape, generator=g), torch.randn(mean.shape, generator=g)  # the latent and noise draws
+    u = torch.sigmoid(4.0 + 0.5 * torch.randn(2, generator=g))
+    sched = parts["noise_scheduler"]
+    torch.testing.assert_close(run(0.0, logit_mean=4.0, logit_std=0.5)["timestep"],
+                               1000 * flow.shift_sigmas(u, sched.config, 256))
+
+
 def _capture(parts, fam, cfg, photos, classes, steps=1):
     """Run `steps` training steps; return what the transformer was called with (the last call)."""
     seen = {}
@@ -162,14 +192,31 @@ def _partitioned_worker(rank, world, port, out):
     whole = sum(p.numel() for p in model.parameters())  # what this rank holds outside a gather
     with deepspeed.zero.GatheredParameters(list(model.parameters())):
         sd = {k: v.clone() for k, v in model.state_dict().items()}
+    from dreambooth_ray import export
+
+    # The export's gather: chunk by chunk, cast as it arrives; a tied weight (T5's shared embedding)
+    # under every name it has.
+    half = export.gathered_state_dict(model, rank, torch.float16, chunk=5000)
+    from transformers import T5Config, T5EncoderModel
+
+    t5_config = T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    with deepspeed.zero.Init(config_dict_or_path=engine.deepspeed_config(cfg)):
+        t5 = T5EncoderModel(t5_config)
+    t5_sd = export.gathered_state_dict(t5, rank, None, chunk=100)
     if rank == 0:
         torch.save(sd, f"{out}/sd.pt")
+        torch.save(half, f"{out}/half.pt")
+        want = T5EncoderModel(t5_config).state_dict()
+        assert {k: v.shape for k, v in t5_sd.items()} == {k: v.shape for k, v in want.items()}
+        assert t5_sd["encoder.embed_tokens.weight"] is t5_sd["shared.weight"]
     with open(f"{out}/{rank}.json", "w") as f:
         json.dump({"local": local, "total": total, "whole": whole}, f)
     dist.destroy_process_group()
 
 
-def test_zero3_partitioned_load_shards_the_transformer_and_fills_it_with_the_saved_weights(tmp_path):
+def test_zero3_partitioned_load_and_the_exports_gather_on_two_processes(tmp_path):
+    """The transformer built sharded (no rank ever holds a whole parameter between gathers) holds the
+    saved weights; the export's chunked gather returns them in 16 bits, and a tied weight by every name."""
     import socket
 
     import torch.multiprocessing as mp
@@ -182,8 +229,10 @@ def test_zero3_partitioned_load_shards_the_transformer_and_fills_it_with_the_sav
     want = FluxTransformer2DModel.from_pretrained(models.resolve("tiny-flux"), subfolder="transformer").state_dict()
     got = torch.load(tmp_path / "sd.pt")
     assert got.keys() == want.keys()
+    half = torch.load(tmp_path / "half.pt")
     for k in want:
         assert torch.equal(got[k], want[k]), k
+        assert half[k].dtype == torch.float16 and torch.equal(half[k], want[k].half()), k
     n = sum(v.numel() for v in want.values())
     for rank in (0, 1):
         r = json.loads((tmp_path / f"{rank}.json").read_text())
