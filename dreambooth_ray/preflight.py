@@ -106,6 +106,8 @@ def base_model_problems(spec: JobSpec) -> list[str]:
     sched = cfgs.read("scheduler/scheduler_config.json") or {}
     if sched.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
         problems.append(f"model: scheduler prediction_type {sched['prediction_type']!r} is not one of {PREDICTION_TYPES}")
+    if spec.train.mixed_precision == "fp16" and family.inference_half != "float16":
+        problems.append(f"train.mixed_precision: a {kind}'s activations overflow fp16; use bf16 or bf16-weights")
     hidden, expected = family.text_width(cfgs.read), family.cross_width(den)
     if hidden and expected and hidden != expected:
         problems.append(f"model: text encoder width {hidden} does not match the {family.denoiser}'s text input {expected}")

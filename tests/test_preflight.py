@@ -125,8 +125,8 @@ def test_retryable_failures_are_told_apart():
 
 
 def test_flow_transformer_configs_are_checked_before_compute(tmp_path, toy_images):
-    """SD3/Flux: the scheduler must be flow matching, T5's width the transformer's text input, and
-    LoRA targets must exist in the transformer (checked on a meta-device copy)."""
+    """SD3/Flux: the scheduler must be flow matching, T5's width the transformer's text input, LoRA
+    targets must exist in the transformer (checked on a meta-device copy), and fp16 is refused."""
     model = tiny_copy(tmp_path, base="tiny-flux", **{"scheduler/scheduler_config.json": {"_class_name": "DDPMScheduler"},
                                                      "transformer/config.json": {"joint_attention_dim": 48}})
     msg = problems({**tiny_spec(str(tmp_path / "s"), str(toy_images)), "model": str(model)})
@@ -135,3 +135,6 @@ def test_flow_transformer_configs_are_checked_before_compute(tmp_path, toy_image
     msg = problems({**tiny_spec(str(tmp_path / "s"), str(toy_images), train={"method": "lora", "lora": {
         "target_modules": ["to_q", "conv_in"]}}), "model": "tiny-sd3"})
     assert msg.endswith("train.lora.target_modules: target module 'conv_in' is not in this model")
+    msg = problems({**tiny_spec(str(tmp_path / "s"), str(toy_images), train={"mixed_precision": "fp16"}),
+                    "model": "tiny-flux"})
+    assert "train.mixed_precision: a FluxPipeline's activations overflow fp16; use bf16 or bf16-weights" in msg
