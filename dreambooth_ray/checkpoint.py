@@ -23,6 +23,8 @@ import threading
 import ray.train
 import torch
 
+from .storage import count_io, dir_bytes
+
 TAG = "ckpt"  # one DeepSpeed tag per Ray checkpoint directory
 
 
@@ -71,6 +73,7 @@ def save(engine, step: int, metrics: dict, started_at: int, run_root: tuple[str,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    count_io(written=dir_bytes(tmp))  # what goes up, now or in the background
     ray.train.report(
         metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step-{step:07d}",
         checkpoint_upload_fn=verified_upload(*run_root),
@@ -140,6 +143,7 @@ def local_copy(ckpt: ray.train.Checkpoint, attempts: int = 6):
     import pyarrow.fs as pafs
 
     if isinstance(ckpt.filesystem, pafs.LocalFileSystem) and os.path.isdir(ckpt.path):
+        count_io(read=dir_bytes(ckpt.path))
         yield ckpt.path
         return
     with tempfile.TemporaryDirectory(prefix="dbr-restore-") as tmp:
@@ -153,6 +157,7 @@ def local_copy(ckpt: ray.train.Checkpoint, attempts: int = 6):
                 shutil.rmtree(tmp, ignore_errors=True)
                 os.makedirs(tmp)
                 time.sleep(min(0.5 * 2**attempt, 8))
+        count_io(read=dir_bytes(tmp))
         yield tmp
 
 

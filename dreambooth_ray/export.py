@@ -12,7 +12,7 @@ import torch
 
 from . import checkpoint, models
 from .spec import JobSpec
-from .storage import Storage
+from .storage import Storage, io_counts
 
 
 def versions() -> dict[str, str]:
@@ -126,6 +126,7 @@ def from_engine(ds, spec: JobSpec, storage: Storage, out: tuple[str, ...], run: 
     if cfg.export_dtype == "fp32" and cfg.mixed_precision in ("bf16-weights", "fp16"):
         return None
     dtype = EXPORT_DTYPES[cfg.export_dtype]
+    written = io_counts()[0]
     sd = live_state_dict(ds, cfg, rank, dtype)
     if rank != 0:
         return None
@@ -138,6 +139,7 @@ def from_engine(ds, spec: JobSpec, storage: Storage, out: tuple[str, ...], run: 
     else:
         record["model"] = save(storage, pipe, out)
     record["seconds"] = round(time.perf_counter() - t0, 3)
+    record["timeline"]["bytes_written"] = record["timeline"].get("bytes_written", 0) + io_counts()[0] - written
     storage.write_json(record, *out, "export.json")
     return record
 

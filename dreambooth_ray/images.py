@@ -11,7 +11,7 @@ from PIL import Image, ImageOps
 
 from .errors import UserError
 from .spec import S3Settings
-from .storage import filesystem
+from .storage import count_io, filesystem
 
 log = logging.getLogger("dreambooth_ray")
 
@@ -118,7 +118,9 @@ def load_subject_images(
     for path in list_images(url, s3):
         name = _rel(path, root)
         try:
-            out.append(SubjectImage(name, *decode_with_geometry(fs.cat_file(path), f"{url.rstrip('/')}/{name}",
+            data = fs.cat_file(path)
+            count_io(read=len(data))
+            out.append(SubjectImage(name, *decode_with_geometry(data, f"{url.rstrip('/')}/{name}",
                                                                  resolution)))
         except ImageError as e:
             bad.append(str(e))

@@ -17,7 +17,7 @@ from . import checkpoint, cluster, export, identifiers, models, preflight, prior
 from .console import Board, Reporter, View, log_files, save_logs
 from .images import load_subject_images
 from .spec import JobSpec, SpecError, Subject
-from .storage import Storage
+from .storage import Storage, io_counts
 
 @dataclass
 class SubjectResult:
@@ -32,7 +32,7 @@ class SubjectResult:
     error: str | None = None
     train_start: float | None = None  # wall-clock seconds since the epoch, when training ran
     train_end: float | None = None
-    timeline: dict = field(default_factory=dict)  # seconds by stage (see TIMELINE)
+    timeline: dict = field(default_factory=dict)  # seconds by stage (see TIMELINE); bytes_written, bytes_read
 
 
 # A subject's time, stage by stage, as job.json, results.json and the results table show it.
@@ -42,7 +42,8 @@ TIMELINE = (("waiting_for_a_slot", "slot"), ("waiting_for_class_images", "priors
 
 
 def format_timeline(t: dict) -> str:
-    return " ".join(f"{short} {t[k]:.0f}s" for k, short in TIMELINE if k in t)
+    io = f" io {t['bytes_written'] / 1e6:.1f}/{t['bytes_read'] / 1e6:.1f} MB" if "bytes_written" in t else ""
+    return " ".join(f"{short} {t[k]:.0f}s" for k, short in TIMELINE if k in t) + io
 
 
 # Settings that change neither the trained weights nor which checkpoint may resume: cadence, retries,
@@ -92,7 +93,7 @@ def finalize(spec: JobSpec, subject: Subject, ckpt, out: tuple[str, ...], record
     """Export the trained pipeline(s), render the sample grid (through the SR stage when there is
     one), then write job.json (the completion mark)."""
     storage = Storage(spec.storage, spec.s3)
-    t0 = time.perf_counter()
+    t0, io_start = time.perf_counter(), io_counts()
     exported = storage.read_json(*out, "export.json")
     if exported and exported.get("run") == run:  # the training workers exported it: no checkpoint round trip
         pipe = export.load_exported(spec, exported)
@@ -125,6 +126,8 @@ def finalize(spec: JobSpec, subject: Subject, ckpt, out: tuple[str, ...], record
         items = samples.through_sr(items, sr_pipe, spec.sr, spec.samples.seed)
     storage.write_bytes(samples.png_bytes(samples.grid(items)), *out, "samples.png")
     timeline["samples"] = time.perf_counter() - t0
+    for key, now, then in zip(("bytes_written", "bytes_read"), io_counts(), io_start):  # this task's part
+        timeline[key] = timeline.get(key, 0) + now - then
     record["timeline"] = {k: round(v, 3) for k, v in timeline.items()}
     export.write_record(spec, storage, out, {**record, "model": model_url,
                                              "samples": storage.url(*out, "samples.png")})

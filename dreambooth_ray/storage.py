@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,28 @@ def filesystem(url: str, s3: S3Settings | None = None) -> tuple[fsspec.AbstractF
     return fs, path.rstrip("/")
 
 
+# Bytes this process moved through storage (Storage, checkpoint shards, photos): the per-subject
+# timeline reports the difference over the work a process did for one subject.
+_IO = {"written": 0, "read": 0}
+_IO_LOCK = threading.Lock()  # checkpoint uploads count from background threads
+
+
+def count_io(written: int = 0, read: int = 0) -> None:
+    with _IO_LOCK:
+        _IO["written"] += written
+        _IO["read"] += read
+
+
+def io_counts() -> tuple[int, int]:
+    """(bytes written, bytes read) by this process so far."""
+    with _IO_LOCK:
+        return _IO["written"], _IO["read"]
+
+
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(path) for n in names)
+
+
 @dataclass
 class Storage:
     """The job's storage root (a local folder or s3://bucket/prefix)."""
@@ -63,21 +86,21 @@ class Storage:
         return self.fs.exists(self.path(*parts))
 
     def read_json(self, *parts: str) -> Any | None:
-        try:
-            with self.fs.open(self.path(*parts), "rb") as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return None
+        data = self.read_bytes(*parts)
+        return None if data is None else json.loads(data)
 
     def read_bytes(self, *parts: str) -> bytes | None:
         try:
-            return self.fs.cat_file(self.path(*parts))
+            data = self.fs.cat_file(self.path(*parts))
         except FileNotFoundError:
             return None
+        count_io(read=len(data))
+        return data
 
     def write_bytes(self, data: bytes, *parts: str) -> None:
         """Write so that a reader never sees a partial file: S3 puts are atomic, local files are renamed."""
         dest = self.path(*parts)
+        count_io(written=len(data))
         if self.protocol == "s3":
             self.fs.pipe_file(dest, data)
             return
@@ -103,6 +126,7 @@ class Storage:
         if self.protocol == "file":
             os.makedirs(os.path.dirname(dest), exist_ok=True)
         self.fs.put(local_dir.rstrip("/") + "/", dest, recursive=True)
+        count_io(written=dir_bytes(local_dir))
 
     def check_writable(self) -> None:
         """Fail before any compute if the root is missing or not writable (no bucket, no permission)."""

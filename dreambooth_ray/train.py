@@ -17,6 +17,7 @@ from .images import load_subject_images
 from .priors import PriorCache
 from .spec import JobSpec, Subject, TrainConfig
 from .storage import Storage
+from .storage import io_counts as storage_io_counts
 
 log = logging.getLogger("dreambooth_ray")
 
@@ -33,6 +34,7 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(cfg.seed)
     # Where this attempt's time goes (rank 0's view), for the job's per-subject timeline.
     timeline = {"worker_started_at": time.time(), "checkpoint_stalls": 0.0, "validation_handover": 0.0}
+    io_start = storage_io_counts()
     mark = time.perf_counter()
 
     def phase(name: str) -> None:
@@ -112,6 +114,12 @@ def train_loop(config: dict) -> None:
                 history.flush()
             _maybe_inject_fault(config.get("fault"), done, start, rank)
     ray.get(handovers)  # the validator holds every copy of the weights before this process may end
+    # Bytes this attempt's workers moved (photos and class images read, checkpoint shards written and
+    # read back), summed over the ranks: a collective every rank reaches here.
+    io = torch.tensor([now - then for now, then in zip(storage_io_counts(), io_start)], dtype=torch.float64,
+                      device=eng.ds.device)
+    torch.distributed.all_reduce(io)
+    timeline["bytes_written"], timeline["bytes_read"] = (int(v) for v in io.tolist())
     if config.get("export_to"):  # also after a resume at the last step: a failed export is redone
         # The whole attempt's timeline (the last checkpoint's stall included) travels with the export.
         record = export.from_engine(eng.ds, spec, Storage(spec.storage, spec.s3), *config["export_to"], rank,

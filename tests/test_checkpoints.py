@@ -33,7 +33,8 @@ def test_a_worker_killed_mid_upload_resumes_from_the_last_complete_checkpoint(ra
 
 def test_the_training_workers_export_the_trained_weights_under_zero3(ray_cluster, tmp_path, toy_images):
     """ZeRO-3 shards gathered on rank 0 at the last step become the diffusers folder: equal to the final
-    checkpoint's consolidated weights (fp32 asked), with no checkpoint downloaded to export."""
+    checkpoint's consolidated weights (fp32 asked), with no checkpoint downloaded to export. The
+    subject's timeline has every stage and the bytes it moved, equal to the files it wrote and read."""
     import json
 
     from diffusers import StableDiffusionPipeline
@@ -63,3 +64,13 @@ def test_the_training_workers_export_the_trained_weights_under_zero3(ray_cluster
                                 "restore", "steps", "checkpoint_stalls", "validation_handover"))
     assert inside <= summary["train_end"] - summary["train_start"], (inside, summary)
     assert summary["timeline"] == t and "steps" in job.format_timeline(t)
+
+    # The bytes it moved through storage, against the files themselves: written, the checkpoint (both
+    # ranks' shards), the exported model, the loss history, the TensorBoard events and the samples; read,
+    # the subject's photos and the workers' export record.
+    size = lambda p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size  # noqa: E731
+    [ckpt] = (store / "checkpoints").rglob("step-0000002")
+    assert t["bytes_written"] == (size(ckpt) + size(out / "model") + size(out / "history")
+                                  + size(store / "outputs" / "t" / "tensorboard") + size(out / "samples.png"))
+    assert t["bytes_read"] == 2 * size(toy_images) + size(out / "export.json")  # each rank reads the photos
+    assert f"io {t['bytes_written'] / 1e6:.1f}/{t['bytes_read'] / 1e6:.1f} MB" in job.format_timeline(t)
