@@ -134,7 +134,9 @@ def test_metric_models_load_from_s3_like_from_a_folder(s3_endpoint, bucket, metr
 
 def test_eval_before_training_is_a_clear_error(ray_cluster, tmp_path, toy_images, capsys):
     spec_file = tmp_path / "job.yaml"
-    spec_file.write_text(yaml.safe_dump(tiny_spec(str(tmp_path / "store"), str(toy_images))))
+    # Metric models on this machine: the default hub ids would spend ~45 s in timeouts with no network.
+    spec_file.write_text(yaml.safe_dump(tiny_spec(str(tmp_path / "store"), str(toy_images),
+                                                  eval={"dino": "tiny-dino", "clip": "tiny-clip"})))
     assert cli.main(["eval", str(spec_file)]) == 2
     assert "subject 'toy' has no finished training" in capsys.readouterr().err
     assert not (tmp_path / "store" / "outputs").exists()  # nothing rendered
