@@ -498,9 +498,10 @@ def materialize(cache_dir: str | os.PathLike | None = None, name: str = "tiny") 
     tmp = Path(tempfile.mkdtemp(dir=root / "models", prefix=".tiny-"))
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         # transformers writes weights only on rank 0 of an initialized process group, so a Ray Train
-        # worker of rank > 0 would save configs without weights: write from a clean process instead.
+        # worker of rank > 0 would save configs without weights: write from a clean process instead
+        # (~9 s of imports; rank 0, or a process in a group of one, writes them itself).
         import subprocess
         import sys
 

@@ -191,13 +191,29 @@ def group(_gloo_world):
                 os.environ[k] = v
 
 
-def assert_loaded_adapter_is_the_trained_one(out, pipe, parts: tuple[str, ...]) -> None:
-    """The adapter `pipe.load_lora_weights` loaded from a job's export equals the LoRA weights of the
-    job's final checkpoint, part by part (adapter names differ: peft's 'default' vs the loader's)."""
+def render(pipe, prompt="a sks toy", res=32):
+    """One 2-step image at a fixed seed, as an array."""
+    import numpy as np
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return np.asarray(pipe(prompt, num_inference_steps=2, height=res, width=res, generator=g).images[0])
+
+
+def assert_exported_adapter_loads(out, pipe, parts: tuple[str, ...]) -> None:
+    """A job's exported LoRA, loaded by the family's own pipeline (`load_lora_weights`), changes what it
+    renders for the instance prompt and equals the LoRA weights of the job's final checkpoint, part by
+    part (adapter names differ: peft's 'default' vs the loader's)."""
     import json
     import re
 
+    import numpy as np
     import torch
+
+    record = json.loads((out / "job.json").read_text())
+    before = render(pipe, record["instance_prompt"])
+    pipe.load_lora_weights(record["lora"])
+    assert not np.array_equal(before, render(pipe, record["instance_prompt"])), "the adapter changes the output"
 
     from dreambooth_ray.checkpoint import consolidated_state_dict
 

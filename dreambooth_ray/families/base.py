@@ -150,11 +150,12 @@ class Family:
         return {"encoder_hidden_states": encoders["text_encoder"](input_ids, attention_mask=attention_mask)[0]}
 
     @torch.no_grad()
-    def encode_frozen(self, encoders: dict, inputs: dict, device) -> dict:
-        """The conditioning of frozen encoders, computed once on `device`; the encoders go back to the CPU."""
+    def encode_frozen(self, encoders: dict, inputs: dict, device, encode=None):
+        """The conditioning of frozen encoders (`encode`, default `self.encode`), computed once on
+        `device`; the encoders go back to the CPU."""
         for te in encoders.values():
             te.requires_grad_(False).to(device)
-        out = self.encode(encoders, **{k: v.to(device) for k, v in inputs.items()})
+        out = (encode or self.encode)(encoders, **{k: v.to(device) for k, v in inputs.items()})
         for te in encoders.values():
             te.to("cpu")
         return out

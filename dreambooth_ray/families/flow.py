@@ -116,20 +116,9 @@ class FlowMatchingFamily(Family):
     def trained_inputs(self, parts: dict, inputs: dict, device) -> dict:
         """With trained CLIP encoders the frozen T5's states are still computed only once."""
         key = self.t5_key()
-        states = self.encode_frozen({self.t5: parts[self.t5]}, {key: inputs[key]}, device, t5_only=True)
+        states = self.encode_frozen({self.t5: parts[self.t5]}, {key: inputs[key]}, device,
+                                    encode=lambda encs, **ids: self.t5_states(encs[self.t5], ids[key]))
         return {**{k: v.to(device) for k, v in inputs.items() if k != key}, "t5_states": states}
-
-    @torch.no_grad()
-    def encode_frozen(self, encoders: dict, inputs: dict, device, t5_only: bool = False):
-        for te in encoders.values():
-            te.requires_grad_(False).to(device)
-        if t5_only:
-            out = self.t5_states(encoders[self.t5], inputs[self.t5_key()].to(device))
-        else:
-            out = self.encode(encoders, **{k: v.to(device) for k, v in inputs.items()})
-        for te in encoders.values():
-            te.to("cpu")
-        return out
 
     @staticmethod
     def t5_states(t5, ids):
