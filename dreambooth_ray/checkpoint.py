@@ -1,7 +1,11 @@
-"""DeepSpeed checkpoints through Ray Train: every rank saves its shard, Ray merges and uploads them.
+"""DeepSpeed checkpoints, one folder per step under the run's root in storage: every rank writes its
+shard locally, Ray Train uploads it (in the background by default) through `verified_upload`, and
+each rank's verified upload ends with a marker file, `uploaded/rank-K`.
 
-Ray registers a checkpoint only after every rank's upload finished, so a half-written checkpoint is
-never offered for resume; `state.json` records the step that the checkpoint holds.
+A step is complete, and may be resumed from, once `state.json` (rank 0's) and a marker from every
+rank it names are there: a half-uploaded checkpoint is never offered for resume. Completion is read
+from storage, not from Ray's registry of the run, because a training lane (train.py) runs many
+subjects' runs inside one Ray Train run, and each subject resumes from its own checkpoints.
 
 Trust boundary: checkpoints come from storage that others may be able to write. Nothing read from it
 is unpickled with code execution: every torch.load here (DeepSpeed's own included, which asks for
@@ -15,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +29,8 @@ import ray.train
 import torch
 
 from .storage import count_io, dir_bytes
+
+log = logging.getLogger("dreambooth_ray")
 
 TAG = "ckpt"  # one DeepSpeed tag per Ray checkpoint directory
 
@@ -52,44 +59,59 @@ def weights_only():
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
 
 
-def save(engine, step: int, metrics: dict, started_at: int, run_root: tuple[str, object], lora: bool = False,
-         upload: str = "async") -> None:
-    """Called by every rank: write this rank's shard locally and report it (Ray merges the directories).
+def step_dir(run_root: tuple[str, object], step: int) -> str:
+    return f"{run_root[0]}/step-{step:07d}"
 
-    `upload="async"`: training goes on while a background thread uploads the shard; Ray registers
-    the checkpoint (and may resume from it) only after every rank's upload finished and was verified,
-    and deletes the local copy then. With LoRA only the adapters (the trainable parameters) are saved.
+
+def save(engine, step: int, metrics: dict, started_at: int, run_root: tuple[str, object], lora: bool = False,
+         upload: str = "async", keep: int | None = None) -> None:
+    """Called by every rank: write this rank's shard locally and report it; it goes to
+    `step_dir(run_root, step)`.
+
+    `upload="async"`: training goes on while a background thread uploads the shard; the step becomes
+    complete (resumable) once every rank's upload finished and was verified, and the local copy is
+    deleted then; rank 0 then deletes the run's checkpoints older than its newest `keep` complete
+    ones. With LoRA only the adapters (the trainable parameters) are saved.
     """
     from ray.train import CheckpointUploadMode
 
+    ctx = ray.train.get_context()
     tmp = tempfile.mkdtemp(prefix="dbr-ckpt-")
     try:
         engine.save_checkpoint(tmp, tag=TAG, client_state={"step": step}, exclude_frozen_parameters=lora)
-        if ray.train.get_context().get_world_rank() == 0:
+        if ctx.get_world_rank() == 0:
             with open(os.path.join(tmp, "state.json"), "w") as f:
                 # started_at: the step this attempt began from (non-zero after a resume).
-                json.dump({"step": step, "started_at": started_at,
-                           "world_size": ray.train.get_context().get_world_size()}, f)
+                json.dump({"step": step, "started_at": started_at, "world_size": ctx.get_world_size()}, f)
+            with open(os.path.join(tmp, "metrics.json"), "w") as f:  # what a resume at the last step reports
+                json.dump(metrics, f)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     count_io(written=dir_bytes(tmp))  # what goes up, now or in the background
+    dest = step_dir(run_root, step)
+    _uploads.pop(dest, None)  # a step saved again (a resumed attempt in this process) uploads again
+    # Ray registers, in the lane's own run, a pointer to the subject's checkpoint (its name unique
+    # within the lane, which carries other subjects' runs too).
+    pointer = f"{ctx.get_storage().experiment_fs_path}/{os.path.basename(run_root[0])}-step-{step:07d}"
+    pruning = (lambda: prune(run_root, keep)) if keep and ctx.get_world_rank() == 0 else None
     ray.train.report(
-        metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step-{step:07d}",
-        checkpoint_upload_fn=verified_upload(*run_root),
+        metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=os.path.basename(pointer),
+        checkpoint_upload_fn=verified_upload(dest, run_root[1], ctx.get_world_rank(), pointer, prune=pruning),
         checkpoint_upload_mode=CheckpointUploadMode.ASYNC if upload == "async" else CheckpointUploadMode.SYNC,
         delete_local_checkpoint_after_upload=True,
     )
 
 
-def verified_upload(root: str, fs, attempts: int = 6, streams: int = 8):
+def verified_upload(dest: str, fs, rank: int, pointer: str, prune=None, attempts: int = 6, streams: int = 8):
     """A checkpoint upload that fails loudly and retries, in place of Ray's default copy.
 
     Ray's default (pyarrow copy_files) can drop an S3 multipart-upload error on the floor ("Error
     ignored when destroying file") and register a checkpoint with a missing file. Here each file is
     streamed with an explicit close (which raises), its stored size is checked, and a failed file is
-    retried with backoff; only then does Ray register the checkpoint. Files go up `streams` at a time
-    (a large file is itself a multipart upload with parallel parts in pyarrow's S3 stream).
+    retried with backoff; then this rank's marker is written. Files go up `streams` at a time (a
+    large file is itself a multipart upload with parallel parts in pyarrow's S3 stream). Ray gets
+    back `pointer`, a folder in its run's storage naming `dest` (Ray accepts no checkpoint outside it).
     """
     import time
     from concurrent.futures import ThreadPoolExecutor
@@ -98,13 +120,17 @@ def verified_upload(root: str, fs, attempts: int = 6, streams: int = 8):
 
     fs = fs or pafs.LocalFileSystem()
 
-    def put(src: str, target: str) -> None:
-        size = os.path.getsize(src)
+    def put(src: str | None, target: str, data: bytes = b"") -> None:
+        size = os.path.getsize(src) if src else len(data)
         for attempt in range(attempts):
             try:
                 fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-                with open(src, "rb") as f, fs.open_output_stream(target) as out:
-                    shutil.copyfileobj(f, out, 8 << 20)
+                with fs.open_output_stream(target) as out:
+                    if src:
+                        with open(src, "rb") as f:
+                            shutil.copyfileobj(f, out, 8 << 20)
+                    else:
+                        out.write(data)
                 stored = fs.get_file_info(target).size
                 if stored != size:
                     raise OSError(f"{target}: stored {stored} bytes of {size}")
@@ -115,23 +141,109 @@ def verified_upload(root: str, fs, attempts: int = 6, streams: int = 8):
                 time.sleep(min(0.5 * 2**attempt, 8))
 
     def upload(ckpt: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
-        dest = f"{root}/{dir_name}"
-        files = [os.path.join(d, n) for d, _, names in os.walk(ckpt.path) for n in names]
-        with ThreadPoolExecutor(streams) as pool:
-            for done in [pool.submit(put, src, f"{dest}/{os.path.relpath(src, ckpt.path)}") for src in files]:
-                done.result()  # the first failure raises: Ray then registers nothing
-        uploaded(dir_name).set()
-        return ray.train.Checkpoint(dest, fs)
+        done = _uploads.setdefault(dest, _Upload())
+        try:
+            files = [os.path.join(d, n) for d, _, names in os.walk(ckpt.path) for n in names]
+            with ThreadPoolExecutor(streams) as pool:
+                for f in [pool.submit(put, src, f"{dest}/{os.path.relpath(src, ckpt.path)}") for src in files]:
+                    f.result()  # the first failure raises: no marker, so the step never becomes complete
+            marker = str(sum(map(os.path.getsize, files))).encode()
+            put(None, f"{dest}/uploaded/rank-{rank:05d}", marker)
+            count_io(written=len(marker))
+            put(None, f"{pointer}/checkpoint.json", json.dumps({"checkpoint": dest}).encode())
+            if prune:
+                prune()
+        except BaseException as e:
+            done.error = e
+            raise
+        finally:
+            done.set()
+        return ray.train.Checkpoint(pointer, fs)
 
     return upload
 
 
-_uploaded: dict[str, threading.Event] = {}
+class _Upload(threading.Event):
+    error: BaseException | None = None
 
 
-def uploaded(dir_name: str) -> threading.Event:
-    """Set once this process has uploaded and verified its part of checkpoint `dir_name`."""
-    return _uploaded.setdefault(dir_name, threading.Event())
+_uploads: dict[str, _Upload] = {}
+
+
+def wait_uploaded(dest: str, timeout: float | None = None) -> None:
+    """Until this process's upload to `dest` is verified (raises what the upload raised)."""
+    done = _uploads.setdefault(dest, _Upload())
+    if not done.wait(timeout):
+        raise TimeoutError(f"checkpoint upload to {dest} still running after {timeout} s")
+    if done.error is not None:
+        raise RuntimeError(f"checkpoint upload to {dest} failed: {done.error}") from done.error
+
+
+def _retrying(fn, attempts: int = 6):
+    """fn() again after a transient store error (an OSError from pyarrow), with backoff."""
+    import time
+
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except OSError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(min(0.5 * 2**attempt, 8))
+
+
+def complete_steps(run_root: tuple[str, object]) -> list[int]:
+    """The steps of this run whose checkpoint is complete in storage, oldest first."""
+    return _retrying(lambda: _complete_steps(run_root))
+
+
+def _complete_steps(run_root: tuple[str, object]) -> list[int]:
+    import pyarrow.fs as pafs
+
+    root, fs = run_root[0], run_root[1] or pafs.LocalFileSystem()
+    steps = []
+    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        name = info.base_name
+        if info.type != pafs.FileType.Directory or not name.startswith("step-") or not name[5:].isdigit():
+            continue
+        try:
+            with fs.open_input_stream(f"{info.path}/state.json") as f:
+                world = int(json.loads(f.read())["world_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # no state.json yet (rank 0's upload unfinished) or not ours
+        markers = fs.get_file_info(pafs.FileSelector(f"{info.path}/uploaded", allow_not_found=True))
+        if {m.base_name for m in markers} >= {f"rank-{r:05d}" for r in range(world)}:
+            steps.append(int(name[5:]))
+    return sorted(steps)
+
+
+def latest(run_root: tuple[str, object]) -> ray.train.Checkpoint | None:
+    steps = complete_steps(run_root)
+    return ray.train.Checkpoint(step_dir(run_root, steps[-1]), run_root[1]) if steps else None
+
+
+def prune(run_root: tuple[str, object], keep: int) -> None:
+    """Rank 0: delete the checkpoints older than the newest `keep` complete ones (an incomplete one
+    older than those, from a crashed attempt, too); newer incomplete ones may still be uploading.
+    Housekeeping: a store error is logged, and the next checkpoint or the run's end prunes again."""
+    try:
+        _prune(run_root, keep)
+    except OSError as e:
+        log.warning("pruning old checkpoints of %s failed: %s", run_root[0], e)
+
+
+def _prune(run_root: tuple[str, object], keep: int) -> None:
+    import pyarrow.fs as pafs
+
+    steps = complete_steps(run_root)
+    if len(steps) <= keep:
+        return
+    oldest_kept, fs = steps[-keep], run_root[1] or pafs.LocalFileSystem()
+    listing = _retrying(lambda: fs.get_file_info(pafs.FileSelector(run_root[0], allow_not_found=True)))
+    for info in listing:
+        name = info.base_name
+        if name.startswith("step-") and name[5:].isdigit() and int(name[5:]) < oldest_kept:
+            _retrying(lambda: fs.delete_dir(info.path))
 
 
 @contextlib.contextmanager
@@ -161,9 +273,9 @@ def local_copy(ckpt: ray.train.Checkpoint, attempts: int = 6):
         yield tmp
 
 
-def restore(engine, lora: bool = False) -> int:
-    """Load the latest reported checkpoint into `engine`; returns the step to continue from (0 if none)."""
-    ckpt = ray.train.get_checkpoint()
+def restore(engine, run_root: tuple[str, object], lora: bool = False) -> int:
+    """Load the run's latest complete checkpoint into `engine`; returns the step to continue from (0 if none)."""
+    ckpt = latest(run_root)
     if ckpt is None:
         return 0
     with local_copy(ckpt) as d:
@@ -181,6 +293,14 @@ def restore(engine, lora: bool = False) -> int:
 
 def read_state(ckpt_dir: str) -> dict:
     with open(os.path.join(ckpt_dir, "state.json")) as f:
+        return json.load(f)
+
+
+def read_metrics(ckpt_dir: str) -> dict:
+    path = os.path.join(ckpt_dir, "metrics.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
         return json.load(f)
 
 

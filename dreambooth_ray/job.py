@@ -87,7 +87,9 @@ def sr_run_name(spec: JobSpec, subject: Subject, sr_identity: str, prior_key: st
     return f"{subject.name}-sr-{key}"
 
 
-@ray.remote(num_cpus=1)
+# No CPU of its own: on a CPU cluster the training lanes hold the CPUs, and this light task (load the
+# exported model, a few sample images) would otherwise wait for a lane to go idle.
+@ray.remote(num_cpus=0)
 def finalize(spec: JobSpec, subject: Subject, ckpt, out: tuple[str, ...], record: dict, run: str,
              sr_ckpt=None) -> tuple[str, str]:
     """Export the trained pipeline(s), render the sample grid (through the SR stage when there is
@@ -147,14 +149,14 @@ def prior_task(cache: priors.PriorCache, spec: JobSpec, use_gpu: bool, reporter:
 
 @ray.remote(num_cpus=0)
 def subject_task(spec, subject, identity, use_gpu, prior_counts, queued_at: float, submitted_at: float,
-                 reporter: Reporter) -> SubjectResult:
+                 reporter: Reporter, lanes) -> SubjectResult:
     """One subject, start to finish; its failure is its own result, never the batch's."""
     t0 = time.perf_counter()
     # Ray starts this task once its class images exist (a dependency) and a slot was free (the window).
     timeline = {"waiting_for_a_slot": submitted_at - queued_at, "waiting_for_class_images": time.time() - submitted_at}
     try:
         return _run_subject(spec, subject, Storage(spec.storage, spec.s3), identity, use_gpu, prior_counts, timeline,
-                            reporter)
+                            reporter, lanes)
     except Exception as e:  # isolation: whatever went wrong is recorded, the other subjects go on
         msg = _first_line(e)
         reporter.stage("failed", f"FAILED: {msg}")
@@ -231,11 +233,14 @@ def _run_subjects(spec: JobSpec, storage: Storage, identity: str, use_gpu: bool,
             prior_refs[cache.key] = prior_task.remote(cache, spec, use_gpu, Reporter(f"priors {cache.prompt!r}", board))
         subject_priors.append(prior_refs[cache.key] if cache else None)
 
-    # Subjects: at most `capacity` in flight, so hundreds of subjects don't start hundreds of idle
-    # trainers; Ray's scheduler places each run's workers wherever resources free up.
-    window = capacity(spec, use_gpu)
+    # Training lanes: up to `capacity` worker groups, each training subject after subject; Ray's
+    # scheduler places each lane's workers wherever resources free up. Twice as many subjects in
+    # flight, so that one subject's export and samples overlap the next one's training in its lane.
+    window = min(capacity(spec, use_gpu), len(spec.subjects))
+    lanes = train.TrainingQueue.remote(spec, "base", use_gpu, lanes=window)
     console.print(f"job {spec.name}: {len(spec.subjects)} subject(s), up to {window} at once, "
                   f"{len(prior_refs)} prior set(s)", highlight=False)
+    window *= 2
     pending = list(zip(spec.subjects, subject_priors))
     running: dict[ray.ObjectRef, str] = {}
     results: dict[str, SubjectResult] = {}
@@ -243,7 +248,7 @@ def _run_subjects(spec: JobSpec, storage: Storage, identity: str, use_gpu: bool,
         while pending and len(running) < window:
             subject, pref = pending.pop(0)
             ref = subject_task.remote(spec, subject, identity, use_gpu, pref, queued_at, time.time(),
-                                      Reporter(subject.name, board))
+                                      Reporter(subject.name, board), lanes)
             running[ref] = subject.name
         ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
         view.refresh()
@@ -264,7 +269,7 @@ def _run_subjects(spec: JobSpec, storage: Storage, identity: str, use_gpu: bool,
             except Exception as e:  # noqa: BLE001 -- the subject is trained and stored; only its tracking failed
                 console.print(f"{name}: warning: not logged to MLflow ({type(e).__name__}: {e})",
                               highlight=False, markup=False)
-
+    ray.get(lanes.close.remote())  # idle lanes end now
     return results, prior_refs
 
 
@@ -283,7 +288,8 @@ def planned_runs(spec: JobSpec, storage: Storage, identity: str) -> list[tuple[s
     return runs
 
 
-def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeline: dict, reporter: Reporter) -> SubjectResult:
+def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeline: dict, reporter: Reporter,
+                 lanes=None) -> SubjectResult:
     t0 = time.perf_counter()
     say = reporter.say
     out = ("outputs", spec.name, subject.name)
@@ -327,7 +333,7 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeli
                      .remote(spec, subject, name) if spec.samples.validation_every else None)
         try:
             result = train.fit(spec, subject, storage, name, prior_key, use_gpu, export_to=(out, name),
-                               reporter=reporter, validator=validator)
+                               reporter=reporter, validator=validator, queue=lanes)
             if validator is not None:
                 reporter.stage("validation", "rendering the last validation images")
                 for e in ray.get(validator.drain.remote())["errors"]:

@@ -1,10 +1,22 @@
-"""Base-model fine-tuning: Ray Train workers, each wrapping the UNet (and text encoder) in DeepSpeed ZeRO."""
+"""Base-model fine-tuning: Ray Train workers, each wrapping the UNet (and text encoder) in DeepSpeed ZeRO.
+
+Training runs in lanes: a lane is one Ray Train run (a worker group) that takes subjects from a
+`TrainingQueue` one after another, so processes, imports and DeepSpeed's process group are paid once
+per lane rather than once per subject. Each subject is still its own run: its own checkpoints
+(checkpoint.py: complete when every rank's upload is verified), resumed from its own latest one. A
+lane whose worker fails ends; the queue retries the subject it held (when the error can pass) on a
+new lane, which resumes it, and the other subjects go on.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
+import gc
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 
 import ray.train
@@ -23,13 +35,28 @@ log = logging.getLogger("dreambooth_ray")
 
 
 def train_loop(config: dict) -> None:
-    """Runs on every Ray Train worker."""
+    """Runs on every Ray Train worker of a lane: the queue's subjects, one after another, until it
+    has none for this lane. Every rank takes the same subject (rank 0 draws it, the others follow)."""
+    queue, lane = config["queue"], config["lane"]
+    rank = ray.train.get_context().get_world_rank()
+    n = 0
+    while (item := ray.get(queue.take.remote(lane, rank, n))) is not None:
+        n += 1
+        result = train_subject({**item, "lane": lane}, rank)
+        if rank == 0:
+            ray.get(queue.finish.remote(lane, result))
+        gc.collect()  # the subject's engine and model go before the next one loads
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def train_subject(config: dict, rank: int) -> dict:
+    """One subject's run (one stage), on every rank of the lane; rank 0 returns {checkpoint, metrics}."""
     spec: JobSpec = config["spec"]
     subject: Subject = config["subject"]
     stage = config.get("stage", "base")
     cfg = stage_config(spec, stage)
     ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
     # Where this attempt's time goes (rank 0's view), for the job's per-subject timeline.
@@ -63,7 +90,8 @@ def train_loop(config: dict) -> None:
     lora = cfg.method == "lora"
     tag = subject.name if stage == "base" else f"{subject.name} {stage}"
     phase("latent_cache_and_engine")  # VAE latents, frozen text embeddings, DeepSpeed set-up
-    start = checkpoint.restore(eng.ds, lora)
+    run_root = config["run_root"]  # (path, pyarrow filesystem) of this run's checkpoints
+    start = checkpoint.restore(eng.ds, run_root, lora)
     phase("restore")
     reporter = config.get("reporter")
     if start and rank == 0:
@@ -71,10 +99,9 @@ def train_loop(config: dict) -> None:
         if reporter:
             reporter.say(f"resumed from checkpoint at step {start}")
 
-    run_root = config["run_root"]  # (path, pyarrow filesystem) of this run's checkpoints
     validator, handovers = config.get("validator"), []
     history = History(spec, subject, config["run_name"], stage) if rank == 0 else None
-    t0, last = time.perf_counter(), start
+    t0, last, metrics, saved = time.perf_counter(), start, None, None
     for step in range(start, cfg.steps):
         mark = time.perf_counter()
         sums = eng.step(step, rank)  # on the training device: NCCL reduces no CPU tensors
@@ -86,6 +113,7 @@ def train_loop(config: dict) -> None:
             "step": done, "loss": sums[0].item(), "instance_loss": sums[1].item(), "prior_loss": sums[2].item(),
             "lr": eng.lr(), "steps_per_s": (done - last) / max(elapsed, 1e-9),
             "node_id": ray.get_runtime_context().get_node_id(),  # rank 0's node: where the run was placed
+            "lane": config["lane"],  # the worker group that trained it
         }
         phase("steps")
         if rank == 0:
@@ -108,14 +136,17 @@ def train_loop(config: dict) -> None:
             # The stall: what training waits for (the local write; with async uploads, not the upload).
             metrics["timeline"] = {k: round(v, 3) for k, v in timeline.items()}
             checkpoint.save(eng.ds, done, metrics, started_at=start, run_root=run_root, lora=lora,
-                            upload=cfg.checkpoint_upload)
+                            upload=cfg.checkpoint_upload, keep=cfg.keep_checkpoints)
+            saved = done
             phase("checkpoint_stalls")
             if rank == 0:
                 history.flush()
-            _maybe_inject_fault(config.get("fault"), done, start, rank)
+            _maybe_inject_fault(config.get("fault"), done, start, rank, run_root)
     ray.get(handovers)  # the validator holds every copy of the weights before this process may end
+    if saved is not None:  # the last checkpoint is complete before the subject counts as trained
+        checkpoint.wait_uploaded(checkpoint.step_dir(run_root, saved))
     # Bytes this attempt's workers moved (photos and class images read, checkpoint shards written and
-    # read back), summed over the ranks: a collective every rank reaches here.
+    # read back), summed over the ranks: a collective every rank reaches here, once its upload is done.
     io = torch.tensor([now - then for now, then in zip(storage_io_counts(), io_start)], dtype=torch.float64,
                       device=eng.ds.device)
     torch.distributed.all_reduce(io)
@@ -126,6 +157,14 @@ def train_loop(config: dict) -> None:
                                     timeline={k: round(v, 3) for k, v in timeline.items()})
         if record:
             print(f"[{tag}] exported {record['model']} ({record['dtype']}, {record['seconds']:.1f} s)", flush=True)
+    if rank != 0:
+        return {}
+    checkpoint.prune(run_root, cfg.keep_checkpoints)
+    final = checkpoint.latest(run_root)
+    if metrics is None and final is not None:  # resumed at the last step: the checkpoint's own metrics
+        with checkpoint.local_copy(final) as d:
+            metrics = checkpoint.read_metrics(d)
+    return {"checkpoint": final.path if final else None, "metrics": metrics or {}}
 
 
 class History:
@@ -177,7 +216,6 @@ def tensorboard_events(storage: Storage, folder: tuple[str, ...]):
     block: tensorboardX writes from a background queue that `flush` does not drain, `close` does."""
     import os
     import tempfile
-    import uuid
 
     from tensorboardX import SummaryWriter
 
@@ -192,10 +230,11 @@ def tensorboard_events(storage: Storage, folder: tuple[str, ...]):
                 storage.write_bytes(f.read(), *folder, name)
 
 
-def _maybe_inject_fault(fault: tuple[str, int] | None, step: int, start: int, rank: int) -> None:
-    """Test hook (fit passes it to the first attempt only): ("raise", N) fails every rank after step N's checkpoint;
-    ("kill", N) SIGKILLs rank 0's process once that checkpoint is uploaded and registered, a real
-    worker death; ("kill-uploading", N) SIGKILLs it while the checkpoint is still uploading."""
+def _maybe_inject_fault(fault: tuple[str, int] | None, step: int, start: int, rank: int, run_root) -> None:
+    """Test hook (the queue passes it to a subject's first attempt only): ("raise", N) fails every
+    rank after step N's checkpoint; ("kill", N) SIGKILLs rank 0's process once that checkpoint is
+    complete in storage, a real worker death; ("kill-uploading", N) SIGKILLs it while the checkpoint
+    is still uploading."""
     if not fault or fault[1] != step:
         return
     how = fault[0]
@@ -206,8 +245,9 @@ def _maybe_inject_fault(fault: tuple[str, int] | None, step: int, start: int, ra
         import signal
 
         if how == "kill":
-            checkpoint.uploaded(f"step-{step:07d}").wait(120)
-            time.sleep(3)  # let the controller register the reported checkpoint first
+            deadline = time.time() + 120
+            while step not in checkpoint.complete_steps(run_root) and time.time() < deadline:
+                time.sleep(0.2)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -223,47 +263,164 @@ def stage_config(spec: JobSpec, stage: str) -> TrainConfig:
 
 def fit(spec: JobSpec, subject: Subject, storage: Storage, run_name: str, prior_key: str | None,
         use_gpu: bool, fault: tuple[str, int] | None = None, stage: str = "base",
-        export_to: tuple[tuple[str, ...], str] | None = None, reporter=None, validator=None) -> TrainResult:
-    """Run (or resume) one subject's training stage ('base' or 'sr'). Same `run_name` + storage =
-    resume from the last checkpoint.
+        export_to: tuple[tuple[str, ...], str] | None = None, reporter=None, validator=None,
+        queue=None) -> TrainResult:
+    """Run (or resume) one subject's training stage ('base' or 'sr') in a lane of `queue` (a queue of
+    its own, one lane, when none is given). Same `run_name` + storage = resume from the last checkpoint.
 
     Retries are ours, not Ray's FailureConfig: a re-run of the same run resumes from its last
     checkpoint, but only failures that can pass (a dead worker or node, an I/O or communication
     error) are retried. An error that recurs every time (a TypeError from a model the code cannot
     drive, a bad setting) fails at once, under its own name, instead of reloading the model
     `max_failures` more times and ending as "Training failed due to worker errors"."""
+    own = queue is None
+    if own:
+        queue = TrainingQueue.remote(spec, stage, use_gpu, lanes=1)
+    item = work_item(spec, subject, storage, run_name, prior_key, fault, stage, export_to, reporter, validator)
+    try:
+        out = ray.get(queue.train.remote(item))
+    finally:
+        if own:
+            ray.get(queue.close.remote())
+    if "error" in out:
+        raise TrainingError(out["error"])
+    if out["checkpoint"] is None:
+        raise RuntimeError(f"training of {subject.name!r} finished without a checkpoint")
+    return TrainResult(ray.train.Checkpoint(out["checkpoint"], item["run_root"][1]), out["metrics"])
+
+
+def work_item(spec: JobSpec, subject: Subject, storage: Storage, run_name: str, prior_key: str | None,
+              fault: tuple[str, int] | None = None, stage: str = "base",
+              export_to: tuple[tuple[str, ...], str] | None = None, reporter=None, validator=None) -> dict:
+    """What a lane needs to train one subject's run (see `fit`)."""
     storage_path, storage_fs = storage.ray_storage("checkpoints", spec.name)
+    return {"id": f"{run_name}/{uuid.uuid4().hex[:8]}", "spec": spec, "subject": subject, "prior_key": prior_key,
+            "stage": stage, "fault": fault, "export_to": export_to, "reporter": reporter, "validator": validator,
+            "run_root": (f"{storage_path}/{run_name}", storage_fs), "run_name": run_name,
+            "max_failures": stage_config(spec, stage).max_failures}
+
+
+@ray.remote(num_cpus=0)
+class TrainingQueue:
+    """Subjects waiting for a lane, and the lanes (Ray Train runs of one stage's worker count) that
+    train them: up to `lanes` at once, started while subjects wait and none is idle, each ending
+    once it has waited `idle_s` for a subject (its workers' resources go back to Ray, which placed
+    them). A lane that fails hands its subject back: retried on a new lane while the error can pass
+    and attempts remain (`max_failures`), else that subject alone fails."""
+
+    def __init__(self, spec: JobSpec, stage: str, use_gpu: bool, lanes: int, idle_s: float = 5.0):
+        self.spec, self.stage, self.use_gpu, self.max_lanes, self.idle_s = spec, stage, use_gpu, lanes, idle_s
+        self.pending: collections.deque = collections.deque()
+        self.results: dict[str, asyncio.Future] = {}
+        self.rounds: dict[str, list] = {}  # lane -> the items its rank 0 drew, in order (None: the end)
+        self.holding: dict[str, dict | None] = {}  # live lane -> the item it trains now
+        self.failures: dict[str, int] = {}  # item id -> failed attempts
+        self.lane_errors = 0  # lanes in a row that failed holding no subject (e.g. no worker could start)
+        self.changed = asyncio.Condition()
+        self.closed = False
+
+    async def train(self, item: dict) -> dict:
+        """Queue one subject's run; returns {checkpoint, metrics} from rank 0, or {error}."""
+        self.results[item["id"]] = asyncio.get_running_loop().create_future()
+        async with self.changed:
+            self.pending.append(item)
+            self.changed.notify_all()
+        self._start_lanes()
+        return await self.results[item["id"]]
+
+    async def take(self, lane: str, rank: int, n: int) -> dict | None:
+        """The lane's n-th subject: rank 0 draws it (waiting up to idle_s for one), the others get the same."""
+        async with self.changed:
+            rounds = self.rounds.setdefault(lane, [])
+            if rank == 0 and len(rounds) == n:
+                try:
+                    await asyncio.wait_for(self.changed.wait_for(lambda: self.pending or self.closed), self.idle_s)
+                except asyncio.TimeoutError:
+                    pass
+                item = self.pending.popleft() if self.pending else None
+                rounds.append(item)
+                self.holding[lane] = item
+                self.changed.notify_all()
+            else:
+                await self.changed.wait_for(lambda: len(rounds) > n)
+            item = rounds[n]
+        if item is None:
+            return None
+        return {**item, "fault": item["fault"] if not self.failures.get(item["id"]) else None}
+
+    def finish(self, lane: str, result: dict) -> None:
+        item, self.holding[lane] = self.holding[lane], None
+        self.lane_errors = 0
+        self._resolve(item["id"], result)
+
+    async def _watch(self, lane: str, ref: ray.ObjectRef) -> None:
+        """Until the lane's run returns or raises (its task dying included)."""
+        error, can_pass = None, False
+        try:
+            await ref
+        except Exception as e:  # noqa: BLE001 -- the queue decides: retry the lane's subject, or fail it
+            cause = worker_error(e)
+            error, can_pass = describe(cause), retryable(cause)
+        item = self.holding.pop(lane, None)
+        self.rounds.pop(lane, None)
+        if error is not None:
+            if item is None:
+                self.lane_errors += 1
+                if self.lane_errors >= 3:  # lanes can't start at all: every waiting subject fails with it
+                    while self.pending:
+                        self._resolve(self.pending.popleft()["id"], {"error": error})
+            else:
+                failed = self.failures[item["id"]] = self.failures.get(item["id"], 0) + 1
+                if can_pass and failed <= item["max_failures"]:
+                    msg = f"attempt {failed} failed ({error}); resuming from the last checkpoint"
+                    item["reporter"].say(msg) if item["reporter"] else log.warning("%s: %s", item["id"], msg)
+                    async with self.changed:
+                        self.pending.appendleft(item)
+                        self.changed.notify_all()
+                else:
+                    self._resolve(item["id"], {"error": error})
+        self._start_lanes()
+
+    async def close(self) -> None:
+        async with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+    def _resolve(self, item_id: str, result: dict) -> None:
+        future = self.results.pop(item_id, None)
+        if future is not None and not future.done():
+            future.set_result(result)
+
+    def _start_lanes(self) -> None:
+        me = ray.get_runtime_context().current_actor  # (called from the actor's event loop)
+        # a lane holding nothing is starting or waiting for a subject: it takes the next one
+        while len(self.pending) > sum(v is None for v in self.holding.values()) and len(self.holding) < self.max_lanes:
+            lane = f"lane-{uuid.uuid4().hex[:12]}"
+            self.holding[lane] = None
+            asyncio.get_running_loop().create_task(
+                self._watch(lane, run_lane.remote(me, lane, self.spec, self.stage, self.use_gpu)))
+
+
+@ray.remote(num_cpus=0)
+def run_lane(queue, lane: str, spec: JobSpec, stage: str, use_gpu: bool) -> None:
+    """One lane: a Ray Train run whose workers train the queue's subjects until it has none left."""
     cfg = stage_config(spec, stage)
-    trainer = lambda attempt: TorchTrainer(  # noqa: E731  (a fresh trainer per attempt, same run)
+    storage_path, storage_fs = Storage(spec.storage, spec.s3).ray_storage("checkpoints", spec.name, "lanes")
+    trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"spec": spec, "subject": subject, "prior_key": prior_key, "stage": stage,
-                           "fault": fault if attempt == 0 else None, "export_to": export_to, "reporter": reporter,
-                           "validator": validator,
-                           "run_root": (f"{storage_path}/{run_name}", storage_fs), "run_name": run_name},
+        train_loop_config={"queue": queue, "lane": lane},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu),
         # On GPUs, NCCL for CUDA tensors and gloo for any CPU tensor a collective meets: Ray's
         # default there is NCCL alone, which cannot reduce a CPU tensor.
         torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
-            name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            name=lane, storage_path=storage_path, storage_filesystem=storage_fs,
+            # Ray's registry of this run spans subjects: each subject's run keeps and prunes its own.
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
             failure_config=FailureConfig(max_failures=0),
         ),
     )
-    for attempt in range(cfg.max_failures + 1):
-        try:
-            result = trainer(attempt).fit()
-            break
-        except Exception as e:
-            cause = worker_error(e)
-            if attempt == cfg.max_failures or not retryable(cause):
-                raise TrainingError(describe(cause)) from None
-            msg = f"attempt {attempt + 1} failed ({describe(cause)}); resuming from the last checkpoint"
-            reporter.say(msg) if reporter else log.warning("%s: %s", run_name, msg)
-    ckpt = result.checkpoint
-    if ckpt is None:
-        raise RuntimeError(f"training of {subject.name!r} finished without a checkpoint")
-    return TrainResult(ckpt, dict(result.metrics or {}))
+    trainer.fit()  # what it raises, the queue (which awaits this task) hears
 
 
 class TrainingError(RuntimeError):
@@ -277,12 +434,14 @@ _RECURRING = (TypeError, ValueError, KeyError, AttributeError, IndexError, NameE
 
 def worker_error(e: BaseException) -> BaseException:
     """The exception that a training worker raised (rank 0's when several did), unwrapped from Ray's."""
-    failures = getattr(e, "worker_failures", None)
-    if failures:
-        e = failures[min(failures)]
-    while isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None and e.cause is not e:
-        e = e.cause
-    return e
+    while True:
+        failures = getattr(e, "worker_failures", None)
+        if failures:
+            e = failures[min(failures)]
+        elif isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None and e.cause is not e:
+            e = e.cause
+        else:
+            return e
 
 
 def retryable(e: BaseException) -> bool:

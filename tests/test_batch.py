@@ -59,3 +59,32 @@ def test_batch_on_two_nodes_runs_concurrently_isolates_failures_and_resumes(ray_
     assert again["broken"].stages["train"] == "ran"
     summary = json.loads((store / "outputs" / "t" / "results.json").read_text())
     assert sorted(p["generated"] for p in summary["priors"]) == [0, 0]
+
+
+def test_a_lane_trains_subject_after_subject_and_a_failure_stays_its_own(ray_cluster, tmp_path, toy_images):
+    """One lane at a time (a Ray Train worker group) takes four subjects' runs, one after another. c's run
+    fails (test hook, no retries): its lane ends, c alone fails, and the others go on in a new lane. So
+    a, b and d ran in at most two lanes, two of them in the same processes, and all three end
+    bit-identical (same photos and settings): nothing of one subject's run leaks into the next's."""
+    import ray
+
+    from dreambooth_ray import train
+    from dreambooth_ray.storage import Storage
+
+    from conftest import assert_trained_and_identical, final_weights
+
+    spec = parse_spec(tiny_spec(str(tmp_path / "store"), str(toy_images), prior={"enabled": False},
+                                train={"steps": 2, "checkpoint_every": 1}))
+    storage, [toy] = Storage(spec.storage), spec.subjects
+    queue = train.TrainingQueue.remote(spec, "base", False, lanes=1)
+    items = [train.work_item(spec, toy, storage, f"run-{n}", None, fault=("raise", 1) if n == "c" else None)
+             for n in "abcd"]
+    a, b, c, d = ray.get([queue.train.remote(item) for item in items])
+    ray.get(queue.close.remote())
+    assert c == {"error": "RuntimeError: injected failure after step 1 (test hook)"}
+    assert len({r["metrics"]["lane"] for r in (a, b, d)}) <= 2
+    weights = {n: final_weights(ray.train.Checkpoint(r["checkpoint"]))
+               for n, r in (("a", a), ("b", b), ("d", d))}
+    assert all(state == {"step": 2, "started_at": 0, "world_size": 1} for _, state in weights.values())
+    assert_trained_and_identical(weights["a"][0], weights["b"][0], "weights of the lane's second subject")
+    assert_trained_and_identical(weights["a"][0], weights["d"][0], "weights after a failed subject")
