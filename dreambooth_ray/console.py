@@ -10,7 +10,7 @@ stays in Ray's logs (kept in storage under outputs/<job>/logs/, see `save_logs`)
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import ray
 
@@ -24,6 +24,9 @@ class Board:
     def __init__(self):
         self.rows: dict[str, dict] = {}
         self.lines: list[str] = []
+        # A progress line each fifth of a run, for consoles without a terminal. Made here, as the
+        # progress arrives, so none is lost when a run ends between two of the driver's reads.
+        self.progress_lines: list[str] = []
 
     def stage(self, who: str, stage: str, line: str | None = None, total: int | None = None) -> None:
         self.rows[who] = {"stage": stage, "since": time.time(), "done": 0, "total": total, "loss": None}
@@ -35,12 +38,19 @@ class Board:
         if "first" not in row or done < row["first"][0]:
             row["first"] = (done, time.time())  # the ETA counts from here (a resumed run starts mid-way)
         row["at"] = time.time()
+        mark = done * PROGRESS_LINES // total if total and row.get("stage") == "training" else 0
+        if mark > row.get("mark", 0):  # per stage (stage() starts a new row): SR counts anew
+            row["mark"] = mark
+            self.progress_lines.append(f"{who}: {progress_text(row)}")
 
     def say(self, who: str, line: str) -> None:
         self.lines.append(f"{who}: {line}")
 
     def read(self, since: int) -> tuple[dict, list[str]]:
         return self.rows, self.lines[since:]
+
+    def read_progress(self, since: int) -> list[str]:
+        return self.progress_lines[since:]
 
 
 @dataclass
@@ -77,7 +87,7 @@ class View:
     console: object  # rich.console.Console
     board: object
     seen: int = 0
-    marks: dict = field(default_factory=dict)  # row -> progress lines printed (no terminal)
+    progress_seen: int = 0  # progress lines printed (no terminal)
     live: object = None
 
     def __enter__(self) -> "View":
@@ -96,22 +106,16 @@ class View:
     def refresh(self) -> None:
         try:
             rows, lines = ray.get(self.board.read.remote(self.seen), timeout=10)
+            progress = [] if self.live is not None else ray.get(
+                self.board.read_progress.remote(self.progress_seen), timeout=10)
         except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
             return
         self.seen += len(lines)
-        for line in lines:
+        self.progress_seen += len(progress)
+        for line in lines + progress:  # without a terminal: a progress line each fifth of a run
             self.console.print(line, highlight=False, markup=False, soft_wrap=True)
         if self.live is not None:
             self.live.update(table(rows))
-            return
-        for who, row in rows.items():  # without a terminal: a line each fifth of a run
-            total, done = row.get("total"), row.get("done") or 0
-            if not total or row.get("stage") != "training":
-                continue
-            mark, key = done * PROGRESS_LINES // total, (who, row.get("since"))  # per stage: SR counts anew
-            if mark > self.marks.get(key, 0):
-                self.marks[key] = mark
-                self.console.print(f"{who}: {progress_text(row)}", highlight=False, markup=False, soft_wrap=True)
 
 
 def eta(row: dict) -> float | None:
