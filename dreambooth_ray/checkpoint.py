@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 
 import ray.train
 import torch
@@ -113,7 +114,6 @@ def verified_upload(dest: str, fs, rank: int, pointer: str, prune=None, attempts
     large file is itself a multipart upload with parallel parts in pyarrow's S3 stream). Ray gets
     back `pointer`, a folder in its run's storage naming `dest` (Ray accepts no checkpoint outside it).
     """
-    import time
     from concurrent.futures import ThreadPoolExecutor
 
     import pyarrow.fs as pafs
@@ -122,23 +122,20 @@ def verified_upload(dest: str, fs, rank: int, pointer: str, prune=None, attempts
 
     def put(src: str | None, target: str, data: bytes = b"") -> None:
         size = os.path.getsize(src) if src else len(data)
-        for attempt in range(attempts):
-            try:
-                fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-                with fs.open_output_stream(target) as out:
-                    if src:
-                        with open(src, "rb") as f:
-                            shutil.copyfileobj(f, out, 8 << 20)
-                    else:
-                        out.write(data)
-                stored = fs.get_file_info(target).size
-                if stored != size:
-                    raise OSError(f"{target}: stored {stored} bytes of {size}")
-                return
-            except OSError:
-                if attempt == attempts - 1:
-                    raise
-                time.sleep(min(0.5 * 2**attempt, 8))
+
+        def once():
+            fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+            with fs.open_output_stream(target) as out:
+                if src:
+                    with open(src, "rb") as f:
+                        shutil.copyfileobj(f, out, 8 << 20)
+                else:
+                    out.write(data)
+            stored = fs.get_file_info(target).size
+            if stored != size:
+                raise OSError(f"{target}: stored {stored} bytes of {size}")
+
+        _retrying(once, attempts)
 
     def upload(ckpt: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
         done = _uploads.setdefault(dest, _Upload())
@@ -180,12 +177,13 @@ def wait_uploaded(dest: str, timeout: float | None = None) -> None:
 
 
 def _retrying(fn, attempts: int = 6):
-    """fn() again after a transient store error (an OSError from pyarrow), with backoff."""
-    import time
-
+    """fn() again after a transient store error (an OSError from pyarrow), with backoff. Not for a
+    missing file (FileNotFoundError): that answer is not going to change."""
     for attempt in range(attempts):
         try:
             return fn()
+        except FileNotFoundError:
+            raise
         except OSError:
             if attempt == attempts - 1:
                 raise
@@ -209,8 +207,12 @@ def _complete_steps(run_root: tuple[str, object]) -> list[int]:
         try:
             with fs.open_input_stream(f"{info.path}/state.json") as f:
                 world = int(json.loads(f.read())["world_size"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # no state.json yet (rank 0's upload unfinished) or not ours
+        except FileNotFoundError:
+            continue  # no state.json yet: rank 0's upload is unfinished
+        except (ValueError, KeyError, TypeError):
+            continue  # not ours
+        # Any other OSError is the store failing (a 503, a dropped connection): it propagates to
+        # complete_steps' retry. Read as "incomplete", it made a finished run look checkpoint-less.
         markers = fs.get_file_info(pafs.FileSelector(f"{info.path}/uploaded", allow_not_found=True))
         if {m.base_name for m in markers} >= {f"rank-{r:05d}" for r in range(world)}:
             steps.append(int(name[5:]))
@@ -250,8 +252,6 @@ def _prune(run_root: tuple[str, object], keep: int) -> None:
 def local_copy(ckpt: ray.train.Checkpoint, attempts: int = 6):
     """The checkpoint as a local folder: used in place if it is local, else downloaded with retries
     (a transient store error mid-download surfaces from pyarrow as an OSError, not retried by it)."""
-    import time
-
     import pyarrow.fs as pafs
 
     if isinstance(ckpt.filesystem, pafs.LocalFileSystem) and os.path.isdir(ckpt.path):
@@ -259,16 +259,12 @@ def local_copy(ckpt: ray.train.Checkpoint, attempts: int = 6):
         yield ckpt.path
         return
     with tempfile.TemporaryDirectory(prefix="dbr-restore-") as tmp:
-        for attempt in range(attempts):
-            try:
-                ckpt.to_directory(tmp)
-                break
-            except OSError:
-                if attempt == attempts - 1:
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)
-                os.makedirs(tmp)
-                time.sleep(min(0.5 * 2**attempt, 8))
+        def once():
+            shutil.rmtree(tmp, ignore_errors=True)  # what a failed attempt left
+            os.makedirs(tmp)
+            ckpt.to_directory(tmp)
+
+        _retrying(once, attempts)
         count_io(read=dir_bytes(tmp))
         yield tmp
 

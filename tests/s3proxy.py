@@ -24,6 +24,7 @@ class FaultyS3Proxy:
         self.fail_every = 0
         self.down = False
         self.deny = False
+        self.fail_matching: tuple[str, int] | None = None  # (path suffix, how many more times to 503 it)
         self.requests = self.injected = self.dropped = 0
         self._lock = threading.Lock()
         proxy = self
@@ -54,6 +55,9 @@ class FaultyS3Proxy:
                     n = proxy.requests
                     drop = proxy.down
                     fail = not drop and proxy.fail_every and n % proxy.fail_every == 0
+                    suffix, left = proxy.fail_matching or ("", 0)
+                    if not drop and left and self.path.split("?")[0].endswith(suffix):
+                        fail, proxy.fail_matching = True, (suffix, left - 1)
                     proxy.dropped += drop
                     proxy.injected += bool(fail)
                 if drop:

@@ -4,8 +4,8 @@ a checkpoint that was still uploading when its worker died is never resumed from
 import ray
 import torch
 
-from dreambooth_ray import train
-from dreambooth_ray.spec import parse_spec
+from dreambooth_ray import checkpoint, train
+from dreambooth_ray.spec import S3Settings, parse_spec
 from dreambooth_ray.storage import Storage
 
 from conftest import assert_trained_and_identical, final_checkpoint, final_weights, tiny_spec
@@ -74,3 +74,32 @@ def test_the_training_workers_export_the_trained_weights_under_zero3(ray_cluster
                                   + size(store / "outputs" / "t" / "tensorboard") + size(out / "samples.png"))
     assert t["bytes_read"] == 2 * size(toy_images) + size(out / "export.json")  # each rank reads the photos
     assert f"io {t['bytes_written'] / 1e6:.1f}/{t['bytes_read'] / 1e6:.1f} MB" in job.format_timeline(t)
+
+
+def test_a_store_error_reading_a_checkpoint_is_retried_not_taken_for_an_incomplete_one(s3_endpoint, bucket):
+    """A 503 while reading a checkpoint's state.json is the store failing, not a checkpoint still
+    uploading: the listing is retried. (Read as "incomplete", it once made a finished subject end
+    "without a checkpoint" in CI, and would make a resume start over.)"""
+    import boto3
+    import pyarrow.fs as pafs
+
+    from s3proxy import FaultyS3Proxy
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    for step in (2, 4):
+        key = f"db/checkpoints/r/step-{step:07d}"
+        s3.put_object(Bucket=bucket, Key=f"{key}/state.json", Body=b'{"world_size": 1}')
+        s3.put_object(Bucket=bucket, Key=f"{key}/uploaded/rank-00000", Body=b"")
+    proxy = FaultyS3Proxy(s3_endpoint)
+    try:
+        path, fs = Storage(f"s3://{bucket}/db", S3Settings(endpoint_url=proxy.url)).ray_storage("checkpoints", "r")
+        # The product's client retries a 503 itself (8 attempts, with seconds of backoff); one that
+        # does not lets each 503 reach the code under test at once.
+        host = proxy.url.split("://")[1]
+        fs = pafs.S3FileSystem(endpoint_override=host, scheme="http", region="us-east-1",
+                               retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
+        proxy.fail_matching = ("step-0000004/state.json", 2)
+        assert checkpoint.complete_steps((path, fs)) == [2, 4]
+        assert proxy.fail_matching[1] == 0 and proxy.injected == 2
+    finally:
+        proxy.close()
