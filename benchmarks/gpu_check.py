@@ -1,6 +1,11 @@
 """`make gpu-check`: the GPU tests, then the SD1.5-shape benchmark through Ray Train, on one GPU.
 
-    .venv/bin/python benchmarks/gpu_check.py [--skip-tests] [--skip-bench] [--bench-steps N]
+    .venv/bin/python benchmarks/gpu_check.py [--skip-tests] [--skip-bench] [--bench-steps N] [-k EXPR]
+
+On a GPU machine with no network (a lent one: CUDA torch, but no Ray, DeepSpeed or diffusers), build
+the packages here with `bash benchmarks/device_bundle.sh`, carry `.gpu/` there, and run
+`source .gpu/setup.sh && python3 benchmarks/gpu_check.py`. Each GPU test is a whole job on Ray
+(2-3 min on an H100: most of it Ray and process start-up), so the seven take ~17 min; `-k` picks some.
 
 1. Where torch sees no CUDA device it stops at once (exit 2) and says what is missing.
 2. `pytest -m gpu tests/gpu`: quickstart-size jobs through Ray Train on the GPU (NCCL): bf16,
@@ -72,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--skip-bench", action="store_true")
     p.add_argument("--bench-steps", type=int, default=20)
+    p.add_argument("-k", dest="select", help="only the GPU tests pytest's -k selects")
     args = p.parse_args(argv)
 
     problem = cuda_problem()
@@ -85,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(RESULTS / "gpu-check.txt", "w") as log:
         log.write(header())
         if not args.skip_tests:
-            rc = tee([sys.executable, "-m", "pytest", "-m", "gpu", "-v", "--durations=0", "tests/gpu"], log,
+            select = ["-k", args.select] if args.select else []
+            rc = tee([sys.executable, "-m", "pytest", "-m", "gpu", "-v", "--durations=0", *select, "tests/gpu"], log,
                      "GPU tests")
             status.append(rc if rc != 5 else 1)  # 5: no test collected, which here is a failure
         if not args.skip_bench:

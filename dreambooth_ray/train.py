@@ -15,6 +15,7 @@ import collections
 import contextlib
 import gc
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -50,6 +51,17 @@ def train_loop(config: dict) -> None:
             torch.cuda.empty_cache()
 
 
+def deterministic_kernels(on: bool) -> None:
+    """Deterministic kernels in this worker, or the fast ones. cuBLAS reads its workspace setting
+    when the process makes its first handle, so it is set before any step (and is harmless when off)."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # warn_only: an op with no deterministic kernel warns (in the worker's log) rather than failing a
+    # run that has already loaded its model.
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.backends.cudnn.benchmark = not on
+
+
 def train_subject(config: dict, rank: int) -> dict:
     """One subject's run (one stage), on every rank of the lane; rank 0 returns {checkpoint, metrics}."""
     spec: JobSpec = config["spec"]
@@ -58,6 +70,7 @@ def train_subject(config: dict, rank: int) -> dict:
     cfg = stage_config(spec, stage)
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
+    deterministic_kernels(cfg.deterministic)
     torch.manual_seed(cfg.seed)
     # Where this attempt's time goes (rank 0's view), for the job's per-subject timeline.
     timeline = {"worker_started_at": time.time(), "checkpoint_stalls": 0.0, "validation_handover": 0.0}
