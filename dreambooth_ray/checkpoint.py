@@ -17,6 +17,7 @@ weights (the storage's permissions guard the weights' integrity), but cannot run
 from __future__ import annotations
 
 import contextlib
+import copy
 import glob
 import json
 import logging
@@ -25,6 +26,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 
 import ray.train
 import torch
@@ -78,8 +80,19 @@ def save(engine, step: int, metrics: dict, started_at: int, run_root: tuple[str,
 
     ctx = ray.train.get_context()
     tmp = tempfile.mkdtemp(prefix="dbr-ckpt-")
+    # async: the state is copied to host memory and written to disk by a thread, as the upload is
+    # sent; the step only waits for the copy (a memcpy, not a file write).
+    writer = _snapshots.setdefault(engine, _SnapshotWrites()).begin(engine.checkpoint_engine) if upload == "async" else None
+    written = None
     try:
-        engine.save_checkpoint(tmp, tag=TAG, client_state={"step": step}, exclude_frozen_parameters=lora)
+        if writer:
+            engine.checkpoint_engine = writer
+        try:  # device: where the state lived (the host copy would pickle as "cpu")
+            engine.save_checkpoint(tmp, tag=TAG, client_state={"step": step, "device": str(engine.device)},
+                                   exclude_frozen_parameters=lora)
+        finally:
+            if writer:
+                engine.checkpoint_engine, written = writer.inner, writer.waiter()
         if ctx.get_world_rank() == 0:
             with open(os.path.join(tmp, "state.json"), "w") as f:
                 # started_at: the step this attempt began from (non-zero after a resume).
@@ -87,9 +100,10 @@ def save(engine, step: int, metrics: dict, started_at: int, run_root: tuple[str,
             with open(os.path.join(tmp, "metrics.json"), "w") as f:  # what a resume at the last step reports
                 json.dump(metrics, f)
     except BaseException:
+        if written:
+            written(check=False)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    count_io(written=dir_bytes(tmp))  # what goes up, now or in the background
     dest = step_dir(run_root, step)
     _uploads.pop(dest, None)  # a step saved again (a resumed attempt in this process) uploads again
     # Ray registers, in the lane's own run, a pointer to the subject's checkpoint (its name unique
@@ -98,13 +112,74 @@ def save(engine, step: int, metrics: dict, started_at: int, run_root: tuple[str,
     pruning = (lambda: prune(run_root, keep)) if keep and ctx.get_world_rank() == 0 else None
     ray.train.report(
         metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=os.path.basename(pointer),
-        checkpoint_upload_fn=verified_upload(dest, run_root[1], ctx.get_world_rank(), pointer, prune=pruning),
+        checkpoint_upload_fn=verified_upload(dest, run_root[1], ctx.get_world_rank(), pointer, prune=pruning,
+                                             written=written),
         checkpoint_upload_mode=CheckpointUploadMode.ASYNC if upload == "async" else CheckpointUploadMode.SYNC,
         delete_local_checkpoint_after_upload=True,
     )
 
 
-def verified_upload(dest: str, fs, rank: int, pointer: str, prune=None, attempts: int = 6, streams: int = 8):
+class _SnapshotWrites:
+    """DeepSpeed's checkpoint engine for async checkpoints, one per training engine: `save` copies the
+    state into host buffers (the next step changes the live tensors) and one thread writes them; a
+    checkpoint's `waiter()` returns once its files are on disk and raises what a write raised.
+    The buffers are kept and refilled at the next checkpoint: a copy into memory already mapped runs
+    ~5x faster here than one into fresh pages (0.15 s against 0.84 s for 2.2 GB on 2 CPUs), at the
+    cost of one checkpoint's worth of host memory (pinned when the state lives on a GPU)."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool, self._buffers, self._writes, self.inner = ThreadPoolExecutor(1, thread_name_prefix="dbr-ckpt"), {}, [], None
+
+    def begin(self, inner) -> "_SnapshotWrites":
+        for w in self._writes:  # the last checkpoint's writes still read the buffers (its upload sees any error)
+            w.exception()
+        self.inner, self._writes = inner, []
+        return self
+
+    def __getattr__(self, name):  # loading, folders, commit: DeepSpeed's own engine
+        return getattr(self.inner, name)
+
+    def preserves_storage_sharing(self) -> bool:
+        return False  # the host copy is compact already: DeepSpeed need not clone views first
+
+    def save(self, state_dict, path: str) -> None:
+        self._writes.append(self._pool.submit(torch.save, self._copy(state_dict, os.path.basename(path)), path))
+
+    def waiter(self):
+        writes = list(self._writes)
+
+        def wait(check: bool = True) -> None:
+            for w in writes:
+                if w.exception() is not None and check:
+                    raise w.exception()
+
+        return wait
+
+    def _copy(self, obj, key: str):
+        """`obj` with every tensor copied to its host buffer (containers rebuilt, other values shared)."""
+        if torch.is_tensor(obj):
+            buf = self._buffers.get(key)
+            if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
+                buf = self._buffers[key] = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
+            return buf.copy_(obj.detach())
+        if isinstance(obj, dict):
+            out = copy.copy(obj)  # keeps OrderedDict / defaultdict
+            for k, v in obj.items():
+                out[k] = self._copy(v, f"{key}/{k}")
+            return out
+        if type(obj) in (list, tuple) or (isinstance(obj, tuple) and hasattr(obj, "_fields")):
+            items = [self._copy(v, f"{key}/{i}") for i, v in enumerate(obj)]  # not torch.Size: no tensors
+            return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+        return obj
+
+
+_snapshots: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # training engine -> its _SnapshotWrites
+
+
+def verified_upload(dest: str, fs, rank: int, pointer: str, prune=None, attempts: int = 6, streams: int = 8,
+                    written=None):
     """A checkpoint upload that fails loudly and retries, in place of Ray's default copy.
 
     Ray's default (pyarrow copy_files) can drop an S3 multipart-upload error on the floor ("Error
@@ -113,6 +188,7 @@ def verified_upload(dest: str, fs, rank: int, pointer: str, prune=None, attempts
     retried with backoff; then this rank's marker is written. Files go up `streams` at a time (a
     large file is itself a multipart upload with parallel parts in pyarrow's S3 stream). Ray gets
     back `pointer`, a folder in its run's storage naming `dest` (Ray accepts no checkpoint outside it).
+    `written`: waits until the local files are all written (an async checkpoint's background writes).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -140,7 +216,10 @@ def verified_upload(dest: str, fs, rank: int, pointer: str, prune=None, attempts
     def upload(ckpt: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
         done = _uploads.setdefault(dest, _Upload())
         try:
+            if written:
+                written()
             files = [os.path.join(d, n) for d, _, names in os.walk(ckpt.path) for n in names]
+            count_io(written=sum(map(os.path.getsize, files)))
             with ThreadPoolExecutor(streams) as pool:
                 for f in [pool.submit(put, src, f"{dest}/{os.path.relpath(src, ckpt.path)}") for src in files]:
                     f.result()  # the first failure raises: no marker, so the step never becomes complete

@@ -103,3 +103,44 @@ def test_a_store_error_reading_a_checkpoint_is_retried_not_taken_for_an_incomple
         assert proxy.fail_matching[1] == 0 and proxy.injected == 2
     finally:
         proxy.close()
+
+
+def test_an_async_checkpoint_holds_the_state_of_its_step_even_when_written_after_the_next(tmp_path):
+    """The async path writes a host copy in the background: the file has the state as it was at
+    `save`, though the next step changes the live tensors (in place, as optimizers do) before the
+    write starts; and a failed write is raised where the upload waits for it."""
+    import threading
+    from collections import OrderedDict
+
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from dreambooth_ray.checkpoint import _SnapshotWrites
+
+    writes = _SnapshotWrites()
+    hold = threading.Event()
+    for step in (2, 4):  # the second checkpoint refills the first one's buffers
+        writes.begin(TorchCheckpointEngine())
+        writes._pool.submit(hold.wait)  # the writer is busy: the write below starts after the next step
+        live = {"module": OrderedDict(w=torch.full((4,), float(step))),
+                "optimizer": {"state": {0: {"exp_avg": torch.zeros(4) - step}}}, "shapes": [torch.Size([4])],
+                "step": step}
+        writes.save(live, str(tmp_path / f"{step}.pt"))
+        written = writes.waiter()
+        live["module"]["w"].add_(1)  # the next step
+        live["optimizer"]["state"][0]["exp_avg"].add_(1)
+        hold.set()
+        written()
+        hold.clear()
+        saved = torch.load(tmp_path / f"{step}.pt", weights_only=False)
+        assert torch.equal(saved["module"]["w"], torch.full((4,), float(step)))
+        assert torch.equal(saved["optimizer"]["state"][0]["exp_avg"], torch.zeros(4) - step)
+        assert type(saved["module"]) is OrderedDict and saved["shapes"] == [torch.Size([4])] and saved["step"] == step
+
+    writes.begin(TorchCheckpointEngine())
+    writes.save({"w": torch.ones(1)}, str(tmp_path / "missing-folder" / "state.pt"))
+    try:
+        writes.waiter()()
+    except RuntimeError as e:  # torch.save's "Parent directory ... does not exist"
+        assert "missing-folder" in str(e)
+    else:
+        raise AssertionError("a failed background write passed unnoticed")
