@@ -82,7 +82,10 @@ def save(engine, step: int, metrics: dict, started_at: int, run_root: tuple[str,
     tmp = tempfile.mkdtemp(prefix="dbr-ckpt-")
     # async: the state is copied to host memory and written to disk by a thread, as the upload is
     # sent; the step only waits for the copy (a memcpy, not a file write).
-    writer = _snapshots.setdefault(engine, _SnapshotWrites()).begin(engine.checkpoint_engine) if upload == "async" else None
+    writer = None
+    if upload == "async":
+        writer = _snapshots.get(engine) or _snapshots.setdefault(engine, _SnapshotWrites())
+        writer.begin(engine.checkpoint_engine)
     written = None
     try:
         if writer:
@@ -145,7 +148,9 @@ class _SnapshotWrites:
         return False  # the host copy is compact already: DeepSpeed need not clone views first
 
     def save(self, state_dict, path: str) -> None:
-        self._writes.append(self._pool.submit(torch.save, self._copy(state_dict, os.path.basename(path)), path))
+        zipfile = getattr(self.inner, "zipfile_serialization", True)  # as DeepSpeed's own engine writes
+        self._writes.append(self._pool.submit(torch.save, self._copy(state_dict, os.path.basename(path)), path,
+                                              _use_new_zipfile_serialization=zipfile))
 
     def waiter(self):
         writes = list(self._writes)
@@ -172,7 +177,22 @@ class _SnapshotWrites:
         if type(obj) in (list, tuple) or (isinstance(obj, tuple) and hasattr(obj, "_fields")):
             items = [self._copy(v, f"{key}/{i}") for i, v in enumerate(obj)]  # not torch.Size: no tensors
             return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
-        return obj
+        return copy.deepcopy(obj)  # e.g. ZeRO's live loss scaler, which the next step updates
+
+    def close(self) -> None:
+        for w in self._writes:
+            w.exception()
+        self._pool.shutdown()
+        self._buffers.clear()
+
+
+def release(engine) -> None:
+    """A subject's end: its async-checkpoint buffers go (pinned ones are cached by torch until emptied)."""
+    writer = _snapshots.pop(engine, None)
+    if writer:
+        writer.close()
+        if torch.cuda.is_available() and hasattr(torch._C, "_host_emptyCache"):
+            torch._C._host_emptyCache()
 
 
 _snapshots: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # training engine -> its _SnapshotWrites

@@ -170,7 +170,7 @@ class TrainConfig(_Strict):
     # GPU kernels (cuBLAS split-K, attention backward, atomics) are not bit-reproducible run to run:
     # measured on an H100, two identical runs differ by ~2e-3 after 4 steps, so a resumed run cannot
     # equal an uninterrupted one. This trades some speed for identical runs (CPU runs are anyway).
-    deterministic: bool = Field(False, description="deterministic GPU kernels: a resumed run equals an uninterrupted one bit for bit")
+    deterministic: bool = Field(False, description="deterministic GPU kernels: a resumed run equals an uninterrupted one bit for bit; an op with none fails the first step")
     # Speed: each is measured on and off by `dreambooth-ray bench`.
     cache_latents: bool = Field(True, description="encode subject and class images with the VAE once, not every step")
     attention: Literal["sdpa", "classic"] = "sdpa"

@@ -52,14 +52,14 @@ def train_loop(config: dict) -> None:
 
 
 def deterministic_kernels(on: bool) -> None:
-    """Deterministic kernels in this worker, or the fast ones. cuBLAS reads its workspace setting
-    when the process makes its first handle, so it is set before any step (and is harmless when off)."""
+    """Deterministic kernels in this worker, or the defaults. Strict: the attention backwards (flash,
+    memory-efficient) pick their deterministic kernels only when non-deterministic ones would raise,
+    not under warn_only; an op with no deterministic kernel fails the first step, naming itself.
+    cuBLAS reads its workspace setting when the process makes its first handle: set before any step."""
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    # warn_only: an op with no deterministic kernel warns (in the worker's log) rather than failing a
-    # run that has already loaded its model.
-    torch.use_deterministic_algorithms(on, warn_only=True)
-    torch.backends.cudnn.benchmark = not on
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(on)
 
 
 def train_subject(config: dict, rank: int) -> dict:
@@ -158,6 +158,7 @@ def train_subject(config: dict, rank: int) -> dict:
     ray.get(handovers)  # the validator holds every copy of the weights before this process may end
     if saved is not None:  # the last checkpoint is complete before the subject counts as trained
         checkpoint.wait_uploaded(checkpoint.step_dir(run_root, saved))
+    checkpoint.release(eng.ds)
     # Bytes this attempt's workers moved (photos and class images read, checkpoint shards written and
     # read back), summed over the ranks: a collective every rank reaches here, once its upload is done.
     io = torch.tensor([now - then for now, then in zip(storage_io_counts(), io_start)], dtype=torch.float64,

@@ -11,24 +11,33 @@ from dreambooth_ray.storage import Storage
 from conftest import assert_trained_and_identical, final_checkpoint, final_weights, tiny_spec
 
 
-def test_a_worker_killed_mid_upload_resumes_from_the_last_complete_checkpoint(ray_cluster, s3_endpoint, bucket,
-                                                                              toy_images, tmp_path):
+def test_a_killed_worker_resumes_from_the_last_complete_checkpoint_with_identical_weights(ray_cluster, s3_endpoint,
+                                                                                         bucket, toy_images):
+    """ZeRO-2 over two workers on S3, three runs of one spec at once: uninterrupted; rank 0 SIGKILLed
+    once step 2's checkpoint is complete (Ray Train restarts the group from S3); rank 0 SIGKILLed while
+    step 3's checkpoint is still uploading. With `deterministic`, as a GPU run needs for this
+    (tests/gpu; CPU kernels are deterministic either way). ZeRO-3 and a killed driver: test_reliability.py."""
     spec = parse_spec(tiny_spec(f"s3://{bucket}/a", str(toy_images), s3={"endpoint_url": s3_endpoint},
                                 prior={"enabled": False},
                                 train={"zero_stage": 2, "num_workers": 2, "max_failures": 1, "checkpoint_every": 1,
-                                       "checkpoint_upload": "async"}))
+                                       "checkpoint_upload": "async", "deterministic": True}))
     storage = Storage(spec.storage, spec.s3)
     subject = spec.subjects[0]
     fit = ray.remote(num_cpus=0)(train.fit)
-    straight, killed = ray.get([fit.remote(spec, subject, storage, "straight", None, False),
-                                fit.remote(spec, subject, storage, "killed", None, False, ("kill-uploading", 3))])
+    straight, killed, uploading = ray.get([
+        fit.remote(spec, subject, storage, "straight", None, False),
+        fit.remote(spec, subject, storage, "killed", None, False, ("kill", 2)),
+        fit.remote(spec, subject, storage, "uploading", None, False, ("kill-uploading", 3))])
     a, state_a = final_weights(straight.checkpoint)
     b, state_b = final_weights(killed.checkpoint)
+    c, state_c = final_weights(uploading.checkpoint)
     assert state_a == {"step": 4, "started_at": 0, "world_size": 2}
+    assert state_b == {"step": 4, "started_at": 2, "world_size": 2}  # resumed from step 2, not restarted
     # Step 3's checkpoint was uploading when rank 0 died: Ray never registered it, so the run resumed
     # from the last complete one (1 or 2, as far as uploads had got) and wrote step 3 anew.
-    assert state_b["step"] == 4 and state_b["started_at"] < 3, state_b
+    assert state_c["step"] == 4 and state_c["started_at"] < 3, state_c
     assert_trained_and_identical(a, b)
+    assert_trained_and_identical(a, c)
 
 
 def test_the_training_workers_export_the_trained_weights_under_zero3(ray_cluster, tmp_path, toy_images):
@@ -110,6 +119,7 @@ def test_an_async_checkpoint_holds_the_state_of_its_step_even_when_written_after
     `save`, though the next step changes the live tensors (in place, as optimizers do) before the
     write starts; and a failed write is raised where the upload waits for it."""
     import threading
+    import types
     from collections import OrderedDict
 
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
@@ -121,26 +131,52 @@ def test_an_async_checkpoint_holds_the_state_of_its_step_even_when_written_after
     for step in (2, 4):  # the second checkpoint refills the first one's buffers
         writes.begin(TorchCheckpointEngine())
         writes._pool.submit(hold.wait)  # the writer is busy: the write below starts after the next step
+        scaler = types.SimpleNamespace(cur_scale=2.0**step)  # ZeRO saves its live loss scaler object
         live = {"module": OrderedDict(w=torch.full((4,), float(step))),
-                "optimizer": {"state": {0: {"exp_avg": torch.zeros(4) - step}}}, "shapes": [torch.Size([4])],
-                "step": step}
-        writes.save(live, str(tmp_path / f"{step}.pt"))
+                "optimizer": {"state": {0: {"exp_avg": torch.zeros(4) - step}}, "loss_scaler": scaler},
+                "shapes": [torch.Size([4])], "step": step}
+        (tmp_path / str(step)).mkdir()  # each checkpoint a folder of its own, files of the same names
+        writes.save(live, str(tmp_path / str(step) / "state.pt"))
         written = writes.waiter()
         live["module"]["w"].add_(1)  # the next step
         live["optimizer"]["state"][0]["exp_avg"].add_(1)
+        scaler.cur_scale /= 2  # an overflow
         hold.set()
         written()
         hold.clear()
-        saved = torch.load(tmp_path / f"{step}.pt", weights_only=False)
+        saved = torch.load(tmp_path / str(step) / "state.pt", weights_only=False)
         assert torch.equal(saved["module"]["w"], torch.full((4,), float(step)))
         assert torch.equal(saved["optimizer"]["state"][0]["exp_avg"], torch.zeros(4) - step)
         assert type(saved["module"]) is OrderedDict and saved["shapes"] == [torch.Size([4])] and saved["step"] == step
+        assert saved["optimizer"]["loss_scaler"].cur_scale == 2.0**step
+
+    # A checkpoint saved while the last one's write is still queued waits for it: the buffers are shared.
+    writes.begin(TorchCheckpointEngine())
+    writes._pool.submit(hold.wait)
+    (tmp_path / "6").mkdir()
+    (tmp_path / "8").mkdir()
+    writes.save({"w": torch.full((4,), 6.0)}, str(tmp_path / "6" / "state.pt"))
+    written = writes.waiter()
+
+    def next_checkpoint():
+        writes.begin(TorchCheckpointEngine())
+        writes.save({"w": torch.full((4,), 8.0)}, str(tmp_path / "8" / "state.pt"))
+
+    t = threading.Thread(target=next_checkpoint)
+    t.start()
+    t.join(0.5)  # it waits in begin() for step 6's write (else it refills the buffer now)
+    hold.set()
+    t.join()
+    written()
+    writes.waiter()()
+    assert torch.equal(torch.load(tmp_path / "6" / "state.pt")["w"], torch.full((4,), 6.0))
+    assert torch.equal(torch.load(tmp_path / "8" / "state.pt")["w"], torch.full((4,), 8.0))
 
     writes.begin(TorchCheckpointEngine())
     writes.save({"w": torch.ones(1)}, str(tmp_path / "missing-folder" / "state.pt"))
     try:
         writes.waiter()()
-    except RuntimeError as e:  # torch.save's "Parent directory ... does not exist"
+    except (RuntimeError, OSError) as e:  # torch.save's "Parent directory ... does not exist" / open()'s
         assert "missing-folder" in str(e)
     else:
         raise AssertionError("a failed background write passed unnoticed")

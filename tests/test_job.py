@@ -11,12 +11,11 @@ import ray
 import torch
 from PIL import Image
 
-from dreambooth_ray import job, models, train
+from dreambooth_ray import job, models
 from dreambooth_ray.spec import S3Settings, load_spec, parse_spec
 from dreambooth_ray.storage import Storage
 
-from conftest import (assert_exported_is_the_trained_checkpoint, assert_trained_and_identical, final_checkpoint,
-                      final_weights, tiny_spec)
+from conftest import assert_exported_is_the_trained_checkpoint, final_checkpoint, tiny_spec
 
 
 def snapshot(root) -> dict:
@@ -134,25 +133,3 @@ def test_s3_two_subjects_share_one_prior_set_through_a_flaky_store(ray_cluster, 
     assert rec["identifier"] in {"sks", "zwx", "qlt"} and rec["instance_prompt"] == f"a {rec['identifier']} toy"
     assert pipe(rec["instance_prompt"], num_inference_steps=2, height=32, width=32).images[0].size == (32, 32)
     assert fs.exists(f"{bucket}/dreambooth/outputs/t/toy2/samples.png")
-
-
-def test_zero2_killed_worker_resumes_from_s3_with_identical_weights(ray_cluster, s3_endpoint, bucket, toy_images,
-                                                                   tmp_path):
-    """A training worker is SIGKILLed after the step-2 checkpoint; Ray Train restarts the group from S3.
-    (ZeRO-3 and a re-run after a killed driver: test_reliability.py.) With `deterministic`, as a GPU
-    run needs for this (tests/gpu); on CPUs the kernels are deterministic either way."""
-    spec = parse_spec(tiny_spec(f"s3://{bucket}/r", str(toy_images), s3={"endpoint_url": s3_endpoint},
-                                prior={"enabled": False}, train={"zero_stage": 2, "num_workers": 2, "max_failures": 1,
-                                                                 "deterministic": True}))
-    storage = Storage(spec.storage, spec.s3)
-    subject = spec.subjects[0]
-    # Both runs at once (as a job trains subjects): one run alone leaves a core idle while it starts.
-    fit = ray.remote(num_cpus=0)(train.fit)
-    ref, res = ray.get([fit.remote(spec, subject, storage, "straight", None, False),
-                        fit.remote(spec, subject, storage, "interrupted", None, False, ("kill", 2))])
-
-    a, state_a = final_weights(ref.checkpoint)
-    b, state_b = final_weights(res.checkpoint)
-    assert state_a == {"step": 4, "started_at": 0, "world_size": 2}
-    assert state_b == {"step": 4, "started_at": 2, "world_size": 2}  # resumed, not restarted
-    assert_trained_and_identical(a, b)
