@@ -55,14 +55,10 @@ def saved_device(ckpt_dir) -> str:
 
     files = sorted(Path(ckpt_dir).rglob("*model_states.pt"))
     assert files, f"no DeepSpeed model-state file in {ckpt_dir}"
-    with weights_only():
-        return torch_load(files[0])["device"]
-
-
-def torch_load(path):
     import torch
 
-    return torch.load(path, map_location="cpu")
+    with weights_only():
+        return torch.load(files[0], map_location="cpu")["device"]
 
 
 def assert_ran_on_gpu(ckpt_dir) -> None:
@@ -184,7 +180,7 @@ def test_sr_stage_on_gpu(ray_cluster, tmp_path, toy_images):
 
 
 def test_killed_worker_resumes_on_gpu_with_identical_weights(ray_cluster, tmp_path, toy_images):
-    """The worker is SIGKILLed after the step-2 checkpoint (as in test_job.py's ZeRO-2 test); Ray
+    """The worker is SIGKILLed after the step-2 checkpoint (as in test_checkpoints.py's ZeRO-2 test); Ray
     Train restarts it on the GPU from that checkpoint, and it ends where an uninterrupted run ends.
     With `train.deterministic`: without it two uninterrupted runs on an H100 differed by 2.0e-3
     (benchmarks/results/gpu-check.txt), so no resume could be bit-identical."""
@@ -203,7 +199,7 @@ def test_killed_worker_resumes_on_gpu_with_identical_weights(ray_cluster, tmp_pa
             assert_ran_on_gpu(d)
             return consolidated_state_dict(d), read_state(d)
 
-    # One GPU: the two runs go one after the other (test_job.py trains them at once on CPUs).
+    # One GPU: the two runs go one after the other (test_checkpoints.py trains them at once on CPUs).
     straight, state_a = final("straight")
     resumed, state_b = final("interrupted", ("kill", 2))
     assert state_a == {"step": 4, "started_at": 0, "world_size": 1}
