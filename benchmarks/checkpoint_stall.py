@@ -4,8 +4,12 @@ A random Stable Diffusion layout whose UNet has ~140M parameters (the tiny VAE a
 one subject through `dreambooth-ray run`'s own path (job.run_job) twice: with `train.checkpoint_upload:
 sync` and with `async`, the same steps and checkpoints. Storage is a local folder by default (the upload
 is a copy to it); `--s3` uses a local S3 server (moto on loopback), which here takes minutes per GB. The
-job's per-subject timeline gives the training time lost to checkpoints (`checkpoint_stalls`: from the end
-of a step to the next step's start, rank 0) and the steps' own time; storage gives the bytes written.
+job's per-subject timeline gives the time training stood still for checkpoints (`checkpoint_stalls`: from
+the end of a step to the next step's start, rank 0) and the steps' own time; storage gives the bytes
+written. Two ratios, async over sync: the stalls alone, and all the training time a checkpoint costs
+(`lost_per_checkpoint_s`: its stall plus how much longer the steps took than the sync run's, which
+overlap no write). On a CPU-only machine the background write and the steps share the cores and the
+memory bandwidth, so the steps slow; on a GPU the steps run on the device.
 
     .venv/bin/python benchmarks/checkpoint_stall.py [--steps 6] [--every 2] [--channels 128]
 
@@ -137,10 +141,17 @@ def main(argv=None) -> dict:
         if proc is not None:
             proc.terminate()
     sync, asyn = runs["sync"]["stall_per_checkpoint_s"], runs["async"]["stall_per_checkpoint_s"]
+    # What a checkpoint costs training in all: its stall plus what its background write took from the
+    # steps it overlapped (the sync run's steps overlap nothing: their time is the undisturbed one).
+    for r in runs.values():
+        r["lost_per_checkpoint_s"] = round((r["steps_s"] + r["checkpoint_stalls_s"] - runs["sync"]["steps_s"])
+                                           / r["checkpoints"], 3)
+    lost_sync, lost_async = runs["sync"]["lost_per_checkpoint_s"], runs["async"]["lost_per_checkpoint_s"]
     result = {
         "unet_parameters": params, "steps": args.steps, "checkpoint_every": args.every, "storage": "moto S3 on loopback" if args.s3 else "local folder",
         "cpus": os.cpu_count(), "runs": runs,
         "stall_ratio_async_over_sync": round(asyn / sync, 3) if sync else None,
+        "lost_ratio_async_over_sync": round(lost_async / lost_sync, 3) if lost_sync else None,
         "checkpoint_bytes_each": runs["sync"]["bytes_checkpoints_kept"] // min(2, runs["sync"]["checkpoints"]),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

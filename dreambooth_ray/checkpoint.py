@@ -80,6 +80,10 @@ def save(engine, step: int, metrics: dict, started_at: int, run_root: tuple[str,
 
     ctx = ray.train.get_context()
     tmp = tempfile.mkdtemp(prefix="dbr-ckpt-")
+    # No zip CRC32 in this (training) process's torch.save: torch.load never checks it (a flipped byte
+    # loads silently), and computing it was three quarters of a save's time (1.5 s against 0.37 s per
+    # 512 MB here). The upload verifies every file's stored size.
+    torch.serialization.set_crc32_options(False)
     # async: the state is copied to host memory and written to disk by a thread, as the upload is
     # sent; the step only waits for the copy (a memcpy, not a file write).
     writer = None
