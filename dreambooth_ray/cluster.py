@@ -179,6 +179,12 @@ def capacity_of(resource: str) -> int:
     return int(max(now, (max_resources() or {}).get(resource, 0)))
 
 
+def driver_node_cpus() -> float:
+    """The CPUs Ray offers on the node this driver runs on (0 on a head that does no work)."""
+    me = ray.get_runtime_context().get_node_id()
+    return next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive") and n["NodeID"] == me), 0)
+
+
 def use_gpu(spec) -> bool:
     """`train.use_gpu` when the spec sets it, else DREAMBOOTH_RAY_USE_GPU when set, else whether the
     cluster has GPUs now or its autoscaler can add some."""
