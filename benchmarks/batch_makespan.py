@@ -6,7 +6,8 @@
   without batches would run them: a worker group, imports and model load per subject;
 - batch_one_lane: all subjects in one job with max_concurrent_subjects: 1, so one training lane
   (one worker group) trains them one after another;
-- batch_default: all subjects in one job at the default concurrency (as many lanes as the CPUs allow).
+- batch_default: all subjects in one job at the default concurrency (as many lanes as the CPUs allow,
+  less one CPU on the driver's node: on 2 CPUs, one lane).
 
 Every variant does the same work from an empty storage root: class images for 2 classes, N trainings,
 N exports with samples. Prints and writes JSON: each makespan, seconds per subject, the makespans'

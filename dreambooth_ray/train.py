@@ -150,11 +150,11 @@ def train_subject(config: dict, rank: int) -> dict:
             metrics["timeline"] = {k: round(v, 3) for k, v in timeline.items()}
             checkpoint.save(eng.ds, done, metrics, started_at=start, run_root=run_root, lora=lora,
                             upload=cfg.checkpoint_upload, keep=cfg.keep_checkpoints)
-            saved = done
+            previous, saved = saved, done
             phase("checkpoint_stalls")
             if rank == 0:
                 history.flush()
-            _maybe_inject_fault(config.get("fault"), done, start, rank, run_root)
+            _maybe_inject_fault(config.get("fault"), done, previous, rank, run_root)
     ray.get(handovers)  # the validator holds every copy of the weights before this process may end
     if saved is not None:  # the last checkpoint is complete before the subject counts as trained
         checkpoint.wait_uploaded(checkpoint.step_dir(run_root, saved))
@@ -244,11 +244,13 @@ def tensorboard_events(storage: Storage, folder: tuple[str, ...]):
                 storage.write_bytes(f.read(), *folder, name)
 
 
-def _maybe_inject_fault(fault: tuple[str, int] | None, step: int, start: int, rank: int, run_root) -> None:
+def _maybe_inject_fault(fault: tuple[str, int] | None, step: int, previous: int | None, rank: int,
+                        run_root) -> None:
     """Test hook (the queue passes it to a subject's first attempt only): ("raise", N) fails every
     rank after step N's checkpoint; ("kill", N) SIGKILLs rank 0's process once that checkpoint is
-    complete in storage, a real worker death; ("kill-uploading", N) SIGKILLs it while the checkpoint
-    is still uploading."""
+    complete in storage, a real worker death; ("kill-uploading", N) SIGKILLs it right after step N's
+    save, once the checkpoint before it is complete: N's is then still uploading if the test holds
+    it at the store."""
     if not fault or fault[1] != step:
         return
     how = fault[0]
@@ -258,10 +260,10 @@ def _maybe_inject_fault(fault: tuple[str, int] | None, step: int, start: int, ra
         import os
         import signal
 
-        if how == "kill":
-            deadline = time.time() + 120
-            while step not in checkpoint.complete_steps(run_root) and time.time() < deadline:
-                time.sleep(0.2)
+        wait_for = step if how == "kill" else previous
+        deadline = time.time() + 120
+        while wait_for is not None and wait_for not in checkpoint.complete_steps(run_root) and time.time() < deadline:
+            time.sleep(0.2)
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -2,7 +2,10 @@
 
 Every `fail_every`-th request (when > 0) is answered with 503 SlowDown instead of being forwarded;
 while `down` is set every request gets its connection closed with no response, as from a store
-that went away; while `deny` is set every request gets 403 AccessDenied (no permission). Counts what it did, so a test can prove the faults happened.
+that went away; while `deny` is set every request gets 403 AccessDenied (no permission); a request
+whose path contains `hold` hangs until `release()`, then has its connection closed, never forwarded
+(a store that stalls on those objects). Counts what it did, and keeps (method, path) of every request
+in `seen`, so a test can prove the faults happened and wait for what a client does.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ class FaultyS3Proxy:
         self.down = False
         self.deny = False
         self.fail_matching: tuple[str, int] | None = None  # (path suffix, how many more times to 503 it)
-        self.requests = self.injected = self.dropped = 0
+        self.hold: str | None = None
+        self.requests = self.injected = self.dropped = self.held = 0
+        self.seen: list[tuple[str, str]] = []
+        self._released = threading.Event()
         self._lock = threading.Lock()
         proxy = self
 
@@ -52,14 +58,19 @@ class FaultyS3Proxy:
                 body = self._body()
                 with proxy._lock:
                     proxy.requests += 1
+                    proxy.seen.append((self.command, self.path.split("?")[0]))
                     n = proxy.requests
-                    drop = proxy.down
+                    held = bool(proxy.hold) and proxy.hold in self.path
+                    proxy.held += held
+                    drop = proxy.down or held
                     fail = not drop and proxy.fail_every and n % proxy.fail_every == 0
                     suffix, left = proxy.fail_matching or ("", 0)
                     if not drop and left and self.path.split("?")[0].endswith(suffix):
                         fail, proxy.fail_matching = True, (suffix, left - 1)
-                    proxy.dropped += drop
+                    proxy.dropped += drop and not held
                     proxy.injected += bool(fail)
+                if held:
+                    proxy._released.wait(600)
                 if drop:
                     self.close_connection = True
                     self.connection.close()
@@ -98,6 +109,13 @@ class FaultyS3Proxy:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def release(self) -> None:
+        """Held requests are dropped (their connections closed) and `hold` is off."""
+        with self._lock:
+            self.hold = None
+        self._released.set()
+
     def close(self):
+        self._released.set()
         self.server.shutdown()
         self.server.server_close()
