@@ -1,7 +1,7 @@
 """DeepSpeed checkpoints, one folder per step under the run's root in storage. By default (async) every
 rank copies its shard into host memory and a thread streams it to storage while training goes on;
-synchronously, it writes the shard locally and Ray Train uploads it. Either way `verified_upload`
-checks every file and ends with this rank's marker file, `uploaded/rank-K`.
+synchronously, it writes the shard locally and Ray Train uploads it. Either way every file's stored
+size is checked, and `verified_upload` ends with this rank's marker file, `uploaded/rank-K`.
 
 A step is complete, and may be resumed from, once `state.json` (rank 0's) and a marker from every
 rank it names are there: a half-uploaded checkpoint is never offered for resume. Completion is read
@@ -90,17 +90,17 @@ def save(engine, step: int, metrics: dict, started_at: int, run_root: tuple[str,
     # rewritten, or the other ranks' new markers would complete a step whose shard is half-written.
     marker = f"{dest}/uploaded/rank-{ctx.get_world_rank():05d}"
     # async: the state is copied to host memory and a thread streams it straight to `dest` (no local
-    # file, no second copy); the step only waits for the copy (a memcpy, not a file write).
+    # file); the step only waits for the copy (a memcpy, not a file write).
     writer = None
     if upload == "async":
         writer = _snapshots.get(engine) or _snapshots.setdefault(engine, _SnapshotWrites())
         writer.begin(engine.checkpoint_engine, tmp, dest, run_root[1], stale_marker=marker)
-    else:
-        _delete_file(run_root[1], marker)
     written = None
     try:
         if writer:
             engine.checkpoint_engine = writer
+        else:
+            _delete_file(run_root[1], marker)
         try:  # device: where the state lived (the host copy would pickle as "cpu")
             engine.save_checkpoint(tmp, tag=TAG, client_state={"step": step, "device": str(engine.device)},
                                    exclude_frozen_parameters=lora)
@@ -154,10 +154,11 @@ class _SnapshotWrites:
 
         for w in self._writes:  # the last checkpoint's writes still read the buffers (its upload sees any error)
             w.exception()
-        self.inner, self._writes = inner, []
+        self.inner, self._writes, self._first = inner, [], None
         self._local_root, self._dest, self._fs = local_root, dest, fs or pafs.LocalFileSystem()
-        if stale_marker:
-            self._writes.append(self._pool.submit(lambda fs=self._fs: _delete_file(fs, stale_marker) or 0))
+        if stale_marker:  # first (one thread: in order); no file is written if it fails
+            self._first = self._pool.submit(lambda fs=self._fs: _delete_file(fs, stale_marker) or 0)
+            self._writes.append(self._first)
         return self
 
     def __getattr__(self, name):  # loading, folders, commit: DeepSpeed's own engine
@@ -170,7 +171,7 @@ class _SnapshotWrites:
         zipfile = getattr(self.inner, "zipfile_serialization", True)  # as DeepSpeed's own engine writes
         target = f"{self._dest}/{os.path.relpath(path, self._local_root)}"
         self._writes.append(self._pool.submit(_stream_to, self._fs, target, self._copy(state_dict, os.path.basename(path)),
-                                              zipfile))
+                                              zipfile, after=self._first))
 
     def waiter(self):
         writes = list(self._writes)
@@ -222,12 +223,34 @@ def _delete_file(fs, path: str) -> None:
     _retrying(once)
 
 
-def _stream_to(fs, target: str, obj, zipfile: bool) -> int:
-    """torch.save `obj` into `target` on `fs`; returns the bytes stored."""
+class _Bounded:
+    """A storage stream written in flushed slices: pyarrow's S3 stream copies and queues every part it
+    is given, with no bound, and torch.save hands it whole tensors (GBs) at memcpy speed; a flush
+    waits for the queued parts, so at most `chunk` bytes are in flight."""
+
+    def __init__(self, out, chunk: int = 64 << 20):
+        self.out, self.chunk = out, chunk
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        for i in range(0, len(view), self.chunk):
+            self.out.write(view[i:i + self.chunk])
+            self.out.flush()
+        return len(view)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def _stream_to(fs, target: str, obj, zipfile: bool, after=None) -> int:
+    """torch.save `obj` into `target` on `fs`, once `after` (a future) succeeded; returns the bytes stored."""
+    if after is not None:
+        after.result()
+
     def once() -> int:
         fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         with fs.open_output_stream(target) as out:
-            torch.save(obj, out, _use_new_zipfile_serialization=zipfile)
+            torch.save(obj, _Bounded(out), _use_new_zipfile_serialization=zipfile)
             size = out.tell()
         stored = fs.get_file_info(target).size
         if stored != size:

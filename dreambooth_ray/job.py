@@ -180,14 +180,14 @@ def _outcome(ref: ray.ObjectRef) -> dict:
 
 def capacity(spec: JobSpec, use_gpu: bool) -> int:
     """How many subjects can train at once on this cluster, given each run's worker count: as many
-    as its GPUs (or CPUs, less one on the driver's node) allow, counting what its autoscaler can add
+    as its GPUs (or CPUs, less one on a one-machine cluster) allow, counting what its autoscaler can add
     (an autoscaling cluster may start with no workers). When it has room for no run now and can't
     say what it will scale to, `max_concurrent_subjects`, else 1."""
     room = cluster.capacity_of("GPU" if use_gpu else "CPU")
-    if not use_gpu and cluster.driver_node_cpus() >= 1:
-        # The driver's node keeps a CPU for the job's own work (the driver, class-image actors, exports,
-        # samples): on 2 CPUs, two 1-CPU lanes took 1.9x one lane's makespan (benchmarks/batch_makespan.py).
-        # Cluster heads offer no CPUs (k8s, cluster/*.yaml), so this only shapes a one-machine run.
+    if not use_gpu and room >= 1 and cluster.driver_node_cpus() >= room:
+        # One machine (every CPU the cluster has or can reach is the driver's): one CPU stays for the
+        # job's own work (the driver, class-image actors, exports, samples). On 2 CPUs, two 1-CPU lanes
+        # took 1.9x one lane's makespan (benchmarks/batch_makespan.py).
         room -= 1
     fits = room // spec.train.num_workers
     if fits < 1:

@@ -146,7 +146,8 @@ def train_subject(config: dict, rank: int) -> dict:
         # Ray Train hears of the run at checkpoints only: each report waits for the controller's poll
         # (~2 s), which would throttle every step; every rank reports, as Ray requires.
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            # The stall: what training waits for (the local write; with async uploads, not the upload).
+            # The stall: what training waits for (sync: the write and upload; async: the copy to host
+            # memory, and the previous checkpoint's upload if it is still running).
             metrics["timeline"] = {k: round(v, 3) for k, v in timeline.items()}
             checkpoint.save(eng.ds, done, metrics, started_at=start, run_root=run_root, lora=lora,
                             upload=cfg.checkpoint_upload, keep=cfg.keep_checkpoints)

@@ -84,6 +84,26 @@ def test_use_gpu(monkeypatch, spec_says, env, can_reach, expected):
     assert cluster.use_gpu(_spec(spec_says)) is expected
 
 
+@pytest.mark.parametrize("use_gpu, can_reach, driver_cpus, workers, cap, expected", [
+    (False, 2, 2, 1, None, 1),   # one 2-CPU machine: a CPU stays for the job's own work
+    (False, 4, 4, 2, None, 1),
+    (False, 5, 5, 2, None, 2),
+    (False, 16, 8, 8, None, 2),  # two 8-CPU nodes, the driver on one: all 16 count
+    (False, 2, 0, 1, None, 2),   # a head with no CPUs (k8s, cluster/*.yaml)
+    (False, 1, 1, 1, None, 1),   # no room once one is kept: still one lane
+    (False, 0, 0, 1, 3, 3),      # nothing known: max_concurrent_subjects
+    (True, 4, 4, 1, None, 4),    # GPUs: all of them
+    (False, 5, 5, 2, 1, 1),      # max_concurrent_subjects caps
+])
+def test_concurrent_subjects(monkeypatch, use_gpu, can_reach, driver_cpus, workers, cap, expected):
+    from dreambooth_ray import job
+
+    monkeypatch.setattr(cluster, "capacity_of", lambda r: can_reach)
+    monkeypatch.setattr(cluster, "driver_node_cpus", lambda: driver_cpus)
+    spec = SimpleNamespace(train=SimpleNamespace(num_workers=workers), max_concurrent_subjects=cap)
+    assert job.capacity(spec, use_gpu) == expected
+
+
 def test_env_limits(monkeypatch):
     monkeypatch.setenv("DREAMBOOTH_RAY_MAX_GPUS", "8")
     monkeypatch.delenv("DREAMBOOTH_RAY_MAX_CPUS", raising=False)

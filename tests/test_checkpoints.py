@@ -34,7 +34,7 @@ def test_a_killed_worker_resumes_from_the_last_complete_checkpoint_with_identica
     spec = parse_spec(data)
     held = parse_spec({**data, "s3": {"endpoint_url": proxy.url}})
     storage, subject = Storage(spec.storage, spec.s3), spec.subjects[0]
-    proxy.hold = "/a/checkpoints/t/killed/step-0000003/ckpt/zero_pp_rank_0_"  # rank 0's shard; rank 1's may land
+    shard = proxy.hold = "/a/checkpoints/t/killed/step-0000003/ckpt/zero_pp_rank_0_"  # rank 0's; rank 1's may land
 
     def release_on_resume():  # the restarted group reads step 2's shards: the killed attempt is gone
         deadline = time.time() + 300
@@ -53,6 +53,8 @@ def test_a_killed_worker_resumes_from_the_last_complete_checkpoint_with_identica
     finally:
         proxy.release()
         proxy.close()
+    # The held path is a real one: the resumed attempt wrote it (the first may have died before).
+    assert any(shard in path for _, path in proxy.seen), proxy.seen
     a, state_a = final_weights(straight.checkpoint)
     b, state_b = final_weights(ray.train.Checkpoint(killed.checkpoint.path, straight.checkpoint.filesystem))
     assert state_a == {"step": 4, "started_at": 0, "world_size": 2}
@@ -208,3 +210,36 @@ def test_an_async_checkpoint_holds_the_state_of_its_step_even_when_written_after
         assert "lambda" in str(e)
     else:
         raise AssertionError("a failed background write passed unnoticed")
+
+
+def test_a_streamed_file_goes_to_the_store_in_flushed_slices(tmp_path):
+    """pyarrow's S3 stream queues (a copy of) whatever it is given until a flush: the writer hands it
+    slices of at most `chunk` bytes, each flushed, and the file is byte for byte torch.save's."""
+    import io
+
+    import pyarrow.fs as pafs
+
+    from dreambooth_ray.checkpoint import _Bounded
+
+    class Recording(io.BytesIO):
+        def __init__(self):
+            super().__init__()
+            self.log = []
+
+        def write(self, b):
+            self.log.append(len(memoryview(b).cast("B")))
+            return super().write(b)
+
+        def flush(self):
+            self.log.append("flush")
+
+    out = Recording()
+    assert _Bounded(out, chunk=7).write(bytes(range(20))) == 20
+    assert out.log == [7, "flush", 7, "flush", 6, "flush"] and out.getvalue() == bytes(range(20))
+
+    state = {"w": torch.arange(100_000, dtype=torch.float32)}
+    direct = io.BytesIO()
+    torch.save(state, direct)
+    with pafs.LocalFileSystem().open_output_stream(str(tmp_path / "s.pt")) as f:
+        torch.save(state, _Bounded(f, chunk=4096))
+    assert (tmp_path / "s.pt").read_bytes() == direct.getvalue()
