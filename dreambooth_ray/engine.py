@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from . import checkpoint
 from .data import DreamBoothData, step_generator
 from .loss import prior_preservation_loss
 from .spec import TrainConfig
@@ -269,6 +270,7 @@ class Engine:
     data: DreamBoothData
     cfg: TrainConfig
     loss: Callable  # (model, rows, n_instance, generator) -> (loss, subject loss, prior loss)
+    checkpoint_wait: float = 0.0  # seconds the optimizer steps waited for an async checkpoint's copy
 
     def step(self, step: int, rank: int = 0) -> torch.Tensor:
         """One optimizer step (all micro-steps); returns [loss, subject loss, prior loss], averaged."""
@@ -283,6 +285,9 @@ class Engine:
                 rows, n_inst = self.data.batch(cfg.batch_size, g)
                 loss, inst, prior = self.loss(self.ds, rows, n_inst, g)
             self.ds.backward(loss)
+            # An async checkpoint copies the weights and optimizer state beside forward and backward,
+            # which only read them; the optimizer step changes them in place.
+            self.checkpoint_wait += checkpoint.settle(self.ds)
             self.ds.step()
             sums += torch.stack([loss.detach().float(), inst.float(), prior.float()]).to(sums.device)
         return sums / cfg.gradient_accumulation

@@ -129,6 +129,9 @@ def train_subject(config: dict, rank: int) -> dict:
             "lane": config["lane"],  # the worker group that trained it
         }
         phase("steps")
+        waited, eng.checkpoint_wait = eng.checkpoint_wait, 0.0  # a checkpoint's stall, paid inside the step
+        timeline["steps"] -= waited
+        timeline["checkpoint_stalls"] += waited
         if rank == 0:
             history.add(metrics)
             if reporter:
@@ -146,8 +149,9 @@ def train_subject(config: dict, rank: int) -> dict:
         # Ray Train hears of the run at checkpoints only: each report waits for the controller's poll
         # (~2 s), which would throttle every step; every rank reports, as Ray requires.
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            # The stall: what training waits for (sync: the write and upload; async: the copy to host
-            # memory, and the previous checkpoint's upload if it is still running).
+            # The stall: what training waits for (sync: the write and upload; async: the previous
+            # checkpoint's upload if it is still running, and the copy to host memory, which on a CPU
+            # the next optimizer step waits for, above).
             metrics["timeline"] = {k: round(v, 3) for k, v in timeline.items()}
             checkpoint.save(eng.ds, done, metrics, started_at=start, run_root=run_root, lora=lora,
                             upload=cfg.checkpoint_upload, keep=cfg.keep_checkpoints)

@@ -137,9 +137,10 @@ def test_a_store_error_reading_a_checkpoint_is_retried_not_taken_for_an_incomple
 
 
 def test_an_async_checkpoint_holds_the_state_of_its_step_even_when_written_after_the_next(tmp_path):
-    """The async path streams a host copy to storage in the background: the stored file has the state
-    as it was at `save`, though the next step changes the live tensors (in place, as optimizers do)
-    before the write starts; and a failed write is raised where the upload waits for it."""
+    """The async path copies the state to host memory in the background and streams the copy to
+    storage: the stored file has the state as it was at `save`, though the next optimizer step changes
+    the live tensors (in place) before the write starts, because that step first waits for the copy
+    (`settle`); and a failed write is raised where the upload waits for it."""
     import threading
     import types
     from collections import OrderedDict
@@ -165,8 +166,16 @@ def test_an_async_checkpoint_holds_the_state_of_its_step_even_when_written_after
         live = {"module": OrderedDict(w=torch.full((4,), float(step))),
                 "optimizer": {"state": {0: {"exp_avg": torch.zeros(4) - step}}, "loss_scaler": scaler},
                 "shapes": [torch.Size([4])], "step": step}
+        copying = threading.Event()
+        writes._copier.submit(copying.wait)  # the copy to host memory is slow, too
         writes.save(live, str(local / "ckpt" / "state.pt"))  # each checkpoint's files have the same names
         written = writes.waiter()
+        settle = threading.Thread(target=writes.settle)  # the next optimizer step waits for the copy
+        settle.start()
+        settle.join(0.3)
+        assert settle.is_alive(), "the optimizer step went on before the checkpoint's copy was made"
+        copying.set()
+        settle.join()
         live["module"]["w"].add_(1)  # the next step
         live["optimizer"]["state"][0]["exp_avg"].add_(1)
         scaler.cur_scale /= 2  # an overflow
