@@ -135,3 +135,41 @@ def test_gradient_accumulation_equals_the_doubled_batch(group, tiny_parts, zero_
         assert torch.allclose(w[keep], ref[keep], rtol=0, atol=1e-7), (w - ref)[keep].abs().max()
     # Reported losses: the mean over micro-steps of per-micro-step means = the mean over the doubled batch.
     assert torch.allclose(m2, m1, rtol=1e-6, atol=0) and torch.allclose(m1, torch.stack([total, inst, prior]), rtol=1e-6)
+
+
+def test_the_step_after_an_async_checkpoint_waits_for_its_copy(group, tiny_parts, tmp_path):
+    """An async checkpoint's copy of the state to host memory runs beside the next step: with the copy
+    held, the step's optimizer update waits for it, and the stored weights are the checkpoint's step's,
+    not the next one's. (Broken gate: the step finishes while the copy is held, and the held copy then
+    stores the updated weights.)"""
+    import threading
+
+    from dreambooth_ray import checkpoint
+
+    eng = _build(tiny_parts, 1.0)
+    eng.step(0)
+    before = {k: v.clone() for k, v in eng.ds.module.state_dict().items()}
+    local, store = tmp_path / "local", tmp_path / "store"
+    writes = checkpoint._snapshots.setdefault(eng.ds, checkpoint._SnapshotWrites())  # as checkpoint.save does
+    writes.begin(eng.ds.checkpoint_engine, str(local), str(store), None)
+    held = threading.Event()
+    writes._copier.submit(held.wait)
+    eng.ds.checkpoint_engine = writes
+    try:
+        eng.ds.save_checkpoint(str(local), tag=checkpoint.TAG)
+    finally:
+        eng.ds.checkpoint_engine = writes.inner
+    written = writes.waiter()
+    step = threading.Thread(target=eng.step, args=(1,))
+    step.start()
+    step.join(2.0)  # a step of this tiny model takes well under a second here
+    alive = step.is_alive()
+    held.set()
+    step.join()
+    written()
+    checkpoint.release(eng.ds)
+    assert alive, "the optimizer step did not wait for the checkpoint's copy"
+    stored = torch.load(store / checkpoint.TAG / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    after = eng.ds.module.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the step did update the weights
+    assert stored.keys() == before.keys() and all(torch.equal(stored[k], before[k]) for k in before)
