@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from . import checkpoint
+from . import snapshot
 from .data import DreamBoothData, step_generator
 from .loss import prior_preservation_loss
 from .spec import TrainConfig
@@ -287,7 +287,7 @@ class Engine:
             self.ds.backward(loss)
             # An async checkpoint copies the weights and optimizer state beside forward and backward,
             # which only read them; the optimizer step changes them in place.
-            self.checkpoint_wait += checkpoint.settle(self.ds)
+            self.checkpoint_wait += snapshot.settle(self.ds)
             self.ds.step()
             sums += torch.stack([loss.detach().float(), inst.float(), prior.float()]).to(sums.device)
         return sums / cfg.gradient_accumulation

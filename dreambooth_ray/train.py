@@ -25,7 +25,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from . import checkpoint, engine, export, models, samples, sr
+from . import checkpoint, engine, export, models, samples, snapshot, sr
 from .images import load_subject_images
 from .priors import PriorCache
 from .spec import JobSpec, Subject, TrainConfig
@@ -163,7 +163,7 @@ def train_subject(config: dict, rank: int) -> dict:
     ray.get(handovers)  # the validator holds every copy of the weights before this process may end
     if saved is not None:  # the last checkpoint is complete before the subject counts as trained
         checkpoint.wait_uploaded(checkpoint.step_dir(run_root, saved))
-    checkpoint.release(eng.ds)
+    snapshot.release(eng.ds)
     # Bytes this attempt's workers moved (photos and class images read, checkpoint shards written and
     # read back), summed over the ranks: a collective every rank reaches here, once its upload is done.
     io = torch.tensor([now - then for now, then in zip(storage_io_counts(), io_start)], dtype=torch.float64,

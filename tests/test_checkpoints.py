@@ -147,10 +147,10 @@ def test_an_async_checkpoint_holds_the_state_of_its_step_even_when_written_after
 
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-    from dreambooth_ray.checkpoint import _SnapshotWrites
+    from dreambooth_ray.snapshot import SnapshotWriter
 
     local, store = tmp_path / "local", tmp_path / "store"  # DeepSpeed's paths name `local`; files land in `store`
-    writes = _SnapshotWrites()
+    writes = SnapshotWriter()
 
     def begin(step, stale_marker=None):
         return writes.begin(TorchCheckpointEngine(), str(local), str(store / str(step)), None, stale_marker)
@@ -228,7 +228,7 @@ def test_a_streamed_file_goes_to_the_store_in_flushed_slices(tmp_path):
 
     import pyarrow.fs as pafs
 
-    from dreambooth_ray.checkpoint import _Bounded
+    from dreambooth_ray.snapshot import _Bounded
 
     class Recording(io.BytesIO):
         def __init__(self):

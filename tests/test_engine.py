@@ -21,8 +21,8 @@ def tiny_parts():
 
 
 def _build(tiny_parts, prior_weight, **train):
-    cfg = TrainConfig(resolution=32, mixed_precision="fp32", zero_stage=2, learning_rate=1e-3, random_flip=False,
-                      **train)
+    cfg = TrainConfig(**{"resolution": 32, "mixed_precision": "fp32", "zero_stage": 2, "learning_rate": 1e-3,
+                         "random_flip": False, **train})
     pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)  # the same photo every call
     subject = [Image.fromarray(pixels)]
     classes = [Image.new("RGB", (32, 32), (128, 128, 128))]
@@ -137,39 +137,66 @@ def test_gradient_accumulation_equals_the_doubled_batch(group, tiny_parts, zero_
     assert torch.allclose(m2, m1, rtol=1e-6, atol=0) and torch.allclose(m1, torch.stack([total, inst, prior]), rtol=1e-6)
 
 
-def test_the_step_after_an_async_checkpoint_waits_for_its_copy(group, tiny_parts, tmp_path):
+def _tensors(obj, path="") -> dict:
+    """Every tensor in a saved checkpoint file, by its path in the pickled structure."""
+    if torch.is_tensor(obj):
+        return {path: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return {k: v for key, item in items for k, v in _tensors(item, f"{path}/{key}").items()}
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_the_step_after_an_async_checkpoint_waits_for_its_copy(group, tiny_parts, tmp_path, zero_stage):
     """An async checkpoint's copy of the state to host memory runs beside the next step: with the copy
-    held, the step's optimizer update waits for it, and the stored weights are the checkpoint's step's,
-    not the next one's. (Broken gate: the step finishes while the copy is held, and the held copy then
-    stores the updated weights.)"""
+    held, the step's optimizer update waits for it, and every tensor stored (weights, fp32 master
+    partitions, Adam moments) equals DeepSpeed's own synchronous save at the same step. (Broken gate:
+    the step finishes while the copy is held, and the copy then stores the updated state.)"""
     import threading
 
-    from dreambooth_ray import checkpoint
+    from dreambooth_ray import snapshot
+    from dreambooth_ray.checkpoint import TAG
 
-    eng = _build(tiny_parts, 1.0)
+    eng = _build(tiny_parts, 1.0, zero_stage=zero_stage)
     eng.step(0)
-    before = {k: v.clone() for k, v in eng.ds.module.state_dict().items()}
-    local, store = tmp_path / "local", tmp_path / "store"
-    writes = checkpoint._snapshots.setdefault(eng.ds, checkpoint._SnapshotWrites())  # as checkpoint.save does
+    eng.ds.save_checkpoint(str(tmp_path / "sync"), tag=TAG)  # the reference: DeepSpeed's own, synchronous
+    local, store = tmp_path / "local", tmp_path / "store"  # DeepSpeed's paths name `local`; files land in `store`
+    writes = snapshot.writer_for(eng.ds)
     writes.begin(eng.ds.checkpoint_engine, str(local), str(store), None)
-    held = threading.Event()
+    held, errors = threading.Event(), []
     writes._copier.submit(held.wait)
     eng.ds.checkpoint_engine = writes
     try:
-        eng.ds.save_checkpoint(str(local), tag=checkpoint.TAG)
+        eng.ds.save_checkpoint(str(local), tag=TAG)
     finally:
         eng.ds.checkpoint_engine = writes.inner
     written = writes.waiter()
-    step = threading.Thread(target=eng.step, args=(1,))
-    step.start()
-    step.join(2.0)  # a step of this tiny model takes well under a second here
-    alive = step.is_alive()
-    held.set()
-    step.join()
-    written()
-    checkpoint.release(eng.ds)
+
+    def next_step():
+        try:
+            eng.step(1)
+        except BaseException as e:
+            errors.append(e)
+
+    step = threading.Thread(target=next_step)
+    try:
+        step.start()
+        step.join(2.0)  # a step of this tiny model takes well under a second here
+        alive = step.is_alive()
+    finally:
+        held.set()
+        step.join()
+        written()
+        snapshot.release(eng.ds)
+    assert not errors, errors
     assert alive, "the optimizer step did not wait for the checkpoint's copy"
-    stored = torch.load(store / checkpoint.TAG / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-    after = eng.ds.module.state_dict()
-    assert any(not torch.equal(before[k], after[k]) for k in before)  # the step did update the weights
-    assert stored.keys() == before.keys() and all(torch.equal(stored[k], before[k]) for k in before)
+    eng.ds.save_checkpoint(str(tmp_path / "after"), tag=TAG)  # the state the next step left
+    files = sorted(f.name for f in (tmp_path / "sync" / TAG).glob("*.pt"))
+    assert len(files) == 2 and files == sorted(f.name for f in (store / TAG).iterdir())  # model and optimizer states
+    changed = {}
+    for name in files:
+        want, got, after = (_tensors(torch.load(d / TAG / name, weights_only=False))
+                            for d in (tmp_path / "sync", store, tmp_path / "after"))
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
+        changed[name] = sum(not torch.equal(after[k], got[k]) for k in got)
+    # The step did change the saved state (ZeRO-3's model file holds only placeholders and buffers).
+    assert changed[next(n for n in files if "optim_states" in n)] > 0, changed

@@ -1,0 +1,217 @@
+"""An async checkpoint's host copy of a training engine's state, streamed to storage by a thread
+(checkpoint.py registers and verifies it). Free of Ray: the training step (engine.py) waits here for
+the copy before its optimizer update."""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+import weakref
+
+import torch
+
+
+class SnapshotWriter:
+    """DeepSpeed's checkpoint engine for async checkpoints, one per training engine: `save` copies the
+    state into host buffers and a thread streams each file from them to the checkpoint's folder in
+    storage (retried as a whole on a store error; its stored size checked). A checkpoint's `waiter()`
+    returns the bytes sent once every file is stored, and raises what a write raised.
+
+    State on the CPU is copied by a second thread while the next step's forward and backward run
+    (they read the saved tensors, never write them): `settle()` waits for the copy, and the optimizer
+    step, which changes them in place, must call it first (Engine.step does). The copy of 2.2 GB took
+    ~1 s of a training worker's step on this 2-CPU machine, most of an async checkpoint's stall.
+    State on a GPU is copied to pinned buffers before `save` returns (fast, and ordered with the
+    device's streams without cross-thread care).
+
+    The buffers are kept and refilled at the next checkpoint, which first waits for this one's files:
+    a copy into memory already mapped runs ~5x faster here than one into fresh pages (0.15 s against
+    0.84 s for 2.2 GB on 2 idle CPUs), at the cost of one checkpoint's worth of host memory."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool, self._buffers, self._writes, self.inner = ThreadPoolExecutor(1, thread_name_prefix="dbr-ckpt"), {}, [], None
+        self._copier, self._copies = ThreadPoolExecutor(1, thread_name_prefix="dbr-ckpt-copy"), []
+
+    def begin(self, inner, local_root: str, dest: str, fs, stale_marker: str | None = None) -> "SnapshotWriter":
+        """A checkpoint whose DeepSpeed paths are under `local_root`; its files go to `dest` on `fs`,
+        after `stale_marker` is deleted there."""
+        import pyarrow.fs as pafs
+
+        for w in self._writes:  # the last checkpoint's writes still read the buffers (its upload sees any error)
+            w.exception()
+        self.inner, self._writes, self._copies, self._first = inner, [], [], None
+        self._local_root, self._dest, self._fs = local_root, dest, fs or pafs.LocalFileSystem()
+        if stale_marker:  # first (one thread: in order); no file is written if it fails
+            self._first = self._pool.submit(lambda fs=self._fs: delete_file(fs, stale_marker) or 0)
+            self._writes.append(self._first)
+        return self
+
+    def __getattr__(self, name):  # loading, folders, commit: DeepSpeed's own engine
+        return getattr(self.inner, name)
+
+    def preserves_storage_sharing(self) -> bool:
+        return False  # the host copy is compact already: DeepSpeed need not clone views first
+
+    def save(self, state_dict, path: str) -> None:
+        zipfile = getattr(self.inner, "zipfile_serialization", True)  # as DeepSpeed's own engine writes
+        target = f"{self._dest}/{os.path.relpath(path, self._local_root)}"
+        pairs = []  # (host buffer, live tensor)
+        host = self._plan(state_dict, os.path.basename(path), pairs)
+        if any(src.is_cuda for _, src in pairs):
+            copied = None
+            _fill(pairs)
+        else:
+            copied = self._copier.submit(_fill, pairs)
+            self._copies.append(copied)
+        # The copy first: a write that fails on the marker must still not let the next checkpoint
+        # refill buffers being copied into.
+        self._writes.append(self._pool.submit(stream_to, self._fs, target, host, zipfile,
+                                              after=(copied, self._first)))
+
+    def settle(self) -> float:
+        """Waits until the live tensors of the checkpoint being written may change; returns the seconds waited."""
+        t0 = time.perf_counter()
+        for c in self._copies:
+            c.exception()  # a failed copy fails its file's write, which the upload raises
+        self._copies = []
+        return time.perf_counter() - t0
+
+    def waiter(self):
+        writes = list(self._writes)
+
+        def wait(check: bool = True) -> int:
+            for w in writes:
+                if w.exception() is not None and check:
+                    raise w.exception()
+            return sum(w.result() for w in writes if w.exception() is None)
+
+        return wait
+
+    def _plan(self, obj, key: str, pairs: list):
+        """`obj` with every tensor replaced by its host buffer, to be filled from the live one (added to
+        `pairs`); containers rebuilt, other values copied now (e.g. ZeRO's live loss scaler)."""
+        if torch.is_tensor(obj):
+            buf = self._buffers.get(key)
+            if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
+                buf = self._buffers[key] = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
+            pairs.append((buf, obj.detach()))
+            return buf
+        if isinstance(obj, dict):
+            out = copy.copy(obj)  # keeps OrderedDict / defaultdict
+            for k, v in obj.items():
+                out[k] = self._plan(v, f"{key}/{k}", pairs)
+            return out
+        if type(obj) in (list, tuple) or (isinstance(obj, tuple) and hasattr(obj, "_fields")):
+            items = [self._plan(v, f"{key}/{i}", pairs) for i, v in enumerate(obj)]  # not torch.Size: no tensors
+            return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+        return copy.deepcopy(obj)
+
+    def close(self) -> None:
+        for w in self._writes:
+            w.exception()
+        self._pool.shutdown()
+        self._copier.shutdown()
+        self._buffers.clear()
+
+
+def _fill(pairs) -> None:
+    for buf, src in pairs:
+        buf.copy_(src)
+
+
+def release(engine) -> None:
+    """A subject's end: its async-checkpoint buffers go (pinned ones are cached by torch until emptied)."""
+    writer = _writers.pop(engine, None)
+    if writer:
+        writer.close()
+        if torch.cuda.is_available() and hasattr(torch._C, "_host_emptyCache"):
+            torch._C._host_emptyCache()
+
+
+_writers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # training engine -> its SnapshotWriter
+
+
+def writer_for(engine) -> SnapshotWriter:
+    """`engine`'s writer, kept for its life (its buffers are refilled at each checkpoint)."""
+    return _writers.get(engine) or _writers.setdefault(engine, SnapshotWriter())
+
+
+def settle(engine) -> float:
+    """Before `engine`'s optimizer step: waits for an async checkpoint's copy of the state it changes."""
+    writer = _writers.get(engine)
+    return writer.settle() if writer else 0.0
+
+
+def delete_file(fs, path: str) -> None:
+    """`path` gone, if it was there."""
+    import pyarrow.fs as pafs
+
+    fs = fs or pafs.LocalFileSystem()
+
+    def once():
+        try:
+            fs.delete_file(path)
+        except FileNotFoundError:
+            pass
+
+    retrying(once)
+
+
+class _Bounded:
+    """A storage stream written in flushed slices: pyarrow's S3 stream copies and queues every part it
+    is given, with no bound, and torch.save hands it whole tensors (GBs) at memcpy speed; a flush
+    waits for the queued parts, so at most `chunk` bytes are in flight."""
+
+    def __init__(self, out, chunk: int = 64 << 20):
+        self.out, self.chunk = out, chunk
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        for i in range(0, len(view), self.chunk):
+            self.out.write(view[i:i + self.chunk])
+            self.out.flush()
+        return len(view)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def stream_to(fs, target: str, obj, zipfile: bool, after=()) -> int:
+    """torch.save `obj` into `target` on `fs`, once the futures in `after` succeeded; returns the bytes stored."""
+    for f in after:
+        if f is not None:
+            f.result()
+    return store_file(fs, target, lambda out: torch.save(obj, _Bounded(out), _use_new_zipfile_serialization=zipfile))
+
+
+def store_file(fs, target: str, write, attempts: int = 6) -> int:
+    """`write(stream)` into `target` on `fs` with an explicit close (which raises), its stored size
+    checked against the bytes written; retried as a whole on a store error. Returns the bytes stored."""
+    def once() -> int:
+        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(target) as out:
+            write(out)
+            size = out.tell()
+        stored = fs.get_file_info(target).size
+        if stored != size:
+            raise OSError(f"{target}: stored {stored} bytes of {size}")
+        return size
+
+    return retrying(once, attempts)
+
+
+def retrying(fn, attempts: int = 6):
+    """fn() again after a transient store error (an OSError from pyarrow), with backoff. Not for a
+    missing file (FileNotFoundError): that answer is not going to change."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise
+        except OSError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(min(0.5 * 2**attempt, 8))
