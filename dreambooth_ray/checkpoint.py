@@ -22,6 +22,7 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -259,24 +260,45 @@ def _prune(run_root: tuple[str, object], keep: int) -> None:
 
 
 @contextlib.contextmanager
-def local_copy(ckpt: ray.train.Checkpoint, attempts: int = 6):
+def local_copy(ckpt: ray.train.Checkpoint, attempts: int = 6, rank: int | None = None):
     """The checkpoint as a local folder: used in place if it is local, else downloaded with retries
-    (a transient store error mid-download surfaces from pyarrow as an OSError, not retried by it)."""
+    (a transient store error mid-download surfaces from pyarrow as an OSError, not retried by it).
+    `rank`: only what that rank's engine loads, the shared files and its own ZeRO shards (DeepSpeed
+    reads no other rank's), not every rank's: 1/N of the optimizer state on each of N workers."""
     import pyarrow.fs as pafs
 
+    wanted = (lambda path: True) if rank is None else (lambda path: _rank_reads(path, rank))
     if isinstance(ckpt.filesystem, pafs.LocalFileSystem) and os.path.isdir(ckpt.path):
-        count_io(read=dir_bytes(ckpt.path))
+        count_io(read=sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(ckpt.path)
+                          for n in names if wanted(n)))
         yield ckpt.path
         return
     with tempfile.TemporaryDirectory(prefix="dbr-restore-") as tmp:
         def once():
             shutil.rmtree(tmp, ignore_errors=True)  # what a failed attempt left
             os.makedirs(tmp)
-            ckpt.to_directory(tmp)
+            if rank is None:
+                ckpt.to_directory(tmp)
+                return
+            local = pafs.LocalFileSystem()
+            for info in ckpt.filesystem.get_file_info(pafs.FileSelector(ckpt.path, recursive=True)):
+                if info.type == pafs.FileType.File and wanted(info.base_name):
+                    target = os.path.join(tmp, os.path.relpath(info.path, ckpt.path))
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    pafs.copy_files(info.path, target, source_filesystem=ckpt.filesystem,
+                                    destination_filesystem=local)
 
         retrying(once, attempts)
         count_io(read=dir_bytes(tmp))
         yield tmp
+
+
+_SHARD = re.compile(r"(?:^|_)zero_pp_rank_(\d+)_")  # DeepSpeed's per-rank files (ZeRO optimizer; ZeRO-3 model)
+
+
+def _rank_reads(name: str, rank: int) -> bool:
+    shard = _SHARD.search(name)
+    return shard is None or int(shard.group(1)) == rank
 
 
 def restore(engine, run_root: tuple[str, object], lora: bool = False) -> int:
@@ -284,9 +306,10 @@ def restore(engine, run_root: tuple[str, object], lora: bool = False) -> int:
     ckpt = latest(run_root)
     if ckpt is None:
         return 0
-    with local_copy(ckpt) as d:
+    ctx = ray.train.get_context()
+    with local_copy(ckpt, rank=ctx.get_world_rank()) as d:  # data parallel only: the ZeRO rank is the world rank
         state = read_state(d)
-        world = ray.train.get_context().get_world_size()
+        world = ctx.get_world_size()
         if state["world_size"] != world:
             raise RuntimeError(
                 f"checkpoint at step {state['step']} was written by {state['world_size']} workers; "
@@ -302,12 +325,18 @@ def read_state(ckpt_dir: str) -> dict:
         return json.load(f)
 
 
-def read_metrics(ckpt_dir: str) -> dict:
-    path = os.path.join(ckpt_dir, "metrics.json")
-    if not os.path.exists(path):
+def read_metrics(ckpt: ray.train.Checkpoint) -> dict:
+    """The metrics saved with a checkpoint: its one small file, not the shards."""
+    def once() -> bytes:
+        with ckpt.filesystem.open_input_stream(f"{ckpt.path}/metrics.json") as f:
+            return f.read()
+
+    try:
+        data = retrying(once)
+    except FileNotFoundError:
         return {}
-    with open(path) as f:
-        return json.load(f)
+    count_io(read=len(data))
+    return json.loads(data)
 
 
 def consolidated_state_dict(ckpt_dir: str) -> dict[str, torch.Tensor]:

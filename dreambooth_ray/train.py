@@ -181,8 +181,7 @@ def train_subject(config: dict, rank: int) -> dict:
     checkpoint.prune(run_root, cfg.keep_checkpoints)
     final = checkpoint.latest(run_root)
     if metrics is None and final is not None:  # resumed at the last step: the checkpoint's own metrics
-        with checkpoint.local_copy(final) as d:
-            metrics = checkpoint.read_metrics(d)
+        metrics = checkpoint.read_metrics(final)
     return {"checkpoint": final.path if final else None, "metrics": metrics or {}}
 
 

@@ -136,6 +136,47 @@ def test_a_store_error_reading_a_checkpoint_is_retried_not_taken_for_an_incomple
         proxy.close()
 
 
+def test_a_resuming_rank_downloads_only_what_its_engine_loads(s3_endpoint, bucket, tmp_path):
+    """DeepSpeed loads the shared files and a rank's own ZeRO shards: a resuming rank downloads those
+    from S3, not every rank's shards, and counts as read only what it read (from S3 or a folder). A
+    checkpoint's metrics are read alone."""
+    import os
+    from pathlib import Path
+
+    import boto3
+    import pyarrow.fs as pafs
+
+    from dreambooth_ray.storage import io_counts
+
+    files = {"state.json": b'{"step": 2}', "metrics.json": b'{"loss": 0.5}', "uploaded/rank-00001": b"7",
+             "ckpt/mp_rank_00_model_states.pt": b"m" * 10,  # ZeRO-2: every rank's weights
+             "ckpt/zero_pp_rank_0_mp_rank_00_optim_states.pt": b"0" * 100,
+             "ckpt/zero_pp_rank_1_mp_rank_00_optim_states.pt": b"1" * 101,
+             "ckpt/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt": b"b" * 102,  # as bf16 runs name it
+             "ckpt/zero_pp_rank_1_mp_rank_00_model_states.pt": b"z" * 103,  # ZeRO-3: the rank's own weights
+             "ckpt/zero_pp_rank_10_mp_rank_00_optim_states.pt": b"x" * 104}
+    rank1 = {k: v for k, v in files.items() if "rank_0_" not in k and "rank_10_" not in k}
+    s3, local = boto3.client("s3", endpoint_url=s3_endpoint), tmp_path / "step-0000002"
+    for k, v in files.items():
+        s3.put_object(Bucket=bucket, Key=f"db/checkpoints/r/step-0000002/{k}", Body=v)
+        (local / k).parent.mkdir(parents=True, exist_ok=True)
+        (local / k).write_bytes(v)
+    path, fs = Storage(f"s3://{bucket}/db", S3Settings(endpoint_url=s3_endpoint)).ray_storage("checkpoints", "r")
+    stored = ray.train.Checkpoint(f"{path}/step-0000002", fs)
+
+    def copied(ckpt, rank):
+        read = io_counts()[1]
+        with checkpoint.local_copy(ckpt, rank=rank) as d:
+            got = {os.path.relpath(os.path.join(r, n), d): Path(r, n).read_bytes() for r, _, ns in os.walk(d) for n in ns}
+        return got, io_counts()[1] - read
+
+    assert copied(stored, 1) == (rank1, sum(map(len, rank1.values())))
+    assert copied(stored, None) == (files, sum(map(len, files.values())))  # consolidation: every shard
+    assert copied(ray.train.Checkpoint(str(local), pafs.LocalFileSystem()), 1)[1] == sum(map(len, rank1.values()))
+    assert checkpoint.read_metrics(stored) == {"loss": 0.5}
+    assert checkpoint.read_metrics(ray.train.Checkpoint(f"{path}/step-0000009", fs)) == {}
+
+
 def test_an_async_checkpoint_holds_the_state_of_its_step_even_when_written_after_the_next(tmp_path):
     """The async path copies the state to host memory in the background and streams the copy to
     storage: the stored file has the state as it was at `save`, though the next optimizer step changes
