@@ -90,7 +90,8 @@ def save(engine, step: int, metrics: dict, started_at: int, run_root: tuple[str,
     # rewritten, or the other ranks' new markers would complete a step whose shard is half-written.
     marker = f"{dest}/uploaded/rank-{ctx.get_world_rank():05d}"
     # async: the state is copied to host memory and a thread streams it straight to `dest` (no local
-    # file); the step only waits for the copy (a memcpy, not a file write).
+    # file); training waits only for the copy (a memcpy, not a file write), on a CPU not until the next
+    # optimizer step (snapshot.py).
     writer = None
     if upload == "async":
         writer = snapshot.writer_for(engine)
@@ -269,8 +270,7 @@ def local_copy(ckpt: ray.train.Checkpoint, attempts: int = 6, rank: int | None =
 
     wanted = (lambda path: True) if rank is None else (lambda path: _rank_reads(path, rank))
     if isinstance(ckpt.filesystem, pafs.LocalFileSystem) and os.path.isdir(ckpt.path):
-        count_io(read=sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(ckpt.path)
-                          for n in names if wanted(n)))
+        count_io(read=dir_bytes(ckpt.path, wanted))
         yield ckpt.path
         return
     with tempfile.TemporaryDirectory(prefix="dbr-restore-") as tmp:

@@ -56,8 +56,9 @@ def io_counts() -> tuple[int, int]:
         return _IO["written"], _IO["read"]
 
 
-def dir_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(path) for n in names)
+def dir_bytes(path: str, wanted=lambda name: True) -> int:
+    """The size of the files under `path` whose names are `wanted`."""
+    return sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(path) for n in names if wanted(n))
 
 
 @dataclass
