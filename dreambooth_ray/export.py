@@ -1,4 +1,5 @@
-"""Export: the final (ZeRO-sharded) checkpoint becomes a diffusers pipeline folder plus a job record."""
+"""Export: the trained weights become a diffusers pipeline folder (or LoRA adapter) plus a job record,
+written by the training workers at the last step, or from the final (ZeRO-sharded) checkpoint."""
 
 from __future__ import annotations
 
@@ -109,20 +110,24 @@ def gathered_state_dict(module, rank: int, dtype=None, keep=lambda k: True, chun
     return out
 
 
-def from_engine(ds, spec: JobSpec, storage: Storage, out: tuple[str, ...], run: str, rank: int,
-                timeline: dict | None = None) -> dict | None:
-    """The exported model, written by the training workers at the end of training: no checkpoint
-    (optimizer state included) is downloaded and merged on one CPU to export.
+# Where each stage's exported model and its record go, under the subject's outputs.
+FOLDERS = {"base": ("model", "export.json"), "sr": ("sr", "sr_export.json")}
 
-    Every rank calls it (ZeRO-3 gathers the sharded weights); rank 0 writes `<out>/model` (or
-    `<out>/lora`) in `train.export_dtype` and `<out>/export.json`, and returns that record. Returns
-    None where the live weights are not the trained ones at the requested precision (fp32 asked of a
-    bf16-weights/fp16 run, whose fp32 master copy lives in the optimizer): the job then exports from
-    the final checkpoint, as it also does when this fails.
+
+def from_engine(ds, spec: JobSpec, storage: Storage, out: tuple[str, ...], run: str, rank: int,
+                timeline: dict | None = None, stage: str = "base") -> dict | None:
+    """The stage's exported model, written by its training workers at the end of training: no
+    checkpoint (optimizer state included) is downloaded and merged on one CPU to export.
+
+    Every rank calls it (ZeRO-3 gathers the sharded weights); rank 0 writes the model in the stage's
+    `export_dtype` (base: `<out>/model`, or `<out>/lora`; SR: `<out>/sr`) and its record (FOLDERS),
+    and returns that record. Returns None where the live weights are not the trained ones at the
+    requested precision (fp32 asked of a bf16-weights/fp16 run, whose fp32 master copy lives in the
+    optimizer): the job then exports from the final checkpoint, as it also does when this fails.
     """
     import time
 
-    cfg, t0 = spec.train, time.perf_counter()
+    cfg, t0 = spec.stage_train(stage), time.perf_counter()
     if cfg.export_dtype == "fp32" and cfg.mixed_precision in ("bf16-weights", "fp16"):
         return None
     dtype = EXPORT_DTYPES[cfg.export_dtype]
@@ -130,17 +135,17 @@ def from_engine(ds, spec: JobSpec, storage: Storage, out: tuple[str, ...], run: 
     sd = live_state_dict(ds, cfg, rank, dtype)
     if rank != 0:
         return None
-    lora = cfg.method == "lora"
-    pipe = pipeline_with(spec, sd, dtype=dtype)
+    folder, record_name = FOLDERS[stage]
+    pipe = pipeline_with(spec, sd, stage, dtype=dtype)
     record = {"run": run, "dtype": cfg.export_dtype, "timeline": timeline or {}}
-    if lora:
+    if cfg.method == "lora":
         url, size = save_lora(storage, pipe, out, cfg.lora.text_encoder)
         record.update(model=url, lora=url, lora_bytes=size, base_model=spec.model)
     else:
-        record["model"] = save(storage, pipe, out)
+        record["model"] = save(storage, pipe, out, folder)
     record["seconds"] = round(time.perf_counter() - t0, 3)
     record["timeline"]["bytes_written"] = record["timeline"].get("bytes_written", 0) + io_counts()[0] - written
-    storage.write_json(record, *out, "export.json")
+    storage.write_json(record, *out, record_name)
     return record
 
 

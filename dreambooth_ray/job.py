@@ -38,7 +38,8 @@ class SubjectResult:
 # A subject's time, stage by stage, as job.json, results.json and the results table show it.
 TIMELINE = (("waiting_for_a_slot", "slot"), ("waiting_for_class_images", "priors"), ("worker_start", "start"),
             ("model_load", "load"), ("latent_cache_and_engine", "cache"), ("steps", "steps"),
-            ("checkpoint_stalls", "ckpt"), ("validation_handover", "val"), ("export", "export"), ("samples", "samples"))
+            ("checkpoint_stalls", "ckpt"), ("validation_handover", "val"), ("sr", "sr"), ("export", "export"),
+            ("samples", "samples"))
 
 
 def format_timeline(t: dict) -> str:
@@ -83,7 +84,7 @@ def sr_run_name(spec: JobSpec, subject: Subject, sr_identity: str, prior_key: st
     sr = spec.sr.model_dump(include={"noise_aug", "prior_preservation", "prior_loss_weight"})
     sr["input_resolution"] = spec.sr.input_resolution or spec.train.resolution
     key = spec.fingerprint(sr_identity, subject_identity(spec, subject), sr, prior_key,
-                           train_identity(spec.sr.train_config(spec.train)))
+                           train_identity(spec.stage_train("sr")))
     return f"{subject.name}-sr-{key}"
 
 
@@ -91,49 +92,59 @@ def sr_run_name(spec: JobSpec, subject: Subject, sr_identity: str, prior_key: st
 # exported model, a few sample images) would otherwise wait for a lane to go idle.
 @ray.remote(num_cpus=0)
 def finalize(spec: JobSpec, subject: Subject, ckpt, out: tuple[str, ...], record: dict, run: str,
-             sr_ckpt=None) -> tuple[str, str]:
-    """Export the trained pipeline(s), render the sample grid (through the SR stage when there is
+             sr_ckpt=None, sr_run: str | None = None) -> tuple[str, str]:
+    """Load the exported pipeline(s), render the sample grid (through the SR stage when there is
     one), then write job.json (the completion mark)."""
     storage = Storage(spec.storage, spec.s3)
     t0, io_start = time.perf_counter(), io_counts()
-    exported = storage.read_json(*out, "export.json")
-    if exported and exported.get("run") == run:  # the training workers exported it: no checkpoint round trip
-        pipe = export.load_exported(spec, exported)
-        model_url = exported["model"]
-        record.update({k: exported[k] for k in ("lora", "lora_bytes", "base_model", "dtype") if k in exported},
-                      exported_by="training workers")
-    else:  # fp32 of a bf16-weights/fp16 run, or a failed worker export: from the final checkpoint
-        with checkpoint.local_copy(ckpt) as ckpt_dir:
-            pipe = export.trained_pipeline(spec, ckpt_dir)
-        if spec.train.method == "lora":  # the adapter alone: load it onto the base model with load_lora_weights
-            model_url, size = export.save_lora(storage, pipe, out, spec.train.lora.text_encoder)
-            record.update(lora=model_url, lora_bytes=size, base_model=spec.model)
-        else:
-            model_url = export.save(storage, pipe, out)
-        record.update(exported_by="final checkpoint", dtype="fp32")
+    pipe, base = _stage_model(spec, storage, out, "base", run, ckpt)
+    record.update({k: base[k] for k in ("lora", "lora_bytes", "base_model", "dtype", "exported_by") if k in base})
     timeline = record.setdefault("timeline", {})
-    if record["exported_by"] == "training workers":  # the worker's own, final-checkpoint stall included
-        worker = dict(exported.get("timeline") or {})
+    if base["exported_by"] == "training workers":  # the worker's own, final-checkpoint stall included
+        worker = dict(base.get("timeline") or {})
         worker.pop("worker_started_at", None)
         timeline.update(worker)
-    # The workers' export happened during training; here the exported model is only loaded back.
-    timeline["export"] = exported["seconds"] if record["exported_by"] == "training workers" else 0.0
+    # A workers' export happened during training; here the exported model is only loaded back.
+    timeline["export"] = base["seconds"]
+    sr_pipe = None
+    if sr_ckpt is not None:
+        sr_pipe, sr_export = _stage_model(spec, storage, out, "sr", sr_run, sr_ckpt)
+        record.update(sr_model=sr_export["model"], sr_exported_by=sr_export["exported_by"], sr_dtype=sr_export["dtype"])
+        timeline["export"] += sr_export["seconds"]
+        timeline["sr"] = max(0.0, timeline.get("sr", 0.0) - sr_export["seconds"])  # counted once, as export
+        for key in ("bytes_written", "bytes_read"):  # the SR workers' checkpoints and export
+            timeline[key] = timeline.get(key, 0) + (sr_export.get("timeline") or {}).get(key, 0)
     timeline["export"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     items = samples.render(pipe, subject, spec.samples, spec.train.resolution)
-    if sr_ckpt is not None:
-        with checkpoint.local_copy(sr_ckpt) as ckpt_dir:
-            sr_pipe = export.trained_pipeline(spec, ckpt_dir, stage="sr")
-        record["sr_model"] = export.save(storage, sr_pipe, out, "sr")
+    if sr_pipe is not None:
         items = samples.through_sr(items, sr_pipe, spec.sr, spec.samples.seed)
     storage.write_bytes(samples.png_bytes(samples.grid(items)), *out, "samples.png")
     timeline["samples"] = time.perf_counter() - t0
     for key, now, then in zip(("bytes_written", "bytes_read"), io_counts(), io_start):  # this task's part
         timeline[key] = timeline.get(key, 0) + now - then
     record["timeline"] = {k: round(v, 3) for k, v in timeline.items()}
-    export.write_record(spec, storage, out, {**record, "model": model_url,
+    export.write_record(spec, storage, out, {**record, "model": base["model"],
                                              "samples": storage.url(*out, "samples.png")})
-    return model_url, storage.url(*out, "samples.png"), record["timeline"]
+    return base["model"], storage.url(*out, "samples.png"), record["timeline"]
+
+
+def _stage_model(spec: JobSpec, storage: Storage, out: tuple[str, ...], stage: str, run: str, ckpt):
+    """A stage's trained pipeline, and its export record: the training workers' export of this run,
+    else (fp32 asked of a bf16-weights/fp16 run, or a failed worker export) one made here from the
+    final checkpoint, in fp32."""
+    folder, record_name = export.FOLDERS[stage]
+    exported = storage.read_json(*out, record_name)
+    if exported and exported.get("run") == run:  # no checkpoint round trip
+        return export.load_exported(spec, exported), {**exported, "exported_by": "training workers"}
+    with checkpoint.local_copy(ckpt) as ckpt_dir:
+        pipe = export.trained_pipeline(spec, ckpt_dir, stage)
+    if spec.stage_train(stage).method == "lora":  # the adapter alone: load it onto the base model with load_lora_weights
+        url, size = export.save_lora(storage, pipe, out, spec.train.lora.text_encoder)
+        made = {"model": url, "lora": url, "lora_bytes": size, "base_model": spec.model}
+    else:
+        made = {"model": export.save(storage, pipe, out, folder)}
+    return pipe, {**made, "exported_by": "final checkpoint", "dtype": "fp32", "seconds": 0.0}
 
 
 @ray.remote(num_cpus=0)
@@ -290,7 +301,7 @@ def planned_runs(spec: JobSpec, storage: Storage, identity: str) -> list[tuple[s
             sr_key = (priors.PriorCache.for_subject(spec, s, storage, identity, spec.sr.output_resolution).key
                       if spec.sr.prior_preservation else None)
             runs.append((f"subject {s.name} (SR)", sr_run_name(spec, s, sr_identity, sr_key),
-                         spec.sr.train_config(spec.train).num_workers))
+                         spec.stage_train("sr").num_workers))
     return runs
 
 
@@ -357,7 +368,9 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeli
 
     sr_ckpt = sr_metrics = None
     if sr_name:
+        sr_start = time.perf_counter()
         sr_ckpt, sr_metrics, stages["sr"] = _run_sr(spec, subject, storage, out, sr_name, sr_prior, use_gpu, reporter)
+        timeline["sr"] = time.perf_counter() - sr_start  # its class images, training and export
 
     reporter.stage("samples", "exporting and rendering samples")
     record = {"run": complete, "subject": subject.name, "sr_metrics": sr_metrics, "identifier": subject.identifier,
@@ -365,7 +378,7 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeli
               "priors": {"key": prior_key, "url": prior_counts["url"]} if prior_counts else None,
               "timeline": timeline}
     model_url, samples_url, timeline = ray.get(finalize.options(num_gpus=1 if use_gpu else 0).remote(
-        spec, subject, ckpt, out, record, name, sr_ckpt))
+        spec, subject, ckpt, out, record, name, sr_ckpt, sr_name))
     stages.update(export="ran", samples="ran")
     reporter.stage("done", f"model -> {model_url}; samples -> {samples_url}")
     return SubjectResult(subject.name, "done", model_url, samples_url, int(metrics.get("step", spec.train.steps)),
@@ -387,6 +400,6 @@ def _run_sr(spec, subject, storage, out, name, prior_cache, use_gpu, reporter: R
     reporter.stage("training", f"SR stage: {s.input_resolution or spec.train.resolution}->{s.output_resolution}px, "
                  f"{s.steps} steps, noise augmentation {s.noise_aug:g} (run {name})", total=s.steps)
     result = train.fit(spec, subject, storage, name, prior_cache and prior_cache.key, use_gpu, stage="sr",
-                       reporter=reporter)
+                       export_to=(out, name), reporter=reporter)
     storage.write_json({"run": name, "checkpoint": result.checkpoint.path, "metrics": result.metrics}, *out, "sr.json")
     return result.checkpoint, result.metrics, "ran"

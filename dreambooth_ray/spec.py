@@ -343,6 +343,10 @@ class JobSpec(_Strict):
             raise ValueError(f"subject names must be unique; repeated: {', '.join(dupes)}")
         return self
 
+    def stage_train(self, stage: str = "base") -> TrainConfig:
+        """The training settings of a stage: 'base', or 'sr' (the SR section's overrides of `train`)."""
+        return self.train if stage == "base" else self.sr.train_config(self.train)
+
     def fingerprint(self, *parts: object) -> str:
         """A short stable hash of JSON-able parts: names caches and runs that depend on them."""
         blob = json.dumps(parts, sort_keys=True, default=str).encode()

@@ -28,7 +28,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from . import checkpoint, engine, export, models, samples, snapshot, sr
 from .images import load_subject_images
 from .priors import PriorCache
-from .spec import JobSpec, Subject, TrainConfig
+from .spec import JobSpec, Subject
 from .storage import Storage
 from .storage import io_counts as storage_io_counts
 
@@ -67,7 +67,7 @@ def train_subject(config: dict, rank: int) -> dict:
     spec: JobSpec = config["spec"]
     subject: Subject = config["subject"]
     stage = config.get("stage", "base")
-    cfg = stage_config(spec, stage)
+    cfg = spec.stage_train(stage)
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
     deterministic_kernels(cfg.deterministic)
@@ -173,7 +173,7 @@ def train_subject(config: dict, rank: int) -> dict:
     if config.get("export_to"):  # also after a resume at the last step: a failed export is redone
         # The whole attempt's timeline (the last checkpoint's stall included) travels with the export.
         record = export.from_engine(eng.ds, spec, Storage(spec.storage, spec.s3), *config["export_to"], rank,
-                                    timeline={k: round(v, 3) for k, v in timeline.items()})
+                                    timeline={k: round(v, 3) for k, v in timeline.items()}, stage=stage)
         if record:
             print(f"[{tag}] exported {record['model']} ({record['dtype']}, {record['seconds']:.1f} s)", flush=True)
     if rank != 0:
@@ -277,10 +277,6 @@ class TrainResult:
     metrics: dict
 
 
-def stage_config(spec: JobSpec, stage: str) -> TrainConfig:
-    return spec.train if stage == "base" else spec.sr.train_config(spec.train)
-
-
 def fit(spec: JobSpec, subject: Subject, storage: Storage, run_name: str, prior_key: str | None,
         use_gpu: bool, fault: tuple[str, int] | None = None, stage: str = "base",
         export_to: tuple[tuple[str, ...], str] | None = None, reporter=None, validator=None,
@@ -317,7 +313,7 @@ def work_item(spec: JobSpec, subject: Subject, storage: Storage, run_name: str, 
     return {"id": f"{run_name}/{uuid.uuid4().hex[:8]}", "spec": spec, "subject": subject, "prior_key": prior_key,
             "stage": stage, "fault": fault, "export_to": export_to, "reporter": reporter, "validator": validator,
             "run_root": (f"{storage_path}/{run_name}", storage_fs), "run_name": run_name,
-            "max_failures": stage_config(spec, stage).max_failures}
+            "max_failures": spec.stage_train(stage).max_failures}
 
 
 @ray.remote(num_cpus=0)
@@ -424,7 +420,7 @@ class TrainingQueue:
 @ray.remote(num_cpus=0)
 def run_lane(queue, lane: str, spec: JobSpec, stage: str, use_gpu: bool) -> None:
     """One lane: a Ray Train run whose workers train the queue's subjects until it has none left."""
-    cfg = stage_config(spec, stage)
+    cfg = spec.stage_train(stage)
     storage_path, storage_fs = Storage(spec.storage, spec.s3).ray_storage("checkpoints", spec.name, "lanes")
     trainer = TorchTrainer(
         train_loop,

@@ -268,23 +268,41 @@ def test_cascade_job_base_then_sr_to_s3(ray_cluster, s3_endpoint, bucket, toy_im
     for m, w in ((base_m, 0.25), (sr_m, 0.5)):
         assert m["prior_loss"] > 0 and m["loss"] == pytest.approx(m["instance_loss"] + w * m["prior_loss"], rel=1e-6)
 
-    # Both exported stages (IF stage I, in train.export_dtype; the stage II pipeline, in fp32) hold their final
+    # Both stages were exported by their training workers, in train.export_dtype, and hold their final
     # checkpoints' trained UNets.
+    assert (record["exported_by"], record["sr_exported_by"], record["sr_dtype"]) == ("training workers",) * 2 + ("fp16",)
     base_pipe = IFPipeline.from_pretrained(models.resolve(record["model"], spec.s3))
     final, _ = final_checkpoint(storage, where, "train.json")
     assert record["dtype"] == "fp16" == spec.train.export_dtype
     assert_exported_is_the_trained_checkpoint(base_pipe.unet.state_dict(), final,
                                               models.load_pipeline("tiny-if").unet.state_dict(), lr=1e-3,
                                               dtype=torch.float16)
-    pipe = IFSuperResolutionPipeline.from_pretrained(models.resolve(record["sr_model"], spec.s3))
+    # In fp32 (exactly the fp16 values), so that it runs on a CPU below.
+    pipe = IFSuperResolutionPipeline.from_pretrained(models.resolve(record["sr_model"], spec.s3),
+                                                     torch_dtype=torch.float32)
     final, _ = final_checkpoint(storage, where, "sr.json")
-    assert_exported_is_the_trained_checkpoint(pipe.unet.state_dict(), final,
-                                              models.load_sr_components("tiny-sr")["unet"].state_dict(), lr=1e-3)
+    sr_base = models.load_sr_components("tiny-sr")["unet"].state_dict()
+    assert_exported_is_the_trained_checkpoint(pipe.unet.state_dict(), final, sr_base, lr=1e-3, dtype=torch.float16)
     grid = Image.open(storage.fs.open(storage.path("outputs", "cascade", "toy", "samples.png")))
     assert grid.size[0] == 4 * 192  # 2 prompts x (pre-SR image, SR image)
     out = sr.upscale(pipe, "a sks toy", Image.new("RGB", (32, 32), "red"), spec.sr, 0)
     assert out.size == (64, 64)
 
-    # A re-run finds both stages done.
+    # The subject's timeline has the SR stage, and counts the bytes the SR workers wrote (their checkpoint and
+    # export) besides the base stage's.
+    assert record["timeline"]["sr"] > 0
+    written = sum(storage.fs.du(p) for p in (storage.read_json(*where, "train.json")["checkpoint"],
+                                             storage.read_json(*where, "sr.json")["checkpoint"],
+                                             storage.path(*where, "model"), storage.path(*where, "sr")))
+    assert record["timeline"]["bytes_written"] > written
+
+    # Without the workers' SR export (one that failed, say), a re-run finds both stages trained and exports the
+    # SR stage from its final checkpoint, in fp32.
+    storage.fs.rm([storage.path(*where, "job.json"), storage.path(*where, "sr_export.json")])
     [again] = job.run_job(spec)
-    assert again.status == "skipped"
+    assert again.status == "done" and again.stages["train"] == again.stages["sr"] == "skipped"
+    record = storage.read_json(*where, "job.json")
+    assert (record["sr_exported_by"], record["sr_dtype"], record["exported_by"]) == ("final checkpoint", "fp32",
+                                                                                   "training workers")
+    pipe = IFSuperResolutionPipeline.from_pretrained(models.resolve(record["sr_model"], spec.s3))
+    assert_exported_is_the_trained_checkpoint(pipe.unet.state_dict(), final, sr_base, lr=1e-3)
