@@ -8,10 +8,13 @@ job's per-subject timeline gives the time training stood still for checkpoints (
 the end of a step to the next step's start, rank 0) and the steps' own time; storage gives the bytes
 written. Two ratios, async over sync: the stalls alone, and all the training time a checkpoint costs
 (`lost_per_checkpoint_s`: its stall plus how much longer the steps took than the sync run's, which
-overlap no write). On a CPU-only machine the background write and the steps share the cores and the
-memory bandwidth, so the steps slow; on a GPU the steps run on the device.
+overlap no write). Step by step (the loss history's times), the same within each run: the step after a
+checkpoint against the run's median other step (`lost_in_run_*`), which run-to-run drift does not
+reach but a write lasting past that step does not count fully. On a CPU-only machine the background
+write and the steps share the cores and the memory bandwidth, so the steps slow; on a GPU the steps run
+on the device.
 
-    .venv/bin/python benchmarks/checkpoint_stall.py [--steps 6] [--every 2] [--channels 128]
+    .venv/bin/python benchmarks/checkpoint_stall.py [--steps 10] [--every 2] [--channels 128]
 
 Writes benchmarks/results/checkpoint_stall.json.
 """
@@ -76,7 +79,7 @@ def stored_bytes(fs, root: str) -> int:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--every", type=int, default=2, help="checkpoint_every")
     ap.add_argument("--channels", type=int, default=128, help="UNet base width (SD1.5: 320)")
     ap.add_argument("--s3", action="store_true", help="storage on a local S3 server instead of a folder")
@@ -123,6 +126,7 @@ def main(argv=None) -> dict:
                               "mixed_precision": "fp32", "max_failures": 0, "keep_checkpoints": 2},
                     "samples": {"prompts": ["a {identifier} {class_noun}"], "inference_steps": 2},
                 })
+                os.sync()  # the previous run's files reach the disk now, not during this run's steps
                 t0 = time.perf_counter()
                 [r] = job.run_job(spec)
                 wall = time.perf_counter() - t0
@@ -131,7 +135,12 @@ def main(argv=None) -> dict:
                 n_ckpt = args.steps // args.every
                 ckpt = stored_bytes(fs, f"{base}/{mode}/checkpoints")
                 out = stored_bytes(fs, f"{base}/{mode}/outputs")
+                rows = sorted((row for f in fs.find(f"{base}/{mode}/outputs") if "/history/" in f
+                               for row in json.loads(fs.cat_file(f))["steps"]), key=lambda r: r["step"])
+                # Step k's seconds: from step k-1's end to step k's (a checkpoint after step k-1 stalls it).
+                step_s = [round(b["time"] - a["time"], 3) for a, b in zip(rows, rows[1:])]
                 runs[mode] = {"wall_s": round(wall, 1), "steps_s": t["steps"], "checkpoint_stalls_s": t["checkpoint_stalls"],
+                              "step_s_from_2": step_s,
                               "stall_per_checkpoint_s": round(t["checkpoint_stalls"] / n_ckpt, 3),
                               "checkpoints": n_ckpt, "bytes_checkpoints_kept": ckpt, "bytes_outputs": out,
                               "timeline": t}
@@ -146,12 +155,24 @@ def main(argv=None) -> dict:
     for r in runs.values():
         r["lost_per_checkpoint_s"] = round((r["steps_s"] + r["checkpoint_stalls_s"] - runs["sync"]["steps_s"])
                                            / r["checkpoints"], 3)
+        # The same within one run, free of run-to-run drift: the step after a checkpoint (its stall and
+        # the write beside it) against the run's median step that follows none.
+        # The first checkpoint also allocates the kept host buffers; later ones refill them.
+        after = [d for k, d in enumerate(r["step_s_from_2"], start=2) if (k - 1) % args.every == 0]
+        clean = sorted(d for k, d in enumerate(r["step_s_from_2"], start=2) if (k - 1) % args.every)
+        r["lost_in_run_each_s"] = [round(d - clean[len(clean) // 2], 3) for d in after]
+        r["lost_in_run_per_checkpoint_s"] = round(sum(r["lost_in_run_each_s"]) / len(after), 3)
+        r["lost_in_run_after_first_s"] = round(sum(r["lost_in_run_each_s"][1:]) / max(len(after) - 1, 1), 3)
     lost_sync, lost_async = runs["sync"]["lost_per_checkpoint_s"], runs["async"]["lost_per_checkpoint_s"]
+    in_sync, in_async = runs["sync"]["lost_in_run_per_checkpoint_s"], runs["async"]["lost_in_run_per_checkpoint_s"]
     result = {
         "unet_parameters": params, "steps": args.steps, "checkpoint_every": args.every, "storage": "moto S3 on loopback" if args.s3 else "local folder",
         "cpus": os.cpu_count(), "runs": runs,
         "stall_ratio_async_over_sync": round(asyn / sync, 3) if sync else None,
         "lost_ratio_async_over_sync": round(lost_async / lost_sync, 3) if lost_sync else None,
+        "lost_in_run_ratio_async_over_sync": round(in_async / in_sync, 3),
+        "lost_in_run_after_first_ratio_async_over_sync": round(runs["async"]["lost_in_run_after_first_s"]
+                                                               / runs["sync"]["lost_in_run_after_first_s"], 3),
         "checkpoint_bytes_each": runs["sync"]["bytes_checkpoints_kept"] // min(2, runs["sync"]["checkpoints"]),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
