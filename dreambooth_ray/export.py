@@ -135,18 +135,23 @@ def from_engine(ds, spec: JobSpec, storage: Storage, out: tuple[str, ...], run: 
     sd = live_state_dict(ds, cfg, rank, dtype)
     if rank != 0:
         return None
-    folder, record_name = FOLDERS[stage]
     pipe = pipeline_with(spec, sd, stage, dtype=dtype)
-    record = {"run": run, "dtype": cfg.export_dtype, "timeline": timeline or {}}
-    if cfg.method == "lora":
-        url, size = save_lora(storage, pipe, out, cfg.lora.text_encoder)
-        record.update(model=url, lora=url, lora_bytes=size, base_model=spec.model)
-    else:
-        record["model"] = save(storage, pipe, out, folder)
+    record = {"run": run, "dtype": cfg.export_dtype, "timeline": timeline or {},
+              **write_model(spec, storage, pipe, out, stage)}
     record["seconds"] = round(time.perf_counter() - t0, 3)
     record["timeline"]["bytes_written"] = record["timeline"].get("bytes_written", 0) + io_counts()[0] - written
-    storage.write_json(record, *out, record_name)
+    storage.write_json(record, *out, FOLDERS[stage][1])
     return record
+
+
+def write_model(spec: JobSpec, storage: Storage, pipe, out: tuple[str, ...], stage: str = "base") -> dict:
+    """Write a stage's trained pipeline under `out` (FOLDERS), or with `method: lora` the adapter alone
+    (load it onto the base model with load_lora_weights); returns what the records say of it."""
+    cfg = spec.stage_train(stage)
+    if cfg.method == "lora":
+        url, size = save_lora(storage, pipe, out, cfg.lora.text_encoder)
+        return {"model": url, "lora": url, "lora_bytes": size, "base_model": spec.model}
+    return {"model": save(storage, pipe, out, FOLDERS[stage][0])}
 
 
 def load_exported(spec: JobSpec, record: dict):

@@ -133,17 +133,12 @@ def _stage_model(spec: JobSpec, storage: Storage, out: tuple[str, ...], stage: s
     """A stage's trained pipeline, and its export record: the training workers' export of this run,
     else (fp32 asked of a bf16-weights/fp16 run, or a failed worker export) one made here from the
     final checkpoint, in fp32."""
-    folder, record_name = export.FOLDERS[stage]
-    exported = storage.read_json(*out, record_name)
+    exported = storage.read_json(*out, export.FOLDERS[stage][1])
     if exported and exported.get("run") == run:  # no checkpoint round trip
         return export.load_exported(spec, exported), {**exported, "exported_by": "training workers"}
     with checkpoint.local_copy(ckpt) as ckpt_dir:
         pipe = export.trained_pipeline(spec, ckpt_dir, stage)
-    if spec.stage_train(stage).method == "lora":  # the adapter alone: load it onto the base model with load_lora_weights
-        url, size = export.save_lora(storage, pipe, out, spec.train.lora.text_encoder)
-        made = {"model": url, "lora": url, "lora_bytes": size, "base_model": spec.model}
-    else:
-        made = {"model": export.save(storage, pipe, out, folder)}
+    made = export.write_model(spec, storage, pipe, out, stage)
     return pipe, {**made, "exported_by": "final checkpoint", "dtype": "fp32", "seconds": 0.0}
 
 
