@@ -187,12 +187,90 @@ def stream_to(fs, target: str, obj, zipfile: bool, after=()) -> int:
     return store_file(fs, target, lambda out: torch.save(obj, _Bounded(out), _use_new_zipfile_serialization=zipfile))
 
 
+class DirectFile:
+    """A local file written around the page cache (O_DIRECT), through one page-aligned buffer.
+
+    A buffered write of a checkpoint costs the kernel's copy into the page cache, on the writing
+    thread's CPU: 2.2 GB took 0.7-3.8 s of system time here, time taken from the training steps on a
+    CPU-only machine; through this, 0.35 s (the copy into the buffer), the rest is the disk's DMA. The
+    last block is written padded, then the file is cut to its size."""
+
+    ALIGN = 4096  # a multiple of any logical block size; the buffer is page-aligned (mmap)
+
+    def __init__(self, path: str, buffer: int = 16 << 20):
+        import mmap
+
+        import numpy as np
+
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+        self._mmap = mmap.mmap(-1, buffer)
+        self._buf, self._fill, self._size = np.frombuffer(self._mmap, np.uint8), 0, 0
+
+    @classmethod
+    def open(cls, fs, path: str):
+        """One on a local `fs` that takes O_DIRECT, else None (tmpfs and some others refuse it)."""
+        import pyarrow.fs as pafs
+
+        if not isinstance(fs, pafs.LocalFileSystem) or not hasattr(os, "O_DIRECT"):
+            return None
+        try:
+            return cls(path)
+        except OSError:
+            return None
+
+    def write(self, data) -> int:
+        import numpy as np
+
+        src = np.frombuffer(data, np.uint8)  # numpy's copy drops the GIL: the training thread keeps it
+        done = 0
+        while done < len(src):
+            n = min(len(self._buf) - self._fill, len(src) - done)
+            self._buf[self._fill:self._fill + n] = src[done:done + n]
+            self._fill, done = self._fill + n, done + n
+            if self._fill == len(self._buf):
+                self._drain(self._fill)
+        self._size += len(src)
+        return len(src)
+
+    def _drain(self, n: int) -> None:
+        view, sent = memoryview(self._mmap), 0
+        while sent < n:
+            sent += os.write(self._fd, view[sent:n])
+        self._fill = 0
+
+    def tell(self) -> int:
+        return self._size
+
+    def flush(self) -> None:  # a partial block waits in the buffer: O_DIRECT writes whole ones
+        pass
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        try:
+            if self._fill:
+                self._drain(-(-self._fill // self.ALIGN) * self.ALIGN)
+                os.ftruncate(self._fd, self._size)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+            del self._buf
+            self._mmap.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def store_file(fs, target: str, write, attempts: int = 6) -> int:
     """`write(stream)` into `target` on `fs` with an explicit close (which raises), its stored size
-    checked against the bytes written; retried as a whole on a store error. Returns the bytes stored."""
+    checked against the bytes written; retried as a whole on a store error. Returns the bytes stored.
+    A local file is written around the page cache where the filesystem allows (DirectFile)."""
     def once() -> int:
         fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(target) as out:
+        with DirectFile.open(fs, target) or fs.open_output_stream(target) as out:
             write(out)
             size = out.tell()
         stored = fs.get_file_info(target).size
