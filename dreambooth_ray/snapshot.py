@@ -191,9 +191,10 @@ class DirectFile:
     """A local file written around the page cache (O_DIRECT), through one page-aligned buffer.
 
     A buffered write of a checkpoint costs the kernel's copy into the page cache, on the writing
-    thread's CPU: 2.2 GB took 0.7-3.8 s of system time here, time taken from the training steps on a
-    CPU-only machine; through this, 0.35 s (the copy into the buffer), the rest is the disk's DMA. The
-    last block is written padded, then the file is cut to its size."""
+    thread's CPU, which a CPU-only machine takes from the training steps: 2.16 GB took 0.9-6.3 s of it
+    here (median 1.9 s), through this 0.43-0.67 s (the copy into the buffer; the disk's DMA does the
+    rest; benchmarks/checkpoint_write.py). The last block is written padded, then the file is cut to
+    its size."""
 
     ALIGN = 4096  # a multiple of any logical block size; the buffer is page-aligned (mmap)
 
