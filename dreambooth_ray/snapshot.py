@@ -5,6 +5,7 @@ the copy before its optimizer update."""
 from __future__ import annotations
 
 import copy
+import errno
 import os
 import time
 import weakref
@@ -197,6 +198,7 @@ class DirectFile:
     its size."""
 
     ALIGN = 4096  # a multiple of any logical block size; the buffer is page-aligned (mmap)
+    refused = False  # a write was refused (EINVAL): this process writes buffered from then on
 
     def __init__(self, path: str, buffer: int = 16 << 20):
         import mmap
@@ -212,7 +214,7 @@ class DirectFile:
         """One on a local `fs` that takes O_DIRECT, else None (tmpfs and some others refuse it)."""
         import pyarrow.fs as pafs
 
-        if not isinstance(fs, pafs.LocalFileSystem) or not hasattr(os, "O_DIRECT"):
+        if cls.refused or not isinstance(fs, pafs.LocalFileSystem) or not hasattr(os, "O_DIRECT"):
             return None
         try:
             return cls(path)
@@ -234,9 +236,15 @@ class DirectFile:
         return len(src)
 
     def _drain(self, n: int) -> None:
-        view, sent = memoryview(self._mmap), 0
-        while sent < n:
-            sent += os.write(self._fd, view[sent:n])
+        sent = 0
+        try:
+            with memoryview(self._mmap) as view:  # released on an error too: close() unmaps the buffer
+                while sent < n:
+                    sent += os.write(self._fd, view[sent:n])
+        except OSError as e:
+            if e.errno == errno.EINVAL:  # a filesystem that opens O_DIRECT and refuses its writes:
+                type(self).refused = True  # store_file's retry writes the file buffered
+            raise
         self._fill = 0
 
     def tell(self) -> int:

@@ -76,3 +76,17 @@ def test_a_local_checkpoint_file_bypasses_the_page_cache(tmp_path):
     assert stored == os.path.getsize(target)
     back = torch.load(target)
     assert back["step"] == 7 and torch.equal(back["w"], state["w"])
+
+
+def test_a_filesystem_refusing_direct_writes_gets_the_file_buffered(tmp_path, monkeypatch):
+    direct_or_skip(str(tmp_path / "probe")).close()
+    # The kernel refuses an O_DIRECT write of a length that is no multiple of the block size (EINVAL),
+    # as a filesystem that opens O_DIRECT and cannot write it does.
+    monkeypatch.setattr(DirectFile, "ALIGN", 100)
+    monkeypatch.setattr(DirectFile, "refused", False)
+    state = {"w": torch.randn(1000)}
+    target = str(tmp_path / "shard.pt")
+    assert stream_to(pafs.LocalFileSystem(), target, state, zipfile=True) == os.path.getsize(target)
+    assert DirectFile.refused and DirectFile.open(pafs.LocalFileSystem(), str(tmp_path / "next")) is None
+    assert torch.equal(torch.load(target)["w"], state["w"])
+    assert resident_fraction(target) > 0.9  # written buffered, the second time
