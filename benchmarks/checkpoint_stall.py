@@ -33,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import record  # noqa: E402 (benchmarks/, beside this file)
+
 
 def big_unet_pipeline(channels: int, seed: int = 0):
     """The tiny pipeline with a UNet of SD1.5's block layout at `channels` base width (SD1.5: 320)."""
@@ -175,10 +177,7 @@ def main(argv=None) -> dict:
                                                                / runs["sync"]["lost_in_run_after_first_s"], 3),
         "checkpoint_bytes_each": runs["sync"]["bytes_checkpoints_kept"] // min(2, runs["sync"]["checkpoints"]),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
-    return result
+    return record.write(args.out, result)
 
 
 if __name__ == "__main__":

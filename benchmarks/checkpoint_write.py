@@ -28,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import record  # noqa: E402 (benchmarks/, beside this file)
+
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
@@ -69,10 +71,7 @@ def main(argv=None) -> dict:
     result = {"gb": args.gb, "cpus": os.cpu_count(), "runs": runs,
               "cpu_s_median": {w: cpu(w) for w in ways},
               "cpu_ratio_direct_over_buffered": round(cpu("direct") / cpu("buffered"), 3)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
-    return result
+    return record.write(args.out, result)
 
 
 if __name__ == "__main__":
