@@ -165,16 +165,20 @@ def main(argv=None) -> dict:
         r["lost_in_run_each_s"] = [round(d - clean[len(clean) // 2], 3) for d in after]
         r["lost_in_run_per_checkpoint_s"] = round(sum(r["lost_in_run_each_s"]) / len(after), 3)
         r["lost_in_run_after_first_s"] = round(sum(r["lost_in_run_each_s"][1:]) / max(len(after) - 1, 1), 3)
+    def ratio(a: float, b: float) -> float | None:
+        return round(a / b, 3) if b else None
+
     lost_sync, lost_async = runs["sync"]["lost_per_checkpoint_s"], runs["async"]["lost_per_checkpoint_s"]
     in_sync, in_async = runs["sync"]["lost_in_run_per_checkpoint_s"], runs["async"]["lost_in_run_per_checkpoint_s"]
     result = {
         "unet_parameters": params, "steps": args.steps, "checkpoint_every": args.every, "storage": "moto S3 on loopback" if args.s3 else "local folder",
         "cpus": os.cpu_count(), "runs": runs,
-        "stall_ratio_async_over_sync": round(asyn / sync, 3) if sync else None,
-        "lost_ratio_async_over_sync": round(lost_async / lost_sync, 3) if lost_sync else None,
-        "lost_in_run_ratio_async_over_sync": round(in_async / in_sync, 3),
-        "lost_in_run_after_first_ratio_async_over_sync": round(runs["async"]["lost_in_run_after_first_s"]
-                                                               / runs["sync"]["lost_in_run_after_first_s"], 3),
+        "stall_ratio_async_over_sync": ratio(asyn, sync),
+        "lost_ratio_async_over_sync": ratio(lost_async, lost_sync),
+        "lost_in_run_ratio_async_over_sync": ratio(in_async, in_sync),
+        # None with one checkpoint in the run's steps (the last step's is never followed by one).
+        "lost_in_run_after_first_ratio_async_over_sync": ratio(runs["async"]["lost_in_run_after_first_s"],
+                                                               runs["sync"]["lost_in_run_after_first_s"]),
         "checkpoint_bytes_each": runs["sync"]["bytes_checkpoints_kept"] // min(2, runs["sync"]["checkpoints"]),
     }
     return record.write(args.out, result)
