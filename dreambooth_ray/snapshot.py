@@ -1,15 +1,18 @@
 """An async checkpoint's host copy of a training engine's state, streamed to storage by a thread
-(checkpoint.py registers and verifies it). Free of Ray: the training step (engine.py) waits here for
-the copy before its optimizer update."""
+(checkpoint.py registers and verifies it), and the checked file writes both kinds of checkpoint use
+(`store_file`; on a local filesystem around the page cache). Free of Ray: the training step
+(engine.py) waits here for the copy before its optimizer update."""
 
 from __future__ import annotations
 
 import copy
 import errno
+import mmap
 import os
 import time
 import weakref
 
+import numpy as np
 import torch
 
 
@@ -201,10 +204,6 @@ class DirectFile:
     refused = False  # a write was refused (EINVAL): this process writes buffered from then on
 
     def __init__(self, path: str, buffer: int = 16 << 20):
-        import mmap
-
-        import numpy as np
-
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
         self._mmap = mmap.mmap(-1, buffer)
         self._buf, self._fill, self._size = np.frombuffer(self._mmap, np.uint8), 0, 0
@@ -222,8 +221,6 @@ class DirectFile:
             return None
 
     def write(self, data) -> int:
-        import numpy as np
-
         src = np.frombuffer(data, np.uint8)  # numpy's copy drops the GIL: the training thread keeps it
         done = 0
         while done < len(src):
