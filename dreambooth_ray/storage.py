@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import pyarrow.fs as pafs
 
 from .errors import UserError
 from .spec import S3Settings, check_name
@@ -145,8 +146,6 @@ class Storage:
         path = self.path(*parts)
         if self.protocol == "file":
             return path, None
-        import pyarrow.fs as pafs
-
         kwargs: dict[str, Any] = {}
         if self.s3 and self.s3.endpoint_url:
             scheme, _, host = self.s3.endpoint_url.partition("://")
@@ -155,7 +154,26 @@ class Storage:
             kwargs["region"] = self.s3.region
         # retry_strategy: transient 5xx/timeouts from the store are retried, not fatal.
         kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=8)
-        return path, pafs.S3FileSystem(**kwargs)
+        return path, S3(**kwargs)
+
+
+class S3(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem, pickled with the settings it was made with. pyarrow's own pickling
+    drops `retry_strategy`, and Ray pickles the run's filesystem to its controller and workers: there
+    Ray's own writes (its checkpoint manager's snapshot) got pyarrow's default 3 attempts, and one
+    throttled CompleteMultipartUpload failed a subject's run. The settings hold no credentials (those
+    come from each process's environment)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._settings = kwargs
+
+    def __reduce__(self):
+        return _s3, (self._settings,)
+
+
+def _s3(settings: dict) -> S3:
+    return S3(**settings)
 
 
 class StorageError(UserError, RuntimeError):
