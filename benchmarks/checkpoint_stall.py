@@ -165,6 +165,7 @@ def main(argv=None) -> dict:
         r["lost_in_run_each_s"] = [round(d - clean[len(clean) // 2], 3) for d in after]
         r["lost_in_run_per_checkpoint_s"] = round(sum(r["lost_in_run_each_s"]) / len(after), 3)
         r["lost_in_run_after_first_s"] = round(sum(r["lost_in_run_each_s"][1:]) / max(len(after) - 1, 1), 3)
+
     def ratio(a: float, b: float) -> float | None:
         return round(a / b, 3) if b else None
 
