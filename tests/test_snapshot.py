@@ -1,16 +1,18 @@
-"""Checkpoint files on a local filesystem are written around the page cache (snapshot.DirectFile)."""
+"""Checkpoint files on a local filesystem are written around the page cache (snapshot.DirectFile),
+large tensors straight from an async checkpoint's host buffers (placed for it by SnapshotWriter)."""
 
 import ctypes
 import mmap
 import os
 import sys
+import types
 
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
 import torch
 
-from dreambooth_ray.snapshot import DirectFile, stream_to
+from dreambooth_ray.snapshot import DirectFile, SnapshotWriter, stream_to
 
 
 def resident_fraction(path: str) -> float:
@@ -46,17 +48,96 @@ def direct_or_skip(path: str, **kw) -> DirectFile:
     return out
 
 
-def test_direct_file_stores_exactly_the_bytes_written(tmp_path):
-    # A small buffer: writes larger than it, ones that end mid-buffer, and a tail that is no whole block.
+@pytest.fixture
+def os_writes(monkeypatch):
+    """The memory each os.write call in this process sends from, as (address, length): the real call."""
+    sent, real = [], os.write
+
+    def write(fd, data):
+        with memoryview(data) as view:
+            sent.append((np.frombuffer(view, np.uint8).ctypes.data, view.nbytes))
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    return sent
+
+
+def sent_from(sent, address: int, nbytes: int) -> int:
+    """The bytes os.write sent straight from [address, address + nbytes)."""
+    return sum(n for a, n in sent if address <= a and a + n <= address + nbytes)
+
+
+def test_direct_file_stores_exactly_the_bytes_written(tmp_path, os_writes):
+    # A small buffer: writes larger than it, ones that end mid-buffer, a tail that is no whole block;
+    # large ones from memory whose address agrees with the file position (mod ALIGN), sent from there,
+    # and large ones from memory that does not, copied.
     rng = np.random.default_rng(0)
-    chunks = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in (1, 4095, 8192, 10000, 3, 20000, 777)]
+    regions = [mmap.mmap(-1, 8 << 20) for _ in range(2)]  # placed, not placed
+    bases = []
+    for region in regions:
+        memory = np.frombuffer(region, np.uint8)
+        memory[:] = rng.integers(0, 256, len(memory), dtype=np.uint8)
+        bases.append(memory.ctypes.data)  # page-aligned
+        del memory
+    small = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in (1, 4095, 8192, 10000, 3, 20000, 777)]
+    big = 3 << 19  # 1.5 MB, above DIRECT_FROM
     path = str(tmp_path / "f.bin")
+    expected, placed = [], []
     with direct_or_skip(path, buffer=8192) as out:
-        for c in chunks:
-            assert out.write(memoryview(c)) == len(c)
-        assert out.tell() == sum(map(len, chunks))
+        for i, c in enumerate(small):
+            for view in (memoryview(c), None):
+                if view is None:  # a large write after each small one, alternately placed and not
+                    at = out.tell() % DirectFile.ALIGN + (i % 3) * DirectFile.ALIGN + (i % 2) * 64
+                    view = memoryview(regions[i % 2])[at:at + big]
+                    if i % 2 == 0:
+                        placed.append((bases[0] + at, big))
+                assert out.write(view) == view.nbytes
+                expected.append(bytes(view))
+                view.release()
+        assert out.tell() == sum(map(len, expected))
     with open(path, "rb") as f:
-        assert f.read() == b"".join(chunks)
+        assert f.read() == b"".join(expected)
+    for address, n in placed:  # all but the blocks it shares with its neighbours
+        assert sent_from(os_writes, address, n) >= n - 2 * DirectFile.ALIGN
+    assert sent_from(os_writes, bases[1], 8 << 20) == 0
+    for region in regions:
+        region.close()
+
+
+def test_an_async_checkpoints_large_tensors_are_written_from_its_host_buffers(tmp_path, os_writes):
+    """SnapshotWriter places each large host buffer where its file position needs it, so the file is
+    written from the buffers themselves, not copied once more: at the first checkpoint, after the
+    pickled part grew (every position moved), and without moving buffers that are right already."""
+    direct_or_skip(str(tmp_path / "probe")).close()
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    local, store = tmp_path / "local", tmp_path / "store"
+    # Zip serialization, as DeepSpeed configures its engine by default.
+    inner = TorchCheckpointEngine(types.SimpleNamespace(checkpoint_config={"checkpoint_serialization": True}))
+    assert inner.zipfile_serialization
+    writes = SnapshotWriter()
+    live = {"w": torch.randn(1 << 20), "b": torch.randn(600_000).to(torch.bfloat16).view(1200, 500),
+            "bias": torch.randn(10), "step": 0, "note": ""}
+    addresses = []
+    for step, note in ((1, ""), (2, "x" * 1000), (3, "y" * 1000)):
+        live["step"], live["note"] = step, note
+        for t in ("w", "b", "bias"):
+            live[t].add_(1)
+        writes.begin(inner, str(local), str(store / str(step)), None)
+        os_writes.clear()
+        writes.save(live, str(local / "state.pt"))
+        writes.settle()
+        assert writes.waiter()() == (store / str(step) / "state.pt").stat().st_size
+        big = {k: b for k, b in writes._buffers.items() if b.nbytes >= DirectFile.DIRECT_FROM}
+        assert len(big) == 2
+        for b in big.values():
+            assert sent_from(os_writes, b.data_ptr(), b.nbytes) >= b.nbytes - 2 * DirectFile.ALIGN
+        addresses.append(sorted(b.data_ptr() for b in big.values()))
+        saved = torch.load(store / str(step) / "state.pt")
+        assert saved["step"] == step and saved["note"] == note
+        assert all(torch.equal(saved[t], live[t]) and saved[t].dtype == live[t].dtype for t in ("w", "b", "bias"))
+    assert addresses[2] == addresses[1] != addresses[0]  # moved once, when the layout changed
+    writes.close()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="mincore and O_DIRECT as Linux has them")
