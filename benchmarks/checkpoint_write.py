@@ -53,7 +53,9 @@ def main(argv=None) -> dict:
     n = int(args.gb * 1e9) // 4
     state = {f"flat_{i}": torch.randn(min(27 << 20, n - i * (27 << 20))) for i in range(-(-n // (27 << 20)))}
     placed = {k: torch.empty_like(v) for k, v in state.items()}
-    snapshot._fill(placed, True, [(placed[k], v) for k, v in state.items()])  # as the copier thread does
+    pairs = [(placed[k], v) for k, v in state.items()]
+    snapshot._place(placed, True, pairs)  # as SnapshotWriter.save does
+    snapshot._fill(pairs)
     assert all(torch.equal(placed[k], v) for k, v in state.items())
     local = pafs.LocalFileSystem()
     # The buffered baseline: the same pyarrow local stream, behind a filesystem DirectFile does not take.

@@ -64,11 +64,12 @@ class SnapshotWriter:
         target = f"{self._dest}/{os.path.relpath(path, self._local_root)}"
         pairs = []  # (host buffer, live tensor)
         host = self._plan(state_dict, os.path.basename(path), pairs)
+        _place(host, zipfile, pairs)  # here, not beside the next step: it holds the GIL, which the step needs
         if any(src.is_cuda for _, src in pairs):
             copied = None
-            _fill(host, zipfile, pairs)
+            _fill(pairs)
         else:
-            copied = self._copier.submit(_fill, host, zipfile, pairs)
+            copied = self._copier.submit(_fill, pairs)
             self._copies.append(copied)
         # The copy first: a write that fails on the marker must still not let the next checkpoint
         # refill buffers being copied into.
@@ -121,8 +122,7 @@ class SnapshotWriter:
         self._buffers.clear()
 
 
-def _fill(host, zipfile: bool, pairs) -> None:
-    _place(host, zipfile, pairs)
+def _fill(pairs) -> None:
     for buf, src in pairs:
         buf.copy_(src)
 
