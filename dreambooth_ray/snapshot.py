@@ -31,7 +31,8 @@ class SnapshotWriter:
 
     The buffers are kept and refilled at the next checkpoint, which first waits for this one's files:
     a copy into memory already mapped runs ~5x faster here than one into fresh pages (0.15 s against
-    0.84 s for 2.2 GB on 2 idle CPUs), at the cost of one checkpoint's worth of host memory."""
+    0.84 s for 2.2 GB on 2 idle CPUs), at the cost of one checkpoint's worth of host memory. For a
+    local file, large buffers move (once, to fresh pages) when their positions in it do (`_place`)."""
 
     def __init__(self):
         from concurrent.futures import ThreadPoolExecutor
@@ -64,7 +65,8 @@ class SnapshotWriter:
         target = f"{self._dest}/{os.path.relpath(path, self._local_root)}"
         pairs = []  # (host buffer, live tensor)
         host = self._plan(state_dict, os.path.basename(path), pairs)
-        _place(host, zipfile, pairs)  # here, not beside the next step: it holds the GIL, which the step needs
+        if DirectFile.takes(self._fs):  # here, not beside the next step: it holds the GIL, which the step needs
+            _place(host, zipfile, pairs)
         if any(src.is_cuda for _, src in pairs):
             copied = None
             _fill(pairs)
@@ -130,7 +132,7 @@ def _fill(pairs) -> None:
 def _place(host, zipfile: bool, pairs) -> None:
     """Moves each large host buffer of a CPU tensor to memory whose address is congruent to its data's
     position in the file (mod DirectFile.ALIGN), so that DirectFile writes it from there, not through
-    its own buffer (a copy of the whole checkpoint: ~0.3-0.5 s of CPU per 2.2 GB here, against ~0.01).
+    its own buffer (a copy of the whole checkpoint: 0.43 s of CPU per 2.16 GB here, against 0.07 s).
     The positions come from a save that writes no data (18 ms for a 135M UNet's 686 tensors), since
     they move whenever the pickled part's length changes. A moved buffer keeps its tensor object, so
     `host` and the kept buffers follow it. Not for torch's legacy format (DeepSpeed's engine without a
@@ -165,7 +167,7 @@ class _Layout:
 def _aligned_empty(shape, dtype, residue: int) -> torch.Tensor:
     """An empty CPU tensor at an address `residue` past a DirectFile.ALIGN boundary (its own mapping)."""
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    region = mmap.mmap(-1, nbytes + DirectFile.ALIGN)  # the tensor keeps it
+    region = mmap.mmap(-1, nbytes + DirectFile.ALIGN, flags=mmap.MAP_PRIVATE)  # the tensor keeps it
     return torch.frombuffer(region, dtype=torch.uint8, count=nbytes, offset=residue).view(dtype).view(shape)
 
 
@@ -240,9 +242,9 @@ class DirectFile:
 
     A buffered write of a checkpoint costs the kernel's copy into the page cache, on the writing
     thread's CPU, which a CPU-only machine takes from the training steps: 2.16 GB took 0.9-6.3 s of it
-    here (median 1.9 s), through the buffer 0.43-0.67 s (the copy into it; the disk's DMA does the
-    rest), from placed host buffers (SnapshotWriter) 0.07 s (benchmarks/checkpoint_write.py). The last
-    block is written padded, then the file is cut to its size."""
+    here (over three runs), through the buffer 0.26-0.67 s (the copy into it; the disk's DMA does the
+    rest), from placed host buffers (SnapshotWriter) 0.07-0.08 s (benchmarks/checkpoint_write.py). The
+    last block is written padded, then the file is cut to its size."""
 
     ALIGN = 4096  # a multiple of any logical block size; the buffer is page-aligned (mmap)
     DIRECT_FROM = 1 << 20  # smaller writes are copied: the blocks around a direct one are, anyway
@@ -250,15 +252,21 @@ class DirectFile:
 
     def __init__(self, path: str, buffer: int = 16 << 20):
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
-        self._mmap = mmap.mmap(-1, buffer)
+        self._mmap = mmap.mmap(-1, buffer, flags=mmap.MAP_PRIVATE)
         self._buf, self._fill, self._size = np.frombuffer(self._mmap, np.uint8), 0, 0
+
+    @classmethod
+    def takes(cls, fs) -> bool:
+        """Whether files on `fs` may be written direct (`open` still finds out whether its folder's filesystem
+        allows it)."""
+        import pyarrow.fs as pafs
+
+        return not cls.refused and isinstance(fs, pafs.LocalFileSystem) and hasattr(os, "O_DIRECT")
 
     @classmethod
     def open(cls, fs, path: str):
         """One on a local `fs` that takes O_DIRECT, else None (tmpfs and some others refuse it)."""
-        import pyarrow.fs as pafs
-
-        if cls.refused or not isinstance(fs, pafs.LocalFileSystem) or not hasattr(os, "O_DIRECT"):
+        if not cls.takes(fs):
             return None
         try:
             return cls(path)

@@ -48,6 +48,12 @@ def direct_or_skip(path: str, **kw) -> DirectFile:
     return out
 
 
+@pytest.fixture(autouse=True)
+def direct_writes_not_refused(monkeypatch):
+    # One test's refused write must not turn the next test's direct writes into skips.
+    monkeypatch.setattr(DirectFile, "refused", False)
+
+
 @pytest.fixture
 def os_writes(monkeypatch):
     """The memory each os.write call in this process sends from, as (address, length): the real call."""
@@ -171,3 +177,27 @@ def test_a_filesystem_refusing_direct_writes_gets_the_file_buffered(tmp_path, mo
     assert DirectFile.refused and DirectFile.open(pafs.LocalFileSystem(), str(tmp_path / "next")) is None
     assert resident_fraction(target) > 0.9  # written buffered, the second time (before a read caches it)
     assert torch.equal(torch.load(target)["w"], state["w"])
+
+
+def test_buffers_for_a_store_not_written_direct_stay_where_they_are(tmp_path):
+    """Placing buffers pays only for a direct local write: for any other store (S3 in production; here a
+    filesystem wrapper, which DirectFile does not take) a layout change moves nothing to fresh pages."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    (tmp_path / "store").mkdir()
+    fs = pafs.SubTreeFileSystem(str(tmp_path / "store"), pafs.LocalFileSystem())
+    inner = TorchCheckpointEngine(types.SimpleNamespace(checkpoint_config={"checkpoint_serialization": True}))
+    writes = SnapshotWriter()
+    live = {"w": torch.randn(1 << 20), "note": ""}
+    addresses = []
+    for step, note in ((1, ""), (2, "x" * 1000)):
+        live["note"] = note
+        writes.begin(inner, str(tmp_path / "local"), str(step), fs)
+        writes.save(live, str(tmp_path / "local" / "state.pt"))
+        writes.settle()
+        writes.waiter()()
+        addresses.append(writes._buffers["state.pt/w"].data_ptr())
+        saved = torch.load(tmp_path / "store" / str(step) / "state.pt")
+        assert saved["note"] == note and torch.equal(saved["w"], live["w"])
+    assert addresses[0] == addresses[1]
+    writes.close()
