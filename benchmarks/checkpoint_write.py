@@ -59,7 +59,8 @@ def main(argv=None) -> dict:
     assert all(torch.equal(placed[k], v) for k, v in state.items())
     local = pafs.LocalFileSystem()
     # The buffered baseline: the same pyarrow local stream, behind a filesystem DirectFile does not take.
-    ways = {"placed": (local, placed), "direct": (local, state), "buffered": (pafs.SubTreeFileSystem("/", local), state)}
+    ways = {"placed": (local, placed), "direct": (local, state),
+            "buffered": (pafs.SubTreeFileSystem("/", local), state)}
     runs = {k: [] for k in ways}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         if DirectFile.open(local, f"{tmp}/probe") is None:
