@@ -242,8 +242,8 @@ class DirectFile:
 
     A buffered write of a checkpoint costs the kernel's copy into the page cache, on the writing
     thread's CPU, which a CPU-only machine takes from the training steps: 2.16 GB took 0.9-6.3 s of it
-    here (over three runs), through the buffer 0.26-0.67 s (the copy into it; the disk's DMA does the
-    rest), from placed host buffers (SnapshotWriter) 0.07-0.08 s (benchmarks/checkpoint_write.py). The
+    here (over four runs), through the buffer 0.26-1.19 s (the copy into it; the disk's DMA does the
+    rest), from placed host buffers (SnapshotWriter) 0.07-0.09 s (benchmarks/checkpoint_write.py). The
     last block is written padded, then the file is cut to its size."""
 
     ALIGN = 4096  # a multiple of any logical block size; the buffer is page-aligned (mmap)
