@@ -162,6 +162,8 @@ def log_files() -> dict[str, list[str]]:
     ctx = ray.get_runtime_context()
     tag, found = f"-{ctx.get_job_id()}-", {}
     try:
+        if not _dashboard_address():
+            return {}  # no state API to ask: Ray's client would wait 40 s for one to register, each call
         for node in ray.nodes():
             if node.get("Alive"):
                 files = list_logs(address=ctx.gcs_address, node_id=node["NodeID"])
@@ -170,6 +172,16 @@ def log_files() -> dict[str, list[str]]:
     except Exception:  # noqa: BLE001 -- logs are a convenience: never fail a job over them
         return {}
     return found
+
+
+def _dashboard_address() -> str | None:
+    """Where the cluster's dashboard (which serves the state API) registered itself; None when it has
+    none (`--include-dashboard=false`, a head started without it). Asked once, without waiting."""
+    from ray._private import ray_constants
+    from ray.experimental import internal_kv
+
+    found = internal_kv._internal_kv_get(ray_constants.DASHBOARD_ADDRESS, namespace=ray_constants.KV_NAMESPACE_DASHBOARD)
+    return found.decode() if found else None
 
 
 def save_logs(storage, job: str, skip: dict[str, list[str]] | None = None) -> int:

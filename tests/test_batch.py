@@ -37,6 +37,9 @@ def test_batch_on_two_nodes_runs_concurrently_isolates_failures_and_resumes(ray_
     out = json.loads(line[0][len("RESULT "):])
     assert {n: s["status"] for n, s in out["subjects"].items()} == {"a": "done", "c": "done", "broken": "failed"}
     assert "at least 3" in out["subjects"]["broken"]["error"]
+    # No dashboard on this cluster, so no state API for the workers' logs: the job asks once and goes
+    # on (Ray's client alone would wait 40 s for one to register, before and after the job).
+    assert out["dashboard"] is None and out["logs"] == {} and out["logs_asked_s"] < 5, out
 
     summary = json.loads((store / "outputs" / "t" / "results.json").read_text())
     # Concurrency: the two training runs overlapped in time, each on its own worker node.
