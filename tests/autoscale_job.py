@@ -67,8 +67,9 @@ class SharedMachineAutoscalingCluster(AutoscalingCluster):
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
-        psutil.wait_procs(nodes, timeout=10)
         self.cluster.shutdown()
+        # After the head: until their parents go, the killed nodes are zombies that a wait sees running.
+        psutil.wait_procs(nodes, timeout=10)
         os.unlink(self._path)
 
 
