@@ -175,8 +175,8 @@ def log_files() -> dict[str, list[str]]:
 
 
 def _dashboard_address() -> str | None:
-    """Where the cluster's dashboard (which serves the state API) registered itself; None when it has
-    none (`--include-dashboard=false`, a head started without it). Asked once, without waiting."""
+    """Where the cluster's dashboard (which serves the state API) registered itself; None when none
+    did (it failed to start: its port taken, its packages missing). Asked once, without waiting."""
     from ray._private import ray_constants
     from ray.experimental import internal_kv
 
