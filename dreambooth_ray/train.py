@@ -132,6 +132,9 @@ def train_subject(config: dict, rank: int) -> dict:
         waited, eng.checkpoint_wait = eng.checkpoint_wait, 0.0  # a checkpoint's stall, paid inside the step
         timeline["steps"] -= waited
         timeline["checkpoint_stalls"] += waited
+        if done == start + 1:  # after the first optimizer step: Adam makes its state there
+            checkpoint.prepare(eng.ds, done, run_root, lora, cfg.checkpoint_upload)
+            phase("checkpoint_buffers")
         if rank == 0:
             history.add(metrics)
             if reporter:

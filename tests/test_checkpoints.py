@@ -92,7 +92,7 @@ def test_the_training_workers_export_the_trained_weights_under_zero3(ray_cluster
     assert min(t.values()) >= 0 and t["steps"] > 0 and t["model_load"] > 0
     summary = json.loads((store / "outputs" / "t" / "results.json").read_text())["subjects"][0]
     inside = sum(t[k] for k in ("worker_start", "photos_and_class_images", "model_load", "latent_cache_and_engine",
-                                "restore", "steps", "checkpoint_stalls", "validation_handover"))
+                                "restore", "checkpoint_buffers", "steps", "checkpoint_stalls", "validation_handover"))
     assert inside <= summary["train_end"] - summary["train_start"], (inside, summary)
     assert summary["timeline"] == t and "steps" in job.format_timeline(t)
 

@@ -200,3 +200,53 @@ def test_the_step_after_an_async_checkpoint_waits_for_its_copy(group, tiny_parts
         changed[name] = sum(not torch.equal(after[k], got[k]) for k in got)
     # The step did change the saved state (ZeRO-3's model file holds only placeholders and buffers).
     assert changed[next(n for n in files if "optim_states" in n)] > 0, changed
+
+
+def test_the_planned_checkpoint_buffers_are_the_ones_the_first_checkpoint_fills(group, tiny_parts, tmp_path):
+    """checkpoint.prepare saves the engine's state through the async writer without copying anything:
+    the first real checkpoint then allocates no buffer (it fills the planned ones) and stores the live
+    state; a lane's next subject (a new engine, after `release`) plans into the same memory; and a plan
+    for another model's state (LoRA's) frees what it does not use."""
+    from dreambooth_ray import checkpoint, snapshot
+
+    def buffers(eng):
+        return {k: b.data_ptr() for k, b in snapshot.writer_for(eng.ds)._buffers.items()}
+
+    store = tmp_path / "store"
+    eng = _build(tiny_parts, 1.0)
+    eng.step(0)
+    checkpoint.prepare(eng.ds, 1, (str(store), None))
+    planned = buffers(eng)
+    assert not store.exists()  # planned, not written
+    writer = snapshot.writer_for(eng.ds)  # the first checkpoint, driven as checkpoint.save drives it
+    writer.begin(eng.ds.checkpoint_engine, str(tmp_path / "local"), str(store / "step-1"), None)
+    eng.ds.checkpoint_engine = writer
+    checkpoint._save_state(eng.ds, str(tmp_path / "local"), 1, False)
+    eng.ds.checkpoint_engine = writer.inner
+    writer.settle()
+    assert writer.waiter()() > 0
+    assert buffers(eng) == planned
+    stored, live = checkpoint.consolidated_state_dict(str(store / "step-1")), eng.ds.module.state_dict()
+    assert stored and all(torch.equal(v, live[k]) for k, v in stored.items())
+
+    snapshot.release(eng.ds)
+    nxt = _build(tiny_parts, 1.0)
+    nxt.step(0)  # Adam's state exists after it
+    checkpoint.prepare(nxt.ds, 0, (str(store), None))
+    assert buffers(nxt) == planned
+    size = lambda eng: sum(b.nbytes for b in snapshot.writer_for(eng.ds)._buffers.values())  # noqa: E731
+    full = size(nxt)
+    snapshot.release(nxt.ds)
+    lora = _build(tiny_parts, 1.0, method="lora")
+    lora.step(0)
+    checkpoint.prepare(lora.ds, 0, (str(store), None), lora=True)
+    kept = {k: b.nbytes for k, b in snapshot.writer_for(lora.ds)._buffers.items()}
+    snapshot.release(lora.ds)
+    snapshot._kept.clear()  # the same plan from nothing: what LoRA's state alone needs
+    alone = _build(tiny_parts, 1.0, method="lora")
+    alone.step(0)
+    checkpoint.prepare(alone.ds, 0, (str(store), None), lora=True)
+    assert kept == {k: b.nbytes for k, b in snapshot.writer_for(alone.ds)._buffers.items()}
+    assert sum(kept.values()) < full / 10  # measured: 0.16 MB against 12.7 MB
+    snapshot.release(alone.ds)
+    snapshot._kept.clear()

@@ -38,6 +38,17 @@ def resident_fraction(path: str) -> float:
     return sum(v & 1 for v in vec) / pages
 
 
+def resident_memory(t: torch.Tensor) -> float:
+    """The share of a CPU tensor's pages that are mapped (mincore), read without touching them."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    start = t.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+    size = t.data_ptr() + t.nbytes - start
+    vec = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
+    assert libc.mincore(ctypes.c_void_p(start), size, vec) == 0, ctypes.get_errno()
+    return sum(v & 1 for v in vec) / len(vec)
+
+
 def direct_or_skip(path: str, **kw) -> DirectFile:
     out = DirectFile.open(pafs.LocalFileSystem(), path)
     if out is None:
@@ -200,4 +211,37 @@ def test_buffers_for_a_store_not_written_direct_stay_where_they_are(tmp_path):
         saved = torch.load(tmp_path / "store" / str(step) / "state.pt")
         assert saved["note"] == note and torch.equal(saved["w"], live["w"])
     assert addresses[0] == addresses[1]
+    writes.close()
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["local-direct", "other-store"])
+def test_a_planned_checkpoint_maps_its_buffers_and_the_checkpoint_fills_them_in_place(tmp_path, direct):
+    """A plan (`begin(dest=None)`) allocates the host buffers, placed for a direct write where it is one,
+    and maps their pages, writing nothing; the checkpoint after it copies into those same buffers."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    if direct:
+        direct_or_skip(str(tmp_path / "probe")).close()
+    (tmp_path / "store").mkdir()
+    fs = pafs.LocalFileSystem() if direct else pafs.SubTreeFileSystem(str(tmp_path / "store"), pafs.LocalFileSystem())
+    dest = str(tmp_path / "store" / "1") if direct else "1"
+    inner = TorchCheckpointEngine(types.SimpleNamespace(checkpoint_config={"checkpoint_serialization": True}))
+    # 64 MB each: above glibc's largest mmap threshold, so each buffer is memory never touched before.
+    live = {"w": torch.randn(16 << 20), "m": torch.randn(16 << 20).to(torch.bfloat16).view(4096, -1), "step": 3}
+    writes = SnapshotWriter()
+    writes.begin(inner, str(tmp_path / "local"), None, fs)
+    writes.save(live, str(tmp_path / "local" / "state.pt"))
+    writes.end_plan()
+    planned = {k: (b.data_ptr(), resident_memory(b)) for k, b in writes._buffers.items()}
+    assert sorted(planned) == ["state.pt/m", "state.pt/w"]
+    assert all(mapped == 1.0 for _, mapped in planned.values()), planned  # without the plan: 0.0
+    assert not any((tmp_path / "store").iterdir()) and not (tmp_path / "local").exists()
+
+    writes.begin(inner, str(tmp_path / "local"), dest, fs)
+    writes.save(live, str(tmp_path / "local" / "state.pt"))
+    writes.settle()
+    assert writes.waiter()() == (tmp_path / "store" / "1" / "state.pt").stat().st_size
+    assert {k: b.data_ptr() for k, b in writes._buffers.items()} == {k: p for k, (p, _) in planned.items()}
+    saved = torch.load(tmp_path / "store" / "1" / "state.pt")
+    assert saved["step"] == 3 and all(torch.equal(saved[k], live[k]) for k in ("w", "m"))
     writes.close()
