@@ -170,7 +170,7 @@ def main(argv=None) -> dict:
                                             - runs["sync"]["steps_s"]) / r["checkpoints"], 3)
         # The same within one run, free of run-to-run drift: the step after a checkpoint (its stall and
         # the write beside it) against the run's median step that follows none.
-        # The first checkpoint also allocates the kept host buffers; later ones refill them.
+        # The host buffers are allocated after step 1 (checkpoint_buffers_s, counted once per run).
         after = [d for k, d in enumerate(r["step_s_from_2"], start=2) if (k - 1) % args.every == 0]
         clean = sorted(d for k, d in enumerate(r["step_s_from_2"], start=2) if (k - 1) % args.every)
         r["lost_in_run_each_s"] = [round(d - clean[len(clean) // 2], 3) for d in after]
