@@ -220,9 +220,7 @@ def test_the_planned_checkpoint_buffers_are_the_ones_the_first_checkpoint_fills(
     assert not store.exists()  # planned, not written
     writer = snapshot.writer_for(eng.ds)  # the first checkpoint, driven as checkpoint.save drives it
     writer.begin(eng.ds.checkpoint_engine, str(tmp_path / "local"), str(store / "step-1"), None)
-    eng.ds.checkpoint_engine = writer
-    checkpoint._save_state(eng.ds, str(tmp_path / "local"), 1, False)
-    eng.ds.checkpoint_engine = writer.inner
+    checkpoint._save_state(eng.ds, str(tmp_path / "local"), 1, False, writer)
     writer.settle()
     assert writer.waiter()() > 0
     assert buffers(eng) == planned
