@@ -139,10 +139,16 @@ class FlowConfig(_Strict):
     guidance: float = Field(3.5, ge=0.0, description="the embedded guidance a guidance-distilled Flux trains at")
 
 
+# The standard recipes' learning rates (diffusers' DreamBooth scripts): full fine-tuning moves every
+# weight a little; a low-rank adapter starts at (near) zero and needs ~20x more to move in a few hundred
+# steps (diffusers' LoRA recipes use 1e-4 for SD, SDXL, SD3 and Flux alike).
+DEFAULT_LEARNING_RATE = {"full": 5e-6, "lora": 1e-4}
+
+
 class TrainConfig(_Strict):
     resolution: int = Field(512, ge=8, le=4096)
     steps: int = Field(400, ge=1)
-    learning_rate: float = Field(5e-6, gt=0.0, le=1.0)
+    learning_rate: float = Field(5e-6, gt=0.0, le=1.0, description="default: 5e-6 (full), 1e-4 (lora)")
     lr_warmup_steps: int = Field(0, ge=0)
     batch_size: int = Field(1, ge=1, description="instance images per worker per micro-step")
     gradient_accumulation: int = Field(1, ge=1)
@@ -165,7 +171,9 @@ class TrainConfig(_Strict):
     method: Literal["full", "lora"] = "full"
     lora: LoraConfig = LoraConfig()
     flow: FlowConfig = FlowConfig()
-    random_flip: bool = True
+    # Off, as in diffusers' recipes: a mirrored subject (text, a logo, a watch on the other wrist) is
+    # another subject.
+    random_flip: bool = False
     seed: int = 0
     # GPU kernels (cuBLAS split-K, attention backward, atomics) are not bit-reproducible run to run:
     # measured on an H100, two identical runs differ by ~2e-3 after 4 steps, so a resumed run cannot
@@ -176,6 +184,15 @@ class TrainConfig(_Strict):
     attention: Literal["sdpa", "classic"] = "sdpa"
     channels_last: bool = False  # measured: no gain on an H100 at batch 1+1 (see benchmarks/results)
     compile: bool = Field(False, description="torch.compile the UNet (pays off for long runs on GPUs)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_learning_rate(cls, data):
+        # Filled in, not left None: job.json, the run's identity and the console show the rate used.
+        if isinstance(data, dict) and data.get("learning_rate") is None:
+            method = data.get("method", "full")
+            data = {**data, "learning_rate": DEFAULT_LEARNING_RATE.get(method, DEFAULT_LEARNING_RATE["full"])}
+        return data
 
     @model_validator(mode="after")
     def _lora_trains_adapters_only(self):

@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 
 TINY_VERSION = "tiny-v1"
-TINY_SR_VERSION = "tiny-sr-v2"
+TINY_SR_VERSION = "tiny-sr-v3"  # v3: T5 tokenizer, as IF stage II ships
 TINY_X4_VERSION = "tiny-x4-v1"
-TINY_IF_VERSION = "tiny-if-v1"
+TINY_IF_VERSION = "tiny-if-v2"  # v2: T5 tokenizer, as IF stage I ships
 TINY_SDXL_VERSION = "tiny-sdxl-v1"
 TINY_SD3_VERSION = "tiny-sd3-v1"
 TINY_FLUX_VERSION = "tiny-flux-v1"
@@ -112,15 +112,15 @@ def build_pipeline(seed: int = 0):
 
 
 def _if_text(seed: int):
-    """IF's text side, tiny: the tiny CLIP tokenizer (IF ships T5's) and a tiny T5 encoder."""
+    """IF's text side, tiny: a T5 tokenizer (sentencepiece-style, as IF ships) and a tiny T5 encoder."""
     import tempfile
 
     import torch
-    from transformers import CLIPTokenizer, T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer(Path(tmp))
-        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+        write_t5_tokenizer(Path(tmp), seed)
+        tokenizer = T5Tokenizer.from_pretrained(tmp)
     torch.manual_seed(seed)
     return tokenizer, T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2,
                                               num_heads=4, pad_token_id=tokenizer.pad_token_id))
@@ -156,7 +156,7 @@ def build_sr_pipeline(seed: int = 0, out_resolution: int = 128):
 
     The UNet takes [noisy image; upsampled low-res image] (6 channels) and the low-res image's
     noise-augmentation level as a timestep-embedded class label; it predicts noise and variance.
-    The tokenizer is the tiny CLIP one (IF ships T5's); the text encoder is a tiny T5 encoder.
+    Its text side is a tiny T5 tokenizer and encoder, as IF's.
     """
     import torch
     from diffusers import IFSuperResolutionPipeline, UNet2DConditionModel

@@ -47,3 +47,25 @@ def test_lora_targets_default_to_the_familys(tmp_path, toy_images):
     spec["train"]["lora"]["text_encoder_modules"] = ["q_proj"]
     with pytest.raises(preflight.PreflightError, match="target module 'q_proj' is not in this model"):
         preflight.check(parse_spec(spec), Storage(str(tmp_path / "s")))
+
+
+@pytest.mark.parametrize("ref,role", [("tiny-if", "base"), ("tiny-sr", "sr")])
+def test_if_trains_on_the_prompt_states_its_pipeline_renders_with(ref, role):
+    """IF's tokenizer is T5's (model_index.json names it): "a sks dog" is three pieces, not the
+    `<unk> s k <unk> d o <unk>` a CLIPTokenizer makes of T5's files, and training's frozen prompt
+    states equal IFPipeline.encode_prompt's (77 tokens with the padding mask, not T5's 512)."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    path = models.resolve(ref)
+    assert DiffusionPipeline.load_config(path)["tokenizer"][1] == "T5Tokenizer"  # the built-in ships IF's kind
+    parts = models.load_sr_components(ref) if role == "sr" else models.load_components(ref)
+    fam = parts["family"]
+    assert parts["tokenizer"].tokenize("a sks dog") == ["\u2581a", "\u2581sks", "\u2581dog"]
+    prompts = ["a sks dog", "a dog on the beach"]
+    inputs = fam.prompt_inputs(parts, prompts)
+    assert inputs["input_ids"].shape == (2, 77) and inputs["attention_mask"][0].sum() == 4  # 3 pieces + </s>
+    ours = fam.encode_frozen(fam.encoders(parts), inputs, torch.device("cpu"))["encoder_hidden_states"]
+    pipe = models.load_pipeline(ref, torch_dtype=torch.float32)
+    theirs, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device="cpu", clean_caption=False)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -92,3 +93,22 @@ def test_cli_reports_spec_errors_without_a_traceback(tmp_path):
     assert p.returncode == 2
     assert "train.steps" in p.stderr and "train.stepz: unknown field" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_defaults_follow_the_standard_recipe():
+    """LoRA learns at its own rate (diffusers' LoRA recipes: 1e-4; at full fine-tuning's 5e-6 a rank-4
+    adapter barely moves), a rate the spec gives is kept, and subjects are not mirrored by default."""
+    from dreambooth_ray.spec import TrainConfig
+
+    def train(**t):
+        data = tiny_spec("/tmp/x", "/tmp/y")
+        data["train"].pop("learning_rate")
+        data["train"].update(t)
+        return parse_spec(data).train
+
+    assert train(method="lora").learning_rate == 1e-4 and train().learning_rate == 5e-6
+    assert train(method="lora", learning_rate=3e-5).learning_rate == 3e-5
+    assert train().random_flip is False
+    assert TrainConfig(method="lora").learning_rate == 1e-4 and TrainConfig().learning_rate == 5e-6
+    # job.json records the spec: the rate used is stated there
+    assert json.loads(TrainConfig(method="lora").model_dump_json())["learning_rate"] == 1e-4

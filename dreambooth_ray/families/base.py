@@ -45,6 +45,7 @@ class Family:
     text_encoders: tuple[str, ...] = ("text_encoder",)  # pipeline attribute names, in order
     tokenizers: tuple[str, ...] = ("tokenizer",)
     reads_text_mask = False  # the text encoder reads the padding mask (T5), else none is given (CLIP)
+    text_length: int | None = None  # tokens a prompt is padded to, as the pipeline does (None: the tokenizer's)
     added_conditioning: tuple = (None, "text")  # UNet addition_embed_type values this family drives
     prompt_keys = ("input_ids", "attention_mask")
     row_key: str | None = None  # the denoiser argument that row_conditioning feeds  # what prompt_inputs returns (consumed by encode)
@@ -84,12 +85,18 @@ class Family:
         return cls.from_pretrained(path, subfolder=name)
 
     def _tokenizer(self, path: str, name: str = "tokenizer"):
-        from transformers import AutoTokenizer, CLIPTokenizer
+        """The tokenizer class model_index.json names (as the pipeline loads it), else AutoTokenizer's
+        pick. Never a guess by trial: CLIPTokenizer reads a T5 folder without error, into garbage
+        (IF's "a sks dog" became `<unk> s k <unk> d o <unk>`)."""
+        import transformers
+        from diffusers import DiffusionPipeline
 
         try:
-            return CLIPTokenizer.from_pretrained(path, subfolder=name)
-        except (OSError, TypeError, ValueError):
-            return AutoTokenizer.from_pretrained(path, subfolder=name)
+            entry = DiffusionPipeline.load_config(path).get(name)
+        except (OSError, ValueError):
+            entry = None
+        cls = getattr(transformers, entry[1], None) if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
+        return (cls or transformers.AutoTokenizer).from_pretrained(path, subfolder=name)
 
     def tokenizer(self, path: str):
         """The tokenizer `identifier: auto` picks a rare token from."""
@@ -136,9 +143,11 @@ class Family:
 
     # ---- prompts --------------------------------------------------------------------------------
 
-    @staticmethod
-    def token_ids(tok, prompts: list[str]):
-        t = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    def token_ids(self, tok, prompts: list[str]):
+        """Ids and mask as the family's pipeline encodes prompts: padded to `text_length` (IF: 77 of
+        T5's 512), else to the tokenizer's own length (CLIP's 77)."""
+        length = self.text_length or tok.model_max_length
+        t = tok(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
         return t.input_ids, t.attention_mask
 
     def prompt_inputs(self, parts: dict, prompts: list[str]) -> dict:

@@ -14,6 +14,7 @@ class IFStageI(Family):
     pipeline = "IFPipeline"
     latent = False
     reads_text_mask = True
+    text_length = 77  # IFPipeline.encode_prompt's, not T5's model_max_length (512)
     text_encoder_lora_targets = ("q", "k", "v", "o")  # T5's attention projections
 
 
@@ -23,6 +24,7 @@ class IFStageII(SRFamily):
     pipeline = "IFSuperResolutionPipeline"
     latent = False
     reads_text_mask = True
+    text_length = 77  # IFSuperResolutionPipeline.encode_prompt's
     layout = "if"
     noising_scheduler = "image_noising_scheduler"
 
