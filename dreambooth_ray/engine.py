@@ -27,6 +27,22 @@ def autocast_dtype(cfg: TrainConfig) -> torch.dtype | None:
     return torch.bfloat16 if cfg.mixed_precision == "bf16" else None
 
 
+def frozen_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The dtype frozen weights are kept in, as diffusers casts its frozen parts to the weight dtype:
+    bf16 in the bf16 modes (under autocast an fp32 frozen weight is cast again at every use, and each
+    bf16 copy stays alive until backward). fp32 otherwise: fp16 overflows T5, and DeepSpeed's fp16
+    engine casts what it trains itself."""
+    return torch.bfloat16 if cfg.mixed_precision in ("bf16", "bf16-weights") else torch.float32
+
+
+def freeze_to(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast a module's frozen parameters (LoRA's base) to `dtype`; its trainable ones (the adapters)
+    keep their fp32 master copy."""
+    for p in module.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(dtype)
+
+
 class DreamBoothModel(torch.nn.Module):
     """What DeepSpeed trains: the denoiser (a UNet or a transformer), and the text encoder(s) when they
     are trained too. The family (families/) runs them: `forward(noisy, t, **conditioning)` is
@@ -278,6 +294,9 @@ class Engine:
         cfg, sums = self.cfg, torch.zeros(3, device=self.ds.device)
         for micro in range(cfg.gradient_accumulation):
             g = step_generator(cfg.seed, step, micro, rank)
+            # Dropout (T5's, when it trains) draws from the global generator: seeded per step, a resumed
+            # run draws what the uninterrupted one drew.
+            torch.manual_seed(g.initial_seed())
             if getattr(self.data, "row_cond", None) is not None:  # per-photo conditioning (SDXL's time ids)
                 rows, n_inst, cond = self.data.batch(cfg.batch_size, g, with_cond=True)
                 loss, inst, prior = self.loss(self.ds, rows, n_inst, g, cond)
@@ -344,15 +363,21 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
     inputs = family.prompt_inputs(parts, prompts)
     encoders = family.encoders(parts)
     lora = cfg.method == "lora"
-    if cfg.train_text_encoder or (lora and cfg.lora.text_encoder):
-        for name in family.trainable_encoders:  # hub encoders may be stored in 16 bits; they train in fp32
-            parts[name].float()
+    trained = set(family.trainable_encoders) if cfg.train_text_encoder or (lora and cfg.lora.text_encoder) else set()
+    for name, te in encoders.items():
+        # Hub encoders may be stored in 16 bits: trained ones train in fp32. Modes as in training:
+        # from_pretrained returns eval mode, which would switch off a trained T5's dropout.
+        te.float().train() if name in trained else te.to(frozen_dtype(cfg)).eval()
     if lora:
         family.add_lora(parts, cfg)
-    denoiser = parts[family.denoiser]
+    denoiser = parts[family.denoiser].train()
+    if lora and cfg.mixed_precision == "bf16":  # bf16-weights/fp16: DeepSpeed casts the whole module
+        freeze_to(denoiser, torch.bfloat16)
+        for name in trained:
+            freeze_to(encoders[name], torch.bfloat16)
     configure_denoiser(denoiser, cfg, family)
     step_kw.update(family.fixed_conditioning(cfg, denoiser))
-    if cfg.train_text_encoder or (lora and cfg.lora.text_encoder):
+    if trained:
         model = DreamBoothModel(denoiser, family=family, **{n: encoders[n] for n in family.trainable_encoders})
         step_kw.update(family.trained_inputs(parts, inputs, device))
     else:

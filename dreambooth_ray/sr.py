@@ -126,9 +126,11 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
     # The family encodes the prompts: IF's T5 sees the attention mask; the x4 upscaler's CLIP gets none.
     family = family or (families.X4 if kind == "x4" else families.IF_STAGE_II)
     prompts = [instance_text] * cfg.batch_size + ([class_text] * cfg.batch_size if data.with_prior else [])
-    states = family.encode_frozen(family.encoders(parts), family.prompt_inputs(parts, prompts),
+    encoders = {n: te.to(engine.frozen_dtype(cfg)).eval() for n, te in family.encoders(parts).items()}
+    states = family.encode_frozen(encoders, family.prompt_inputs(parts, prompts),
                                   device)["encoder_hidden_states"].to(dtype)
     scaling = parts["vae"].config.scaling_factor if kind == "x4" else 1.0
+    parts["unet"].train()
     engine.configure_denoiser(parts["unet"], cfg, family)
     model = engine.DreamBoothModel(parts["unet"], family=family)
     noise_s, noising_s = parts["noise_scheduler"], parts["image_noising_scheduler"]

@@ -248,3 +248,41 @@ def test_the_planned_checkpoint_buffers_are_the_ones_the_first_checkpoint_fills(
     assert sum(kept.values()) < full / 10  # measured: 0.16 MB against 12.7 MB
     snapshot.release(alone.ds)
     snapshot._kept.clear()
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_lora_under_bf16_keeps_its_frozen_base_in_bf16_and_its_adapters_in_fp32(group, tiny_parts, zero_stage):
+    """As diffusers casts its frozen parts to the weight dtype: with `mixed_precision: bf16` a LoRA run's
+    frozen base is bf16 (not an fp32 copy that autocast casts again at every use), the adapters keep
+    fp32 master weights, and they train."""
+    eng = _build(tiny_parts, 1.0, method="lora", mixed_precision="bf16", zero_stage=zero_stage,
+                 lora={"rank": 4, "text_encoder": True})
+    model = eng.ds.module
+    for part in (model.unet, model.text_encoder):
+        frozen = {p.dtype for p in part.parameters() if not p.requires_grad}
+        trained = {p.dtype for p in part.parameters() if p.requires_grad}
+        assert frozen == {torch.bfloat16} and trained == {torch.float32}, (frozen, trained)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n}
+    for _ in range(2):
+        eng.step(0)
+    moved = [n for n, p in model.named_parameters() if n in before and not torch.equal(p.detach(), before[n])]
+    assert len(moved) == len(before) > 0  # every adapter's B (zero-initialised nowhere: gaussian init) moved
+
+
+def test_trained_text_encoders_train_in_train_mode_and_frozen_ones_stay_in_eval(group):
+    """from_pretrained returns eval mode: a trained T5 (IF) would train with its dropout off. Trained
+    modules are in train mode, frozen ones in eval; dropout draws are seeded per step."""
+    parts = models.load_components("tiny-if")
+    assert parts["text_encoder"].config.dropout_rate > 0
+    cfg = TrainConfig(resolution=32, mixed_precision="fp32", zero_stage=2, learning_rate=1e-3, train_text_encoder=True)
+    photo = [Image.new("RGB", (32, 32), (200, 40, 40))]
+    eng = engine.build(copy.deepcopy(parts), photo, [], "a sks toy", "a toy", cfg, 1.0, CPU)
+    assert all(m.training for m in eng.ds.module.modules())
+    again = engine.build(copy.deepcopy(parts), photo, [], "a sks toy", "a toy", cfg, 1.0, CPU)
+    assert eng.step(3).tolist() == again.step(3).tolist()  # the same step draws the same dropout
+    held = copy.deepcopy(parts)
+    held["text_encoder"].train()  # whatever mode it arrives in, a frozen encoder computes in eval
+    frozen = engine.build(held, photo, [], "a sks toy", "a toy",
+                          cfg.model_copy(update={"train_text_encoder": False}), 1.0, CPU)
+    assert frozen.ds.module.unet.training
+    assert not any(m.training for m in held["text_encoder"].modules())
