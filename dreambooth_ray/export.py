@@ -110,6 +110,15 @@ def gathered_state_dict(module, rank: int, dtype=None, keep=lambda k: True, chun
     return out
 
 
+def export_dtype(spec: JobSpec, stage: str = "base") -> str:
+    """`train.export_dtype`, or the stage's family's default (fp16; bf16 for SD3 and Flux)."""
+    chosen = spec.stage_train(stage).export_dtype
+    if chosen:
+        return chosen
+    ref, role = (spec.model, "base") if stage == "base" else (spec.sr.model, "sr")
+    return models.family(ref, spec.s3, role=role).export_dtype
+
+
 # Where each stage's exported model and its record go, under the subject's outputs.
 FOLDERS = {"base": ("model", "export.json"), "sr": ("sr", "sr_export.json")}
 
@@ -128,15 +137,16 @@ def from_engine(ds, spec: JobSpec, storage: Storage, out: tuple[str, ...], run: 
     import time
 
     cfg, t0 = spec.stage_train(stage), time.perf_counter()
-    if cfg.export_dtype == "fp32" and cfg.mixed_precision in ("bf16-weights", "fp16"):
+    name = export_dtype(spec, stage)
+    if name == "fp32" and cfg.mixed_precision in ("bf16-weights", "fp16"):
         return None
-    dtype = EXPORT_DTYPES[cfg.export_dtype]
+    dtype = EXPORT_DTYPES[name]
     written = io_counts()[0]
     sd = live_state_dict(ds, cfg, rank, dtype)
     if rank != 0:
         return None
     pipe = pipeline_with(spec, sd, stage, dtype=dtype)
-    record = {"run": run, "dtype": cfg.export_dtype, "timeline": timeline or {},
+    record = {"run": run, "dtype": name, "timeline": timeline or {},
               **write_model(spec, storage, pipe, out, stage)}
     record["seconds"] = round(time.perf_counter() - t0, 3)
     record["timeline"]["bytes_written"] = record["timeline"].get("bytes_written", 0) + io_counts()[0] - written
@@ -182,8 +192,24 @@ def save(storage: Storage, pipe, out: tuple[str, ...], folder: str = "model") ->
     """Write `<out>/<folder>` in diffusers format; returns its URL."""
     with tempfile.TemporaryDirectory() as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        load_in_one_precision(Path(tmp))
         storage.put_dir(tmp, *out, folder)
     return storage.url(*out, folder)
+
+
+def load_in_one_precision(folder: Path) -> None:
+    """A plain `DiffusionPipeline.from_pretrained(folder)` of a 16-bit export loads every part in fp32.
+
+    diffusers loads its models (UNet, VAE, transformer) in fp32 unless told otherwise, but transformers 5
+    loads a text encoder in the dtype its config.json records: a 16-bit encoder beside an fp32 UNet,
+    which fails at the first CPU matmul. The files stay 16-bit; the encoders' configs say fp32, as
+    diffusers' own models imply, so `torch_dtype=` still picks one precision for all of them."""
+    for config in folder.glob("*/config.json"):
+        data = json.loads(config.read_text())
+        for key in ("dtype", "torch_dtype"):
+            if data.get(key) in ("float16", "bfloat16"):
+                data[key] = "float32"
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_record(spec: JobSpec, storage: Storage, out: tuple[str, ...], record: dict) -> None:

@@ -164,8 +164,9 @@ class TrainConfig(_Strict):
     checkpoint_upload: Literal["async", "sync"] = "async"
     keep_checkpoints: int = Field(2, ge=1)
     # The exported model's precision: written by the training workers at the last step (fp32 of a
-    # bf16-weights/fp16 run comes from the final checkpoint instead).
-    export_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    # bf16-weights/fp16 run comes from the final checkpoint instead). Default: the family's (fp16; bf16
+    # for SD3 and Flux, whose activations overflow fp16).
+    export_dtype: Optional[Literal["fp16", "bf16", "fp32"]] = None
     max_failures: int = Field(2, ge=0)
     train_text_encoder: bool = False
     method: Literal["full", "lora"] = "full"

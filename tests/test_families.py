@@ -2,6 +2,7 @@
 across processes), unsupported ones refused with the supported list, LoRA defaults per family."""
 
 import copy
+from pathlib import Path
 import pickle
 
 import pytest
@@ -69,3 +70,36 @@ def test_if_trains_on_the_prompt_states_its_pipeline_renders_with(ref, role):
     pipe = models.load_pipeline(ref, torch_dtype=torch.float32)
     theirs, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device="cpu", clean_caption=False)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_export_precision_defaults_to_the_familys_and_a_16_bit_export_loads_plainly(tmp_path):
+    """fp16 for the UNet families, bf16 for SD3 and Flux (fp16 overflows their activations); a spec's
+    choice wins. A 16-bit export keeps 16-bit files, and `DiffusionPipeline.from_pretrained(path)` with
+    no dtype renders on a CPU (every part fp32: transformers would otherwise keep the encoder at 16 bits
+    beside diffusers' fp32 UNet, and the first matmul fails)."""
+    import safetensors.torch
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from dreambooth_ray import export
+
+    def spec(model, **train):
+        return parse_spec(tiny_spec(str(tmp_path / "s"), str(tmp_path), model=model, train=train))
+
+    assert {m: export.export_dtype(spec(m)) for m in ("tiny", "tiny-sdxl", "tiny-if", "tiny-sd3", "tiny-flux")} == {
+        "tiny": "fp16", "tiny-sdxl": "fp16", "tiny-if": "fp16", "tiny-sd3": "bf16", "tiny-flux": "bf16"}
+    assert export.export_dtype(spec("tiny-flux", export_dtype="fp32")) == "fp32"
+    sr = parse_spec(tiny_spec(str(tmp_path / "s"), str(tmp_path), model="tiny-if",
+                              sr={"enabled": True, "model": "tiny-sr", "output_resolution": 64}))
+    assert export.export_dtype(sr, "sr") == "fp16"
+
+    pipe = models.load_pipeline("tiny-sdxl", torch_dtype=torch.float16)
+    url = export.save(Storage(str(tmp_path / "out")), pipe, ("job", "subject"))
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        (weights,) = (Path(url) / part).glob("*.safetensors")
+        assert {v.dtype for v in safetensors.torch.load_file(weights).values()} == {torch.float16}
+    plain = DiffusionPipeline.from_pretrained(url)
+    assert {getattr(plain, n).dtype for n in ("unet", "vae", "text_encoder", "text_encoder_2")} == {torch.float32}
+    assert plain("a sks toy", num_inference_steps=2, height=32, width=32).images[0].size == (32, 32)
+    half = DiffusionPipeline.from_pretrained(url, torch_dtype=torch.float16)
+    assert {getattr(half, n).dtype for n in ("unet", "vae", "text_encoder", "text_encoder_2")} == {torch.float16}

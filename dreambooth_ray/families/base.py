@@ -39,6 +39,7 @@ class Family:
     role = "base"  # "base" (text to image) or "sr" (super-resolution)
     latent = True  # diffused in a VAE's latent space (else in pixels)
     inference_half = "float16"  # the dtype class images, samples and eval render in on GPUs
+    export_dtype = "fp16"  # train.export_dtype's default: the family's native 16 bits
     vae_fp32 = False  # the VAE overflows in fp16: encode in fp32 whatever the training precision
     denoiser = "unet"  # the pipeline attribute of the trained denoiser (checkpoint keys start with it)
     denoiser_class = "UNet2DConditionModel"

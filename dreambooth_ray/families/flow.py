@@ -62,6 +62,7 @@ class FlowMatchingFamily(Family):
     denoiser_class = ""  # SD3Transformer2DModel, FluxTransformer2DModel
     added_conditioning = ()
     inference_half = "bfloat16"
+    export_dtype = "bf16"  # fp16 overflows their activations, as it does in training
     default_sampling = "logit_normal"  # the published recipe's timestep density
     default_weighting = "none"
     clip_encoders: tuple[str, ...] = ()  # the CLIP encoders: full training and text-encoder LoRA adapt these
