@@ -219,5 +219,6 @@ def write_record(spec: JobSpec, storage: Storage, out: tuple[str, ...], record: 
         "spec": json.loads(spec.model_dump_json(by_alias=True)),
         "versions": versions(),
         "step": int(record["metrics"].get("step", spec.train.steps)),
+        "global_batch": spec.train.global_batch,
     }
     storage.write_json(record, *out, "job.json")

@@ -338,8 +338,8 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeli
         metrics, stages["train"] = trained["metrics"], "skipped"
     else:
         t = spec.train
-        reporter.stage("training", f"training {t.steps} steps, ZeRO-{t.zero_stage}, {t.num_workers} worker(s), "
-                     f"{t.mixed_precision}, {'GPU' if use_gpu else 'CPU'} (run {name})", total=t.steps)
+        reporter.stage("training", f"training {t.steps} steps, {t.method}, lr {t.learning_rate:g}, {t.describe_batch()}, "
+                     f"ZeRO-{t.zero_stage}, {t.mixed_precision}, {'GPU' if use_gpu else 'CPU'} (run {name})", total=t.steps)
         train_start = time.time()
         validator = (samples.Validator.options(num_gpus=spec.samples.validation_gpus if use_gpu else 0)
                      .remote(spec, subject, name) if spec.samples.validation_every else None)

@@ -186,6 +186,20 @@ class TrainConfig(_Strict):
     channels_last: bool = False  # measured: no gain on an H100 at batch 1+1 (see benchmarks/results)
     compile: bool = Field(False, description="torch.compile the UNet (pays off for long runs on GPUs)")
 
+    @property
+    def global_batch(self) -> dict:
+        """What one optimizer step sees: `batch_size` is per worker, so 4 workers show the model 4x the
+        photos of one at the same `steps` (and, with prior preservation, as many class images again)."""
+        per_step = self.batch_size * self.num_workers * self.gradient_accumulation
+        return {"per_worker": self.batch_size, "workers": self.num_workers,
+                "accumulation": self.gradient_accumulation, "subject_images_per_step": per_step,
+                "subject_images_in_run": per_step * self.steps}
+
+    def describe_batch(self) -> str:
+        b = self.global_batch
+        return (f"global batch {b['subject_images_per_step']} ({b['per_worker']} per worker x {b['workers']} worker(s) "
+                f"x {b['accumulation']} accumulation), {b['subject_images_in_run']} subject images in {self.steps} steps")
+
     @model_validator(mode="before")
     @classmethod
     def _method_learning_rate(cls, data):

@@ -60,5 +60,8 @@ def test_the_quickstarts_console_is_short_and_clean(quickstart):
     assert "Traceback" not in quickstart.printed and "Failed to query" not in quickstart.printed
     steps = quickstart.data["train"]["steps"]
     assert f"toy: step {steps}/{steps}" in quickstart.printed and "report -> " in quickstart.printed
+    # The line that starts training states the global batch (batch_size is per worker) and the rate
+    assert (f"toy: training {steps} steps, full, lr 0.0002, global batch 2 (1 per worker x 2 worker(s) x 1 "
+            f"accumulation), {2 * steps} subject images in {steps} steps") in quickstart.printed
     logs = list((quickstart.store / "outputs" / "quickstart" / "logs").rglob("worker-*"))
     assert any(f"[toy] step {steps}/{steps} loss" in p.read_text(errors="replace") for p in logs)

@@ -112,3 +112,13 @@ def test_defaults_follow_the_standard_recipe():
     assert TrainConfig(method="lora").learning_rate == 1e-4 and TrainConfig().learning_rate == 5e-6
     # job.json records the spec: the rate used is stated there
     assert json.loads(TrainConfig(method="lora").model_dump_json())["learning_rate"] == 1e-4
+
+
+def test_the_global_batch_is_per_worker_times_workers_times_accumulation():
+    from dreambooth_ray.spec import TrainConfig
+
+    cfg = TrainConfig(batch_size=2, num_workers=4, gradient_accumulation=3, steps=100)
+    assert cfg.global_batch == {"per_worker": 2, "workers": 4, "accumulation": 3, "subject_images_per_step": 24,
+                                "subject_images_in_run": 2400}
+    assert cfg.describe_batch() == ("global batch 24 (2 per worker x 4 worker(s) x 3 accumulation), "
+                                    "2400 subject images in 100 steps")
