@@ -293,7 +293,7 @@ def planned_runs(spec: JobSpec, storage: Storage, identity: str) -> list[tuple[s
         key = priors.PriorCache.for_subject(spec, s, storage, identity).key if spec.prior.enabled else None
         runs.append((f"subject {s.name}", run_name(spec, s, identity, key), spec.train.num_workers))
         if sr_identity:
-            sr_key = (priors.PriorCache.for_subject(spec, s, storage, identity, spec.sr.output_resolution).key
+            sr_key = (priors.PriorCache.for_sr(spec, s, storage, identity, sr_identity).key
                       if spec.sr.prior_preservation else None)
             runs.append((f"subject {s.name} (SR)", sr_run_name(spec, s, sr_identity, sr_key),
                          spec.stage_train("sr").num_workers))
@@ -311,9 +311,10 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeli
     name = run_name(spec, subject, identity, prior_key)
     sr_name = sr_prior = None
     if spec.sr.enabled:
-        sr_prior = (priors.PriorCache.for_subject(spec, subject, storage, identity, spec.sr.output_resolution)
+        sr_identity = models.identity(spec.sr.model, spec.s3)
+        sr_prior = (priors.PriorCache.for_sr(spec, subject, storage, identity, sr_identity)
                     if spec.sr.prior_preservation else None)
-        sr_name = sr_run_name(spec, subject, models.identity(spec.sr.model, spec.s3), sr_prior and sr_prior.key)
+        sr_name = sr_run_name(spec, subject, sr_identity, sr_prior and sr_prior.key)
     complete = f"{name}+{sr_name}" if sr_name else name  # what job.json's "run" says when all is done
     record = storage.read_json(*out, "job.json")
     if record and record.get("run") == complete:

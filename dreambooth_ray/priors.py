@@ -29,6 +29,7 @@ class PriorCache:
     prompt: str
     resolution: int
     config: PriorConfig
+    source: "PriorCache | None" = None  # SR class images: the base-resolution ones they upsample
 
     @classmethod
     def for_subject(cls, spec: JobSpec, subject: Subject, storage: Storage, model_identity: str,
@@ -39,6 +40,17 @@ class PriorCache:
             p.inference_steps, p.guidance_scale, p.seed, *([] if p.scheduler == "model" else [p.scheduler]),
         )
         return cls(storage, key, subject.class_text, resolution, p)
+
+    @classmethod
+    def for_sr(cls, spec: JobSpec, subject: Subject, storage: Storage, model_identity: str,
+               sr_identity: str) -> "PriorCache":
+        """The SR stage's class images as the paper's cascade makes them: the base model's, at its own
+        resolution (the base stage's cache when the sizes agree), upsampled by the pretrained SR model;
+        not the base model asked for the SR size, far off what it was trained to draw."""
+        s = spec.sr
+        source = cls.for_subject(spec, subject, storage, model_identity, s.input_resolution or spec.train.resolution)
+        key = spec.fingerprint(source.key, sr_identity, s.output_resolution, s.noise_aug, s.inference_steps)
+        return cls(storage, key, subject.class_text, s.output_resolution, spec.prior, source)
 
     @property
     def url(self) -> str:
@@ -93,6 +105,31 @@ class PriorGenerator:
         return todo
 
 
+@ray.remote(max_restarts=3, max_task_retries=3)
+class ClassUpscaler:
+    """Holds the pretrained SR pipeline on one device and upsamples batches of base class images."""
+
+    def __init__(self, spec: JobSpec, use_gpu: bool):
+        import torch
+
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.spec, self.pipe = spec, models.prepare_sampler(models.load_pipeline(spec.sr.model, spec.s3), device)
+
+    def generate(self, cache: PriorCache, indices: list[int]) -> list[int]:
+        from . import sr
+
+        have = set(cache.storage.listdir("priors", cache.key))
+        todo = [i for i in indices if PriorCache.image_name(i) not in have]
+        for i in todo:  # the SR stage's own sampler (steps, noise level), seeded per image as the base's
+            with cache.storage.fs.open(cache.storage.path("priors", cache.source.key, PriorCache.image_name(i)), "rb") as f:
+                low = Image.open(io.BytesIO(f.read())).convert("RGB")
+            im = sr.upscale(self.pipe, cache.prompt, low, self.spec.sr, cache.config.seed * 1_000_003 + i)
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            cache.storage.write_bytes(buf.getvalue(), "priors", cache.key, PriorCache.image_name(i))
+        return todo
+
+
 def default_actor_count(cfg: PriorConfig | EvalConfig, use_gpu: bool) -> int:
     """`cfg.num_actors`, else one per GPU, else up to 2 CPU actors (one core left to the rest),
     counting what the cluster's autoscaler can add."""
@@ -108,23 +145,27 @@ def generate(cache: PriorCache, spec: JobSpec, use_gpu: bool, on_progress=None) 
     todo = cache.missing(n)
     if not todo:
         return {"requested": n, "generated": 0, "cached": n}
-    cache.storage.write_json(
-        {"prompt": cache.prompt, "resolution": cache.resolution, "model": spec.model, **cache.config.model_dump()},
-        "priors", cache.key, "meta.json",
-    )
+    if cache.source is not None:  # SR class images: the base-resolution ones first
+        generate(cache.source, spec, use_gpu)
+    meta = {"prompt": cache.prompt, "resolution": cache.resolution, "model": spec.model, **cache.config.model_dump()}
+    if cache.source is not None:
+        meta.update(upsampled_from=cache.source.key, sr_model=spec.sr.model)
+    cache.storage.write_json(meta, "priors", cache.key, "meta.json")
     bs = spec.prior.batch_size
     batches = [todo[i : i + bs] for i in range(0, len(todo), bs)]
     n_actors = min(default_actor_count(spec.prior, use_gpu), len(batches))
     opts = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
-    actors = [
-        PriorGenerator.options(**opts).remote(spec.model, spec.s3, cache.storage.root, use_gpu) for _ in range(n_actors)
-    ]
+    if cache.source is not None:
+        actors = [ClassUpscaler.options(**opts).remote(spec, use_gpu) for _ in range(n_actors)]
+        work = lambda a, b: a.generate.remote(cache, b)  # noqa: E731
+    else:
+        actors = [PriorGenerator.options(**opts).remote(spec.model, spec.s3, cache.storage.root, use_gpu)
+                  for _ in range(n_actors)]
+        work = lambda a, b: a.generate.remote(cache.key, cache.prompt, b, spec.prior, cache.resolution)  # noqa: E731
     done = 0
     try:
         pool = ray.util.ActorPool(actors)
-        for written in pool.map_unordered(
-            lambda a, b: a.generate.remote(cache.key, cache.prompt, b, spec.prior, cache.resolution), batches
-        ):
+        for written in pool.map_unordered(work, batches):
             done += len(written)
             if on_progress:
                 on_progress(done, len(todo))

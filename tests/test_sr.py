@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -12,6 +13,10 @@ from dreambooth_ray.engine import DreamBoothModel
 from dreambooth_ray.spec import parse_spec
 
 from conftest import assert_exported_is_the_trained_checkpoint, final_checkpoint, tiny_spec
+
+# Measured 0 (the actor and this process, both on the CPU); 2 grey levels allow for a thread count that
+# changes the order of float sums.
+DIFF_MAX = 2
 
 
 @pytest.fixture(scope="module")
@@ -283,6 +288,22 @@ def test_cascade_job_base_then_sr_to_s3(ray_cluster, s3_endpoint, bucket, toy_im
     final, _ = final_checkpoint(storage, where, "sr.json")
     sr_base = models.load_sr_components("tiny-sr")["unet"].state_dict()
     assert_exported_is_the_trained_checkpoint(pipe.unet.state_dict(), final, sr_base, lr=1e-3, dtype=torch.float16)
+    # The SR stage's class images come through the cascade, as in the paper: the base stage's own class
+    # images (32 px) upsampled by the pretrained SR model, not the base model asked for 64 px.
+    from dreambooth_ray import priors
+
+    subject = spec.subjects[0]
+    sr_cache = priors.PriorCache.for_sr(spec, subject, storage, models.identity(spec.model, spec.s3),
+                                        models.identity(spec.sr.model, spec.s3))
+    base_cache = priors.PriorCache.for_subject(spec, subject, storage, models.identity(spec.model, spec.s3))
+    assert storage.read_json("priors", sr_cache.key, "meta.json")["upsampled_from"] == base_cache.key
+    pretrained = models.prepare_sampler(models.load_pipeline(spec.sr.model, spec.s3), "cpu")
+    for i, (made, low) in enumerate(zip(sr_cache.load(2), base_cache.load(2))):
+        assert made.size == (64, 64) and low.size == (32, 32)
+        want = sr.upscale(pretrained, subject.class_text, low, spec.sr, spec.prior.seed * 1_000_003 + i)
+        diff = np.abs(np.asarray(made, dtype=int) - np.asarray(want, dtype=int))
+        assert diff.max() <= DIFF_MAX, diff.max()
+
     grid = Image.open(storage.fs.open(storage.path("outputs", "cascade", "toy", "samples.png")))
     assert grid.size[0] == 4 * 192  # 2 prompts x (pre-SR image, SR image)
     out = sr.upscale(pipe, "a sks toy", Image.new("RGB", (32, 32), "red"), spec.sr, 0)
