@@ -33,19 +33,7 @@ class SubjectResult:
     error: str | None = None
     train_start: float | None = None  # wall-clock seconds since the epoch, when training ran
     train_end: float | None = None
-    timeline: dict = field(default_factory=dict)  # seconds by stage (see TIMELINE); bytes_written, bytes_read
-
-
-# A subject's time, stage by stage, as job.json, results.json and the results table show it.
-TIMELINE = (("waiting_for_a_slot", "slot"), ("waiting_for_class_images", "priors"), ("worker_start", "start"),
-            ("model_load", "load"), ("latent_cache_and_engine", "cache"), ("checkpoint_buffers", "buffers"),
-            ("steps", "steps"), ("checkpoint_stalls", "ckpt"), ("validation_handover", "val"), ("sr", "sr"),
-            ("export", "export"), ("samples", "samples"))
-
-
-def format_timeline(t: dict) -> str:
-    io = f" io {t['bytes_written'] / 1e6:.1f}/{t['bytes_read'] / 1e6:.1f} MB" if "bytes_written" in t else ""
-    return " ".join(f"{short} {t[k]:.0f}s" for k, short in TIMELINE if k in t) + io
+    timeline: dict = field(default_factory=dict)  # seconds by stage (see console.TIMELINE); bytes_written, bytes_read
 
 
 # No CPU of its own: on a CPU cluster the training lanes hold the CPUs, and this light task (load the
