@@ -64,7 +64,7 @@ def loss_svg(history: list[dict], keys=("loss", "instance_loss", "prior_loss"), 
 def _subject_section(spec: JobSpec, subject: Subject, storage: Storage, result: dict | None, metrics: dict | None) -> str:
     from .images import load_subject_images
     from .samples import png_bytes
-    from .train import History
+    from .tracking import History
 
     out = ("outputs", spec.name, subject.name)
     record = storage.read_json(*out, "job.json") or {}
