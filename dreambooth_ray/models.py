@@ -143,18 +143,6 @@ def generate(pipe, prompts: list[str], **kwargs):
     return pipe(prompts, **kwargs).images
 
 
-def set_sdpa(unet, classic: bool = False) -> None:
-    """PyTorch's fused attention (or, `classic`, the plain one) for a UNet's attention layers; the
-    added-KV layers of IF's UNets get their own processor kind."""
-    from diffusers.models import attention_processor as ap
-
-    added_kv = any("AddedKV" in type(p).__name__ for p in unet.attn_processors.values())
-    if added_kv:
-        unet.set_attn_processor(ap.AttnAddedKVProcessor() if classic else ap.AttnAddedKVProcessor2_0())
-    else:
-        unet.set_attn_processor(ap.AttnProcessor() if classic else ap.AttnProcessor2_0())
-
-
 def prepare_sampler(pipe, device: str):
     """An inference pipeline set up for throughput: half precision on GPUs (the family's: fp16, bf16
     for the flow transformers, whose activations overflow fp16), SDPA attention, channels_last."""
