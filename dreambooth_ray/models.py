@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import tiny
 from .errors import UserError
-from .spec import S3Settings
+from .settings import S3Settings
 from .storage import filesystem, is_remote
 
 

@@ -7,7 +7,8 @@ import ray
 import torch
 
 from dreambooth_ray import checkpoint, train
-from dreambooth_ray.spec import S3Settings, parse_spec
+from dreambooth_ray.settings import S3Settings
+from dreambooth_ray.spec import parse_spec
 from dreambooth_ray.storage import Storage
 
 from conftest import assert_trained_and_identical, final_checkpoint, final_weights, tiny_spec
