@@ -54,7 +54,7 @@ def cmd_run(args, console: Console) -> int:
     t0 = time.perf_counter()
     results = run_job(spec, console)
     table = Table(title=f"job {spec.name} ({time.perf_counter() - t0:.0f} s)")
-    from .job import format_timeline
+    from .console import format_timeline
 
     for col in ("subject", "status", "steps", "final loss", "time", "time by stage", "output / error"):
         table.add_column(col, overflow="fold")

@@ -5,6 +5,9 @@ change and a progress line every fifth of a run.
 Subjects run in Ray tasks and train in Ray Train workers, on any node. None of them prints: they send
 progress to the job's `Board` actor through a `Reporter`, and the driver draws the board. Worker output
 stays in Ray's logs (kept in storage under outputs/<job>/logs/, see `save_logs`), not on the console.
+
+Once a subject is done, its time by stage reads the same on the console (the results table) and in the
+report: both format it with `format_timeline`, here.
 """
 
 from __future__ import annotations
@@ -152,6 +155,18 @@ def table(rows: dict):
                   f"{row['loss']:.4f}" if row.get("loss") is not None else "",
                   f"{left:.0f} s" if left is not None else "")
     return t
+
+
+# A subject's time, stage by stage, as job.json, results.json and the results table show it.
+TIMELINE = (("waiting_for_a_slot", "slot"), ("waiting_for_class_images", "priors"), ("worker_start", "start"),
+            ("model_load", "load"), ("latent_cache_and_engine", "cache"), ("checkpoint_buffers", "buffers"),
+            ("steps", "steps"), ("checkpoint_stalls", "ckpt"), ("validation_handover", "val"), ("sr", "sr"),
+            ("export", "export"), ("samples", "samples"))
+
+
+def format_timeline(t: dict) -> str:
+    io = f" io {t['bytes_written'] / 1e6:.1f}/{t['bytes_read'] / 1e6:.1f} MB" if "bytes_written" in t else ""
+    return " ".join(f"{short} {t[k]:.0f}s" for k, short in TIMELINE if k in t) + io
 
 
 def log_files() -> dict[str, list[str]]:

@@ -32,7 +32,8 @@ from PIL import Image
 from . import cluster, models, priors, samples
 from .errors import UserError
 from .images import load_subject_images
-from .spec import EvalConfig, JobSpec, S3Settings, Subject
+from .settings import S3Settings
+from .spec import EvalConfig, JobSpec, Subject
 from .storage import Storage
 
 _PLACES = (

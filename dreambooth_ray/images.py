@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import UserError
-from .spec import S3Settings
+from .settings import S3Settings
 from .storage import count_io, filesystem
 
 log = logging.getLogger("dreambooth_ray")

@@ -15,6 +15,7 @@ from rich.console import Console
 
 from . import checkpoint, cluster, export, identifiers, models, preflight, priors, report, samples, tracking, train
 from .console import Board, Reporter, View, log_files, save_logs
+from .identity import run_name, sr_run_name
 from .images import load_subject_images
 from .spec import JobSpec, SpecError, Subject
 from .storage import Storage, io_counts
@@ -32,60 +33,7 @@ class SubjectResult:
     error: str | None = None
     train_start: float | None = None  # wall-clock seconds since the epoch, when training ran
     train_end: float | None = None
-    timeline: dict = field(default_factory=dict)  # seconds by stage (see TIMELINE); bytes_written, bytes_read
-
-
-# A subject's time, stage by stage, as job.json, results.json and the results table show it.
-TIMELINE = (("waiting_for_a_slot", "slot"), ("waiting_for_class_images", "priors"), ("worker_start", "start"),
-            ("model_load", "load"), ("latent_cache_and_engine", "cache"), ("checkpoint_buffers", "buffers"),
-            ("steps", "steps"), ("checkpoint_stalls", "ckpt"), ("validation_handover", "val"), ("sr", "sr"),
-            ("export", "export"), ("samples", "samples"))
-
-
-def format_timeline(t: dict) -> str:
-    io = f" io {t['bytes_written'] / 1e6:.1f}/{t['bytes_read'] / 1e6:.1f} MB" if "bytes_written" in t else ""
-    return " ".join(f"{short} {t[k]:.0f}s" for k, short in TIMELINE if k in t) + io
-
-
-# Settings that change neither the trained weights nor which checkpoint may resume: cadence, retries,
-# placement, and speed switches that compute the same step.
-# The export's precision is not either: the trained weights are the same.
-_NOT_IDENTITY = {"checkpoint_every", "checkpoint_upload", "keep_checkpoints", "max_failures", "use_gpu", "attention",
-                 "channels_last", "compile", "export_dtype"}
-
-
-def train_identity(cfg) -> dict:
-    """A stage's effective training settings, as far as they shape the run."""
-    t = cfg.model_dump(exclude=_NOT_IDENTITY)
-    if cfg.method != "lora":
-        t.pop("lora")
-    return t
-
-
-def subject_identity(spec: JobSpec, subject: Subject) -> dict:
-    ident = subject.model_dump(by_alias=True)
-    if subject.identifier == "auto":  # resolved from the vocabulary window and the seed
-        ident["identifiers"] = spec.identifiers.model_dump()
-    ident["skip_bad_images"] = spec.skip_bad_images  # which photos are trained on
-    return ident
-
-
-def run_name(spec: JobSpec, subject: Subject, model_identity: str, prior_key: str | None) -> str:
-    """The base stage's run: a changed setting is a new run, never a resume or a skip of another one."""
-    prior = spec.prior.model_dump(include={"enabled", "num_class_images", "loss_weight"})
-    key = spec.fingerprint(model_identity, subject_identity(spec, subject), prior, prior_key,
-                           train_identity(spec.train))
-    return f"{subject.name}-{key}"
-
-
-def sr_run_name(spec: JobSpec, subject: Subject, sr_identity: str, prior_key: str | None) -> str:
-    # The SR stage learns from the subject's photos alone, not from the base stage's weights, with the
-    # settings it inherits from `train` (workers, precision, accumulation, seed, flips) resolved.
-    sr = spec.sr.model_dump(include={"noise_aug", "prior_preservation", "prior_loss_weight"})
-    sr["input_resolution"] = spec.sr.input_resolution or spec.train.resolution
-    key = spec.fingerprint(sr_identity, subject_identity(spec, subject), sr, prior_key,
-                           train_identity(spec.stage_train("sr")))
-    return f"{subject.name}-sr-{key}"
+    timeline: dict = field(default_factory=dict)  # seconds by stage (see console.TIMELINE); bytes_written, bytes_read
 
 
 # No CPU of its own: on a CPU cluster the training lanes hold the CPUs, and this light task (load the

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import tiny
 from .errors import UserError
-from .spec import S3Settings
+from .settings import S3Settings
 from .storage import filesystem, is_remote
 
 
@@ -141,18 +141,6 @@ def generate(pipe, prompts: list[str], **kwargs):
     if "clean_caption" in inspect.signature(pipe.__call__).parameters:
         kwargs["clean_caption"] = False
     return pipe(prompts, **kwargs).images
-
-
-def set_sdpa(unet, classic: bool = False) -> None:
-    """PyTorch's fused attention (or, `classic`, the plain one) for a UNet's attention layers; the
-    added-KV layers of IF's UNets get their own processor kind."""
-    from diffusers.models import attention_processor as ap
-
-    added_kv = any("AddedKV" in type(p).__name__ for p in unet.attn_processors.values())
-    if added_kv:
-        unet.set_attn_processor(ap.AttnAddedKVProcessor() if classic else ap.AttnAddedKVProcessor2_0())
-    else:
-        unet.set_attn_processor(ap.AttnProcessor() if classic else ap.AttnProcessor2_0())
 
 
 def prepare_sampler(pipe, device: str):

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from . import families, models, tiny
 from .errors import UserError
-from .spec import JobSpec, S3Settings
+from .settings import S3Settings
+from .spec import JobSpec
 from .storage import Storage, filesystem, is_remote
 
 # What the families (families/) support: {pipeline class: description}.

@@ -14,7 +14,8 @@ import ray
 from PIL import Image
 
 from . import cluster, models
-from .spec import EvalConfig, JobSpec, PriorConfig, S3Settings, Subject
+from .settings import S3Settings
+from .spec import EvalConfig, JobSpec, PriorConfig, Subject
 from .storage import Storage
 
 log = logging.getLogger("dreambooth_ray")

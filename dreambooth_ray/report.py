@@ -64,7 +64,7 @@ def loss_svg(history: list[dict], keys=("loss", "instance_loss", "prior_loss"), 
 def _subject_section(spec: JobSpec, subject: Subject, storage: Storage, result: dict | None, metrics: dict | None) -> str:
     from .images import load_subject_images
     from .samples import png_bytes
-    from .train import History
+    from .tracking import History
 
     out = ("outputs", spec.name, subject.name)
     record = storage.read_json(*out, "job.json") or {}
@@ -106,7 +106,7 @@ def _subject_section(spec: JobSpec, subject: Subject, storage: Storage, result: 
 
 def build(spec: JobSpec, storage: Storage | None = None) -> str:
     """Writes outputs/<job>/report.html from what the job's storage holds now; returns its URL."""
-    from .job import format_timeline
+    from .console import format_timeline
 
     storage = storage or Storage(spec.storage, spec.s3)
     results = {r["name"]: r for r in (storage.read_json("outputs", spec.name, "results.json") or {}).get("subjects", [])}

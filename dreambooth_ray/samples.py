@@ -105,7 +105,7 @@ class Validator:
 
         import numpy as np
 
-        from .train import tensorboard_events, tensorboard_folder
+        from .tracking import tensorboard_events, tensorboard_folder
 
         out = ("outputs", self.spec.name, self.subject.name, "validation", self.run)
         while True:

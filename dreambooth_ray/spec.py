@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
-
-# A subject name becomes a storage path segment: letters, digits, '.', '_' and '-', no leading dot.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+from .settings import S3Settings, _Strict, check_name
 
 DEFAULT_VALIDATION_PROMPTS = (
     "a {identifier} {class_noun}",
@@ -36,19 +33,6 @@ def check_template(v: str) -> str:
 
 class SpecError(UserError, ValueError):
     """A job spec that cannot be used; the message names the file and field."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
-
-
-def check_name(name: str, what: str = "name") -> str:
-    if not NAME_RE.match(name) or ".." in name:
-        raise ValueError(
-            f"{what} {name!r} must be 1-64 characters of letters, digits, '.', '_' or '-', "
-            "start with a letter or digit and contain no '..' (it becomes a storage path)"
-        )
-    return name
 
 
 class Subject(_Strict):
@@ -95,13 +79,6 @@ class IdentifierConfig(_Strict):
         if self.rank_max <= self.rank_min:
             raise ValueError("rank_max must be above rank_min")
         return self
-
-
-class S3Settings(_Strict):
-    """Where s3:// URLs point. Credentials come from the environment or the AWS config, never from here."""
-
-    endpoint_url: Optional[str] = None
-    region: Optional[str] = None
 
 
 class PriorConfig(_Strict):

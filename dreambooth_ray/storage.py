@@ -17,7 +17,7 @@ import fsspec
 import pyarrow.fs as pafs
 
 from .errors import UserError
-from .spec import S3Settings, check_name
+from .settings import S3Settings, check_name
 
 
 def is_remote(url: str) -> bool:

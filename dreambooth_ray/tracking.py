@@ -1,5 +1,7 @@
-"""Experiment tracking in MLflow (optional: `tracking: {mlflow: {uri, experiment}}`). TensorBoard event
-files are always written, by the training workers (train.History) and the validation renderer.
+"""Experiment tracking: TensorBoard event files and the per-step history, always written (by the training
+workers through `History`, and by the validation renderer through `tensorboard_events`), and MLflow (optional:
+`tracking: {mlflow: {uri, experiment}}`). The writers live here, beside their readers (MLflow, the report),
+so that the validation renderer and the report need not import training to use them.
 
 One MLflow run per subject and training run: the resolved spec as params, every step's metrics, the
 sample grid, the validation images and job.json as artifacts, and the model's location as a tag. The
@@ -13,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
+import uuid
 
 from .errors import UserError
 from .spec import JobSpec, Subject
@@ -87,8 +91,6 @@ def log_subject(spec: JobSpec, subject: Subject, storage: Storage, result) -> st
     """Logs one finished (or failed) subject as an MLflow run; returns its run id (None: nothing to log)."""
     from mlflow.entities import Metric, Param, RunTag
 
-    from .train import History
-
     if spec.tracking.mlflow is None or result.status == "skipped":
         return None
     out = ("outputs", spec.name, subject.name)
@@ -134,3 +136,63 @@ def log_subject(spec: JobSpec, subject: Subject, storage: Storage, result) -> st
             client.log_artifact(rid, local, where or None)
     client.set_terminated(rid, "FINISHED" if result.status == "done" else "FAILED")
     return rid
+
+
+class History:
+    """Rank 0's per-step metrics: TensorBoard event files under outputs/<job>/tensorboard/<subject>/, and JSON
+    chunks, one per span of steps (outputs/<job>/<subject>/history/<run>/steps-<first>-<last>.json), both
+    written to storage at each checkpoint. A resumed attempt rewrites the steps after its checkpoint, and
+    `read` keeps the newest value of each step. The report's loss curves come from the chunks."""
+
+    KEYS = ("loss", "instance_loss", "prior_loss", "lr", "steps_per_s")
+
+    def __init__(self, spec: JobSpec, subject: Subject, run: str, stage: str = "base"):
+        self.storage = Storage(spec.storage, spec.s3)
+        self.folder = ("outputs", spec.name, subject.name, "history", run)
+        self.tensorboard = tensorboard_folder(spec, subject)
+        self.rows: list[dict] = []
+        self.tag = "train" if stage == "base" else stage
+
+    def add(self, metrics: dict) -> None:
+        self.rows.append({"step": metrics["step"], "time": time.time(), **{k: metrics[k] for k in self.KEYS}})
+
+    def flush(self) -> None:
+        if self.rows:
+            first, last = self.rows[0]["step"], self.rows[-1]["step"]
+            self.storage.write_json({"steps": self.rows}, *self.folder, f"steps-{first:07d}-{last:07d}.json")
+            with tensorboard_events(self.storage, self.tensorboard) as tb:
+                for row in self.rows:
+                    for k in self.KEYS:
+                        tb.add_scalar(f"{self.tag}/{k}", row[k], row["step"])
+            self.rows = []
+
+    @staticmethod
+    def read(storage: Storage, *folder: str) -> list[dict]:
+        by_step: dict[int, dict] = {}
+        chunks = [storage.read_json(*folder, name) or {} for name in sorted(storage.listdir(*folder))]
+        for chunk in sorted(chunks, key=lambda c: c.get("steps", [{}])[0].get("time", 0)):
+            for row in chunk.get("steps", []):
+                by_step[row["step"]] = row  # written later: a resumed attempt's
+        return [by_step[k] for k in sorted(by_step)]
+
+
+def tensorboard_folder(spec: JobSpec, subject: Subject) -> tuple[str, ...]:
+    """One TensorBoard run per subject: `tensorboard --logdir <storage>/outputs/<job>/tensorboard`."""
+    return ("outputs", spec.name, "tensorboard", subject.name)
+
+
+@contextlib.contextmanager
+def tensorboard_events(storage: Storage, folder: tuple[str, ...]):
+    """A TensorBoard writer whose event file goes to storage, complete, when the block ends. One file per
+    block: tensorboardX writes from a background queue that `flush` does not drain, `close` does."""
+    from tensorboardX import SummaryWriter
+
+    with tempfile.TemporaryDirectory(prefix="dbr-tb-") as local:
+        writer = SummaryWriter(local, filename_suffix=f".{uuid.uuid4().hex[:8]}")
+        try:
+            yield writer
+        finally:
+            writer.close()
+        for name in os.listdir(local):
+            with open(os.path.join(local, name), "rb") as f:
+                storage.write_bytes(f.read(), *folder, name)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import gc
 import logging
 import os
@@ -31,6 +30,7 @@ from .priors import PriorCache
 from .spec import JobSpec, Subject
 from .storage import Storage
 from .storage import io_counts as storage_io_counts
+from .tracking import History
 
 log = logging.getLogger("dreambooth_ray")
 
@@ -186,69 +186,6 @@ def train_subject(config: dict, rank: int) -> dict:
     if metrics is None and final is not None:  # resumed at the last step: the checkpoint's own metrics
         metrics = checkpoint.read_metrics(final)
     return {"checkpoint": final.path if final else None, "metrics": metrics or {}}
-
-
-class History:
-    """Rank 0's per-step metrics: TensorBoard event files under outputs/<job>/tensorboard/<subject>/, and JSON
-    chunks, one per span of steps (outputs/<job>/<subject>/history/<run>/steps-<first>-<last>.json), both
-    written to storage at each checkpoint. A resumed attempt rewrites the steps after its checkpoint, and
-    `read` keeps the newest value of each step. The report's loss curves come from the chunks."""
-
-    KEYS = ("loss", "instance_loss", "prior_loss", "lr", "steps_per_s")
-
-    def __init__(self, spec: JobSpec, subject: Subject, run: str, stage: str = "base"):
-        self.storage = Storage(spec.storage, spec.s3)
-        self.folder = ("outputs", spec.name, subject.name, "history", run)
-        self.tensorboard = tensorboard_folder(spec, subject)
-        self.rows: list[dict] = []
-        self.tag = "train" if stage == "base" else stage
-
-    def add(self, metrics: dict) -> None:
-        self.rows.append({"step": metrics["step"], "time": time.time(), **{k: metrics[k] for k in self.KEYS}})
-
-    def flush(self) -> None:
-        if self.rows:
-            first, last = self.rows[0]["step"], self.rows[-1]["step"]
-            self.storage.write_json({"steps": self.rows}, *self.folder, f"steps-{first:07d}-{last:07d}.json")
-            with tensorboard_events(self.storage, self.tensorboard) as tb:
-                for row in self.rows:
-                    for k in self.KEYS:
-                        tb.add_scalar(f"{self.tag}/{k}", row[k], row["step"])
-            self.rows = []
-
-    @staticmethod
-    def read(storage: Storage, *folder: str) -> list[dict]:
-        by_step: dict[int, dict] = {}
-        chunks = [storage.read_json(*folder, name) or {} for name in sorted(storage.listdir(*folder))]
-        for chunk in sorted(chunks, key=lambda c: c.get("steps", [{}])[0].get("time", 0)):
-            for row in chunk.get("steps", []):
-                by_step[row["step"]] = row  # written later: a resumed attempt's
-        return [by_step[k] for k in sorted(by_step)]
-
-
-def tensorboard_folder(spec: JobSpec, subject: Subject) -> tuple[str, ...]:
-    """One TensorBoard run per subject: `tensorboard --logdir <storage>/outputs/<job>/tensorboard`."""
-    return ("outputs", spec.name, "tensorboard", subject.name)
-
-
-@contextlib.contextmanager
-def tensorboard_events(storage: Storage, folder: tuple[str, ...]):
-    """A TensorBoard writer whose event file goes to storage, complete, when the block ends. One file per
-    block: tensorboardX writes from a background queue that `flush` does not drain, `close` does."""
-    import os
-    import tempfile
-
-    from tensorboardX import SummaryWriter
-
-    with tempfile.TemporaryDirectory(prefix="dbr-tb-") as local:
-        writer = SummaryWriter(local, filename_suffix=f".{uuid.uuid4().hex[:8]}")
-        try:
-            yield writer
-        finally:
-            writer.close()
-        for name in os.listdir(local):
-            with open(os.path.join(local, name), "rb") as f:
-                storage.write_bytes(f.read(), *folder, name)
 
 
 def _maybe_inject_fault(fault: tuple[str, int] | None, step: int, previous: int | None, rank: int,

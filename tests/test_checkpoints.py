@@ -7,7 +7,8 @@ import ray
 import torch
 
 from dreambooth_ray import checkpoint, train
-from dreambooth_ray.spec import S3Settings, parse_spec
+from dreambooth_ray.settings import S3Settings
+from dreambooth_ray.spec import parse_spec
 from dreambooth_ray.storage import Storage
 
 from conftest import assert_trained_and_identical, final_checkpoint, final_weights, tiny_spec
@@ -70,7 +71,7 @@ def test_the_training_workers_export_the_trained_weights_under_zero3(ray_cluster
 
     from diffusers import StableDiffusionPipeline
 
-    from dreambooth_ray import job
+    from dreambooth_ray import console, job
 
     store = tmp_path / "store"
     spec = parse_spec(tiny_spec(str(store), str(toy_images), prior={"enabled": False},
@@ -88,13 +89,13 @@ def test_the_training_workers_export_the_trained_weights_under_zero3(ray_cluster
 
     # The per-subject timeline: every stage, none negative, the worker's phases within the training span.
     t = record["timeline"]
-    assert {k for k, _ in job.TIMELINE} - {"sr"} <= set(t), t  # no SR stage here
+    assert {k for k, _ in console.TIMELINE} - {"sr"} <= set(t), t  # no SR stage here
     assert min(t.values()) >= 0 and t["steps"] > 0 and t["model_load"] > 0
     summary = json.loads((store / "outputs" / "t" / "results.json").read_text())["subjects"][0]
     inside = sum(t[k] for k in ("worker_start", "photos_and_class_images", "model_load", "latent_cache_and_engine",
                                 "restore", "checkpoint_buffers", "steps", "checkpoint_stalls", "validation_handover"))
     assert inside <= summary["train_end"] - summary["train_start"], (inside, summary)
-    assert summary["timeline"] == t and "steps" in job.format_timeline(t)
+    assert summary["timeline"] == t and "steps" in console.format_timeline(t)
 
     # The bytes it moved through storage, against the files themselves: written, the checkpoint (both
     # ranks' shards), the exported model, the loss history, the TensorBoard events and the samples; read,
@@ -104,7 +105,7 @@ def test_the_training_workers_export_the_trained_weights_under_zero3(ray_cluster
     assert t["bytes_written"] == (size(ckpt) + size(out / "model") + size(out / "history")
                                   + size(store / "outputs" / "t" / "tensorboard") + size(out / "samples.png"))
     assert t["bytes_read"] == 2 * size(toy_images) + size(out / "export.json")  # each rank reads the photos
-    assert f"io {t['bytes_written'] / 1e6:.1f}/{t['bytes_read'] / 1e6:.1f} MB" in job.format_timeline(t)
+    assert f"io {t['bytes_written'] / 1e6:.1f}/{t['bytes_read'] / 1e6:.1f} MB" in console.format_timeline(t)
 
 
 def test_a_store_error_reading_a_checkpoint_is_retried_not_taken_for_an_incomplete_one(s3_endpoint, bucket):

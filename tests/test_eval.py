@@ -10,7 +10,8 @@ import yaml
 from PIL import Image
 
 from dreambooth_ray import cli, eval as ev, models, tiny
-from dreambooth_ray.spec import EvalConfig, S3Settings, Subject, load_spec, parse_spec
+from dreambooth_ray.settings import S3Settings
+from dreambooth_ray.spec import EvalConfig, Subject, load_spec, parse_spec
 
 from conftest import tiny_spec
 

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from dreambooth_ray.images import ImageError, decode, load_subject_images
-from dreambooth_ray.spec import S3Settings
+from dreambooth_ray.settings import S3Settings
 
 
 def save(im: Image.Image, path, **kw):

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from dreambooth_ray import job, models
-from dreambooth_ray.spec import S3Settings, load_spec, parse_spec
+from dreambooth_ray.settings import S3Settings
+from dreambooth_ray.spec import load_spec, parse_spec
 from dreambooth_ray.storage import Storage
 
 from conftest import assert_exported_is_the_trained_checkpoint, final_checkpoint, tiny_spec

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dreambooth_ray import models, tiny
-from dreambooth_ray.spec import S3Settings
+from dreambooth_ray.settings import S3Settings
 
 
 def test_tiny_tokenizer_is_a_real_bpe(tmp_path):

@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from dreambooth_ray import checkpoint, engine, export, job, models
+from dreambooth_ray import checkpoint, engine, export, identity, models
 from dreambooth_ray.spec import SpecError, parse_spec
 
 from conftest import tiny_spec
@@ -39,7 +39,7 @@ def test_run_identity_follows_every_effective_setting():
 
     def names(spec, auto=False):
         s = subject.model_copy(update={"identifier": "auto"}) if auto else subject
-        return job.run_name(spec, s, "m", "p"), job.sr_run_name(spec, s, "sr", None)
+        return identity.run_name(spec, s, "m", "p"), identity.sr_run_name(spec, s, "sr", None)
 
     def changed(section, **values):
         data = tiny_spec("/tmp/s", "/tmp/p", sr={"enabled": True, "output_resolution": 64})

@@ -135,7 +135,7 @@ def test_killed_driver_rerun_resumes_zero3_with_identical_weights(ray_cluster, t
 
 
 def test_jobs_sharing_a_storage_root_keep_separate_checkpoints(tmp_path):
-    from dreambooth_ray.job import run_name
+    from dreambooth_ray.identity import run_name
 
     a = parse_spec(tiny_spec(str(tmp_path), "x", name="job-a"))
     b = parse_spec(tiny_spec(str(tmp_path), "x", name="job-b"))

@@ -14,7 +14,7 @@ from PIL import Image
 from dreambooth_ray import cli, report
 from dreambooth_ray.spec import load_spec
 from dreambooth_ray.storage import Storage
-from dreambooth_ray.train import History
+from dreambooth_ray.tracking import History
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

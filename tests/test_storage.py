@@ -2,7 +2,7 @@
 
 import pickle
 
-from dreambooth_ray.spec import S3Settings
+from dreambooth_ray.settings import S3Settings
 from dreambooth_ray.storage import Storage
 
 from s3proxy import FaultyS3Proxy

@@ -10,7 +10,7 @@ import pytest
 from dreambooth_ray import job, tracking
 from dreambooth_ray.spec import SpecError, parse_spec
 from dreambooth_ray.storage import Storage
-from dreambooth_ray.train import History
+from dreambooth_ray.tracking import History
 
 from conftest import _free_port, tiny_spec
 

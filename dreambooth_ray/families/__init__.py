@@ -2,14 +2,14 @@
 one module each behind `base.Family`; the stages (priors, train, SR, export, samples, eval) take a
 family and never ask which model they hold.
 
-A family is recognised from model_index.json's `_class_name` (`family_for`); `for_model` reads it
-from a built-in, local, s3:// or hub model. An architecture with no family is refused (preflight)
-before any compute, with the list of supported ones.
+A family is recognised from model_index.json's `_class_name` (`family_for`); `models.family` reads it
+from a built-in, local, s3:// or hub model (models.py imports this package, never the reverse). An
+architecture with no family is refused (preflight) before any compute, with the list of supported ones.
 """
 
 from __future__ import annotations
 
-from .base import Family, UnsupportedModel
+from .base import REGISTERED, Family, UnsupportedModel
 from .flux import FLUX
 from .if_ import IF_STAGE_I, IF_STAGE_II
 from .sd import SD, X4
@@ -17,6 +17,7 @@ from .sd3 import SD3
 from .sdxl import SDXL
 
 FAMILIES: tuple[Family, ...] = (SD, IF_STAGE_I, SDXL, SD3, FLUX, IF_STAGE_II, X4)
+REGISTERED.extend(FAMILIES)  # what a pickled family is looked up in (base._lookup)
 BY_PIPELINE = {f.pipeline: f for f in FAMILIES}
 
 
@@ -46,11 +47,5 @@ def for_path(path: str, role: str | None = None) -> Family:
     return family_for(DiffusionPipeline.load_config(path), role)
 
 
-def for_model(ref: str, s3=None, role: str | None = None) -> Family:
-    from .. import models
-
-    return for_path(models.resolve(ref, s3), role)
-
-
 __all__ = ["Family", "UnsupportedModel", "FAMILIES", "SD", "IF_STAGE_I", "SDXL", "SD3", "FLUX", "IF_STAGE_II", "X4",
-           "family_for", "for_path", "for_model", "supported", "supported_line"]
+           "family_for", "for_path", "supported", "supported_line"]

@@ -26,10 +26,25 @@ class UnsupportedModel(UserError, ValueError):
     """A pipeline no family handles; the message lists the supported ones."""
 
 
-def _lookup(name: str) -> "Family":
-    from . import FAMILIES
+# Every family's one instance, in FAMILIES' order: families/__init__.py registers them here (it imports
+# this module, so this module does not import it back), and unpickling finds a family among them by name.
+REGISTERED: list["Family"] = []
 
-    return next(f for f in FAMILIES if f.name == name)
+
+def _lookup(name: str) -> "Family":
+    return next(f for f in REGISTERED if f.name == name)
+
+
+def set_sdpa(unet, classic: bool = False) -> None:
+    """PyTorch's fused attention (or, `classic`, the plain one) for a UNet's attention layers; the
+    added-KV layers of IF's UNets get their own processor kind."""
+    from diffusers.models import attention_processor as ap
+
+    added_kv = any("AddedKV" in type(p).__name__ for p in unet.attn_processors.values())
+    if added_kv:
+        unet.set_attn_processor(ap.AttnAddedKVProcessor() if classic else ap.AttnAddedKVProcessor2_0())
+    else:
+        unet.set_attn_processor(ap.AttnProcessor() if classic else ap.AttnProcessor2_0())
 
 
 class Family:
@@ -202,8 +217,6 @@ class Family:
         return self.unet_forward(getattr(model, self.denoiser), noisy, t, **cond)
 
     def set_attention(self, module, classic: bool = False) -> None:
-        from ..models import set_sdpa
-
         set_sdpa(module, classic)
 
     def after_training(self, pipe, spec) -> None:

@@ -1,0 +1,48 @@
+"""A subject's run identity: the settings that shape its trained weights, and the names of its base and
+SR training runs made from them. Its own small module: naming a run takes the spec alone, not job.py
+(which imports Ray and every stage).
+"""
+
+from __future__ import annotations
+
+from .spec import JobSpec, Subject
+
+# Settings that change neither the trained weights nor which checkpoint may resume: cadence, retries,
+# placement, and speed switches that compute the same step.
+# The export's precision is not either: the trained weights are the same.
+_NOT_IDENTITY = {"checkpoint_every", "checkpoint_upload", "keep_checkpoints", "max_failures", "use_gpu", "attention",
+                 "channels_last", "compile", "export_dtype"}
+
+
+def train_identity(cfg) -> dict:
+    """A stage's effective training settings, as far as they shape the run."""
+    t = cfg.model_dump(exclude=_NOT_IDENTITY)
+    if cfg.method != "lora":
+        t.pop("lora")
+    return t
+
+
+def subject_identity(spec: JobSpec, subject: Subject) -> dict:
+    ident = subject.model_dump(by_alias=True)
+    if subject.identifier == "auto":  # resolved from the vocabulary window and the seed
+        ident["identifiers"] = spec.identifiers.model_dump()
+    ident["skip_bad_images"] = spec.skip_bad_images  # which photos are trained on
+    return ident
+
+
+def run_name(spec: JobSpec, subject: Subject, model_identity: str, prior_key: str | None) -> str:
+    """The base stage's run: a changed setting is a new run, never a resume or a skip of another one."""
+    prior = spec.prior.model_dump(include={"enabled", "num_class_images", "loss_weight"})
+    key = spec.fingerprint(model_identity, subject_identity(spec, subject), prior, prior_key,
+                           train_identity(spec.train))
+    return f"{subject.name}-{key}"
+
+
+def sr_run_name(spec: JobSpec, subject: Subject, sr_identity: str, prior_key: str | None) -> str:
+    # The SR stage learns from the subject's photos alone, not from the base stage's weights, with the
+    # settings it inherits from `train` (workers, precision, accumulation, seed, flips) resolved.
+    sr = spec.sr.model_dump(include={"noise_aug", "prior_preservation", "prior_loss_weight"})
+    sr["input_resolution"] = spec.sr.input_resolution or spec.train.resolution
+    key = spec.fingerprint(sr_identity, subject_identity(spec, subject), sr, prior_key,
+                           train_identity(spec.stage_train("sr")))
+    return f"{subject.name}-sr-{key}"
