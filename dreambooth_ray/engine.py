@@ -72,8 +72,11 @@ def add_lora(unet, text_encoder, cfg: TrainConfig, family=None, **more_text_enco
 
 
 def configure_denoiser(denoiser, cfg: TrainConfig, family) -> None:
-    """Attention kernel and memory layout: settings that change speed, not what is computed."""
+    """Attention kernel, memory layout and checkpointing: settings that change speed and memory, not
+    what is computed."""
     family.set_attention(denoiser, classic=cfg.attention == "classic")
+    if cfg.gradient_checkpointing:  # non-reentrant torch.utils.checkpoint, RNG state kept for the recompute
+        denoiser.enable_gradient_checkpointing()
     # channels_last is set on the step's input, not the weights: DeepSpeed broadcasts and flattens
     # parameters as contiguous buffers, and a conv with a channels_last input runs channels_last.
     if cfg.compile:
@@ -84,6 +87,11 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     zero: dict = {"stage": cfg.zero_stage}
     if cfg.zero_stage >= 2:
         zero.update(overlap_comm=False, contiguous_gradients=True)
+    pin = torch.cuda.is_available()  # page-locked host buffers: faster copies to and from a GPU
+    if cfg.offload != "none":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if cfg.offload == "optimizer+params":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
     return {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation,
@@ -205,9 +213,29 @@ def _local_folder(path: str, subfolder: str):
 
 
 def optimizer(params, cfg: TrainConfig, on_gpu: bool, fused: bool | None = None) -> torch.optim.Optimizer:
+    if cfg.offload != "none":  # the state lives on the host: DeepSpeed's vectorised CPU AdamW updates it there
+        return cpu_adamw(params, cfg.learning_rate)
     # One fused kernel for the whole update on GPU; multi-tensor (foreach) on CPU, where fused is slower.
     kind = {"fused": True} if (on_gpu if fused is None else fused) else {"foreach": True}
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-2, **kind)
+
+
+def cpu_adamw(params, lr: float):
+    """DeepSpeed's CPU AdamW, with its bias correction a function of the step alone, so a resumed run
+    equals an uninterrupted one bit for bit. Its kernel keeps beta^t as a running product and restarts
+    it with pow() when the step jumps, as at a resume, which rounds differently (2.4e-7 apart after two
+    steps here). Made afresh before each step, the kernel takes pow() every time (after the first)."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    class CPUAdamW(DeepSpeedCPUAdam):
+        def step(self, closure=None):
+            g = self.param_groups[0]
+            self.ds_opt_adam.destroy_adam(self.opt_id)
+            self.ds_opt_adam.create_adam(self.opt_id, g["lr"], *g["betas"], g["eps"], g["weight_decay"],
+                                         self.adam_w_mode, False)
+            return super().step(closure)
+
+    return CPUAdamW(params, lr=lr, weight_decay=1e-2, adamw_mode=True)
 
 
 @torch.no_grad()
@@ -368,6 +396,8 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
         # Hub encoders may be stored in 16 bits: trained ones train in fp32. Modes as in training:
         # from_pretrained returns eval mode, which would switch off a trained T5's dropout.
         te.float().train() if name in trained else te.to(frozen_dtype(cfg)).eval()
+        if name in trained and cfg.gradient_checkpointing:
+            te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:
         family.add_lora(parts, cfg)
     denoiser = parts[family.denoiser].train()
@@ -392,15 +422,3 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
 
     return Engine(initialize(model, cfg, device, fused), data, cfg, loss)
 
-
-def token_ids(tok, prompts: list[str], with_mask: bool = False):
-    t = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-    return (t.input_ids, t.attention_mask) if with_mask else t.input_ids
-
-
-@torch.no_grad()
-def frozen_text_embeddings(te, ids, device, attention_mask=None) -> torch.Tensor:
-    te.requires_grad_(False).to(device)
-    out = te(ids.to(device), attention_mask=None if attention_mask is None else attention_mask.to(device))[0]
-    te.to("cpu")
-    return out

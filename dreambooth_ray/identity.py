@@ -8,10 +8,11 @@ from __future__ import annotations
 from .spec import JobSpec, Subject
 
 # Settings that change neither the trained weights nor which checkpoint may resume: cadence, retries,
-# placement, and speed switches that compute the same step.
+# placement, speed switches that compute the same step, and gradient checkpointing (the same step,
+# recomputed: a run that ran out of memory resumes with it on).
 # The export's precision is not either: the trained weights are the same.
 _NOT_IDENTITY = {"checkpoint_every", "checkpoint_upload", "keep_checkpoints", "max_failures", "use_gpu", "attention",
-                 "channels_last", "compile", "export_dtype"}
+                 "channels_last", "compile", "export_dtype", "gradient_checkpointing"}
 
 
 def train_identity(cfg) -> dict:

@@ -157,6 +157,13 @@ class TrainConfig(_Strict):
     # measured on an H100, two identical runs differ by ~2e-3 after 4 steps, so a resumed run cannot
     # equal an uninterrupted one. This trades some speed for identical runs (CPU runs are anyway).
     deterministic: bool = Field(False, description="deterministic GPU kernels: a resumed run equals an uninterrupted one bit for bit; an op with none fails the first step")
+    # Memory: what fits a smaller GPU, at some speed (see README, "Fitting a GPU").
+    gradient_checkpointing: bool = Field(False, description=(
+        "recompute the denoiser's (and trained text encoders') activations in backward: far less activation "
+        "memory, one more forward per step"))
+    offload: Literal["none", "optimizer", "optimizer+params"] = Field("none", description=(
+        "ZeRO-Offload: the optimizer state (and, under ZeRO-3, the parameters) in host memory, updated by "
+        "DeepSpeed's CPU Adam"))
     # Speed: each is measured on and off by `dreambooth-ray bench`.
     cache_latents: bool = Field(True, description="encode subject and class images with the VAE once, not every step")
     attention: Literal["sdpa", "classic"] = "sdpa"
@@ -193,6 +200,15 @@ class TrainConfig(_Strict):
         if self.method == "lora" and self.train_text_encoder:
             raise ValueError("train_text_encoder: true fine-tunes the whole text encoder, which a LoRA export "
                              "cannot hold; with method: lora, set lora.text_encoder: true for text-encoder adapters")
+        return self
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self):
+        # DeepSpeed offloads a partitioned optimizer (ZeRO 1-3) and partitioned parameters (ZeRO-3) only.
+        if self.offload != "none" and self.zero_stage == 0:
+            raise ValueError(f"offload {self.offload!r} needs zero_stage 1-3 (DeepSpeed offloads ZeRO's partitions)")
+        if self.offload == "optimizer+params" and self.zero_stage != 3:
+            raise ValueError("offload 'optimizer+params' needs zero_stage 3 (only ZeRO-3 partitions the parameters)")
         return self
 
     @model_validator(mode="after")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth_ray import engine, models
+from dreambooth_ray import engine, export, models
 from dreambooth_ray.loss import diffusion_target, prior_preservation_loss
 from dreambooth_ray.spec import TrainConfig
 
@@ -286,3 +286,75 @@ def test_trained_text_encoders_train_in_train_mode_and_frozen_ones_stay_in_eval(
                           cfg.model_copy(update={"train_text_encoder": False}), 1.0, CPU)
     assert frozen.ds.module.unet.training
     assert not any(m.training for m in held["text_encoder"].modules())
+
+
+def _traced_step(eng, step: int = 0):
+    """One micro-step by hand, as Engine.step takes it, with the activations' peak (torch's MemTracker:
+    live tensors by kind, on the CPU too); returns (loss, grads, peak activation bytes)."""
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    from dreambooth_ray.data import step_generator
+
+    g = step_generator(eng.cfg.seed, step)
+    torch.manual_seed(g.initial_seed())
+    rows, n = eng.data.batch(eng.cfg.batch_size, g)
+    tracker = MemTracker()
+    tracker.track_external(eng.ds.module)
+    with tracker:
+        loss, _, _ = eng.loss(eng.ds, rows, n, g)
+        eng.ds.backward(loss)
+    grads = {k: p.grad.clone() for k, p in eng.ds.module.named_parameters() if p.grad is not None}
+    eng.ds.step()
+    return loss.item(), grads, tracker.get_tracker_snapshot("peak")[CPU][_MemRefType.ACT]
+
+
+def test_gradient_checkpointing_computes_the_same_gradients_in_less_activation_memory(group, tiny_parts):
+    """`train.gradient_checkpointing` on the denoiser and a trained text encoder: the same loss and
+    gradients (fp32, ZeRO-0 so the gradients stay on the parameters), from activations recomputed in
+    backward instead of kept."""
+    plain = _build(tiny_parts, 1.0, zero_stage=0, train_text_encoder=True)
+    ckpt = _build(tiny_parts, 1.0, zero_stage=0, train_text_encoder=True, gradient_checkpointing=True)
+    assert ckpt.ds.module.unet.is_gradient_checkpointing and ckpt.ds.module.text_encoder.is_gradient_checkpointing
+    loss, grads, act = _traced_step(plain)
+    loss_c, grads_c, act_c = _traced_step(ckpt)
+    assert loss_c == loss and grads_c.keys() == grads.keys() and len(grads) > 100
+    for k in grads:
+        torch.testing.assert_close(grads_c[k], grads[k], rtol=1e-5, atol=1e-7, msg=k)
+    # Measured: 10.8 MB of activations at their peak without, 3.4 MB with (0.31x); unchanged (1.0x) if broken.
+    assert act_c < 0.5 * act, (act_c, act)
+
+
+@pytest.mark.parametrize("zero_stage,offload", [(2, "optimizer"), (3, "optimizer+params")])
+def test_zero_offload_trains_as_the_on_device_optimizer_and_resumes_bit_identically(group, tiny_parts, tmp_path,
+                                                                                   zero_stage, offload):
+    """ZeRO-Offload (DeepSpeed's CPU Adam over the host copy of the state) ends where torch's AdamW on the
+    device does, within float rounding; and a run saved at step 2 and resumed in a new engine ends
+    bit-identical to the run that went on."""
+    from dreambooth_ray.checkpoint import TAG
+
+    def weights(eng):
+        return {k: v.detach().float().clone() for k, v in export.live_state_dict(eng.ds, eng.cfg, 0).items()}
+
+    on_device = _build(tiny_parts, 1.0, zero_stage=zero_stage)
+    off = _build(tiny_parts, 1.0, zero_stage=zero_stage, offload=offload)
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    assert (offload == "none") != isinstance(off.ds.optimizer.optimizer, DeepSpeedCPUAdam)
+    for step in range(4):
+        on_device.step(step)
+        off.step(step)
+        if step == 1:
+            off.ds.save_checkpoint(str(tmp_path), tag=TAG)
+    a, b = weights(on_device), weights(off)
+    base = tiny_parts["unet"].state_dict()
+    moved = max((b[k] - base[k.split(".", 1)[1]]).abs().max().item() for k in b)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    # Measured: the weights moved up to 4.0e-3 in 4 steps at lr 1e-3; the two optimizers' weights differ by
+    # 2.4e-7 (ZeRO-2) and 2.8e-7 (ZeRO-3), float rounding of two AdamW kernels
+    assert moved > 1e-3 and worst < 2e-6, (moved, worst)
+    resumed = _build(tiny_parts, 1.0, zero_stage=zero_stage, offload=offload)
+    resumed.ds.load_checkpoint(str(tmp_path), tag=TAG)
+    for step in (2, 3):
+        resumed.step(step)
+    c = weights(resumed)
+    assert all(torch.equal(c[k], b[k]) for k in b)

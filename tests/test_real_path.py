@@ -17,12 +17,13 @@ def test_a_trained_t5_encoder_sees_the_padding_mask_as_in_inference():
     """IF's T5 reads the padding mask; with the encoder trained, the step must give the same
     prediction as the frozen path (and inference) does."""
     parts = models.load_components("tiny-if")
-    te, unet = parts["text_encoder"], parts["unet"]
-    ids, mask = engine.token_ids(parts["tokenizer"], ["a sks toy", "a toy"], with_mask=True)
+    te, unet, fam = parts["text_encoder"], parts["unet"], parts["family"]
+    inputs = fam.prompt_inputs(parts, ["a sks toy", "a toy"])
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
     assert (mask == 0).any()  # padded prompts, or the test shows nothing
     x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500])
     with torch.no_grad():
-        frozen = unet(x, t, engine.frozen_text_embeddings(te, ids, torch.device("cpu"), mask)).sample
+        frozen = unet(x, t, fam.encode_frozen(fam.encoders(parts), inputs, torch.device("cpu"))["encoder_hidden_states"]).sample
         trained = engine.DreamBoothModel(unet, te)(x, t, input_ids=ids, attention_mask=mask)
         unmasked = engine.DreamBoothModel(unet, te)(x, t, input_ids=ids)
     assert torch.equal(trained, frozen)
@@ -58,8 +59,11 @@ def test_run_identity_follows_every_effective_setting():
     assert names(changed("identifiers", rank_min=100), auto=True) != a
     assert names(changed("identifiers", rank_min=100)) == (b, sr)  # a fixed identifier ignores it
     # Cadence, retries and speed switches are the same run (resumable).
-    for setting in ({"checkpoint_every": 7}, {"max_failures": 5}, {"attention": "classic"}):
+    for setting in ({"checkpoint_every": 7}, {"max_failures": 5}, {"attention": "classic"},
+                    {"gradient_checkpointing": True}):
         assert names(changed("train", **setting)) == (b, sr), setting
+    # Offload updates with another optimizer kernel (DeepSpeed's CPU Adam): another run
+    assert names(changed("train", offload="optimizer"))[0] != b
 
 
 def test_lora_with_a_fully_trained_text_encoder_is_refused():
