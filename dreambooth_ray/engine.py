@@ -415,6 +415,12 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
         step_kw.update({k: v.to(dtype) for k, v in family.encode_frozen(encoders, inputs, device).items()})
         model = DreamBoothModel(denoiser, family=family)
     noise_scheduler = parts["noise_scheduler"]
+    # What the run no longer needs goes now, from the caller's dict too (a worker holds it for the whole
+    # run): frozen encoders, their states computed (T5-XXL is 19 GB in fp32), and a VAE whose latents are cached.
+    for name in set(encoders) - trained:
+        parts[name] = None
+    if cfg.cache_latents:
+        parts["vae"] = None
 
     def loss(model, rows, n, g, row_cond=None):
         extra = {} if row_cond is None else {family.row_key: row_cond.to(device)}

@@ -130,6 +130,8 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
     states = family.encode_frozen(encoders, family.prompt_inputs(parts, prompts),
                                   device)["encoder_hidden_states"].to(dtype)
     scaling = parts["vae"].config.scaling_factor if kind == "x4" else 1.0
+    for name in list(encoders) + (["vae"] if kind == "x4" else []):  # frozen, used: not kept for the run
+        parts[name] = None
     parts["unet"].train()
     engine.configure_denoiser(parts["unet"], cfg, family)
     model = engine.DreamBoothModel(parts["unet"], family=family)

@@ -281,11 +281,26 @@ def test_trained_text_encoders_train_in_train_mode_and_frozen_ones_stay_in_eval(
     again = engine.build(copy.deepcopy(parts), photo, [], "a sks toy", "a toy", cfg, 1.0, CPU)
     assert eng.step(3).tolist() == again.step(3).tolist()  # the same step draws the same dropout
     held = copy.deepcopy(parts)
-    held["text_encoder"].train()  # whatever mode it arrives in, a frozen encoder computes in eval
+    te = held["text_encoder"].train()  # whatever mode it arrives in, a frozen encoder computes in eval
     frozen = engine.build(held, photo, [], "a sks toy", "a toy",
                           cfg.model_copy(update={"train_text_encoder": False}), 1.0, CPU)
     assert frozen.ds.module.unet.training
-    assert not any(m.training for m in held["text_encoder"].modules())
+    assert not any(m.training for m in te.modules())
+
+
+def test_the_engine_keeps_no_frozen_encoder_or_cached_vae_once_built(group, tiny_parts):
+    """A frozen text encoder's states and a frozen VAE's latents are computed once at build; neither
+    module stays referenced for the run (the worker's parts dict included), so their memory goes."""
+    import gc
+    import weakref
+
+    parts = copy.deepcopy(tiny_parts)
+    gone = {n: weakref.ref(parts[n]) for n in ("text_encoder", "vae")}
+    cfg = TrainConfig(resolution=32, mixed_precision="fp32", learning_rate=1e-3)
+    eng = engine.build(parts, [Image.new("RGB", (32, 32), "red")], [], "a sks toy", "a toy", cfg, 1.0, CPU)
+    gc.collect()
+    assert {n: r() is None for n, r in gone.items()} == {"text_encoder": True, "vae": True}
+    assert parts["unet"] is eng.ds.module.unet and eng.step(0)[0] > 0  # what trains is kept, and trains
 
 
 def _traced_step(eng, step: int = 0):
