@@ -158,7 +158,8 @@ def table(rows: dict):
 
 
 # A subject's time, stage by stage, as job.json, results.json and the results table show it.
-TIMELINE = (("waiting_for_a_slot", "slot"), ("waiting_for_class_images", "priors"), ("worker_start", "start"),
+TIMELINE = (("waiting_for_a_slot", "slot"), ("waiting_for_class_images", "priors"), ("encode", "enc"),
+            ("worker_start", "start"),
             ("model_load", "load"), ("latent_cache_and_engine", "cache"), ("checkpoint_buffers", "buffers"),
             ("steps", "steps"), ("checkpoint_stalls", "ckpt"), ("validation_handover", "val"), ("sr", "sr"),
             ("export", "export"), ("samples", "samples"))

@@ -34,17 +34,28 @@ class DreamBoothData:
         if not instance:
             raise ValueError("no instance images")
         self.random_flip = random_flip
-        self.latent = encode is not None
-
-        def pool(images: list[Image.Image]) -> torch.Tensor:
-            px = to_tensor(images)
-            variants = [px, px.flip(-1)] if random_flip else [px]
-            return torch.stack([encode(v) if encode else v for v in variants], dim=1)
-
-        self.instance = pool(instance)
-        self.classes = pool(classes) if classes else None
+        self.instance = self.pool(instance, random_flip, encode)
+        self.classes = self.pool(classes, random_flip, encode) if classes else None
         # Per-row conditioning ([N, flip variants, ...], e.g. SDXL's time ids), picked with its row.
         self.row_cond, self.class_cond = row_cond, class_cond
+
+    @staticmethod
+    def pool(images: list[Image.Image], random_flip: bool, encode=None) -> torch.Tensor:
+        """[N, flip variants, ...]: the images' pixels, or what `encode` makes of them."""
+        px = to_tensor(images)
+        variants = [px, px.flip(-1)] if random_flip else [px]
+        # Contiguous: a VAE's output on the CPU comes channels-last, which steers the denoiser's kernels
+        # (another summation order) differently from the same pool read back from storage (encode.py).
+        return torch.stack([encode(v) if encode else v for v in variants], dim=1).contiguous()
+
+    @classmethod
+    def of_pools(cls, instance: torch.Tensor, classes: torch.Tensor | None, random_flip: bool,
+                 row_cond: torch.Tensor | None = None, class_cond: torch.Tensor | None = None) -> "DreamBoothData":
+        """From pools made elsewhere (latents encoded off the training workers, see encode.py)."""
+        self = cls.__new__(cls)
+        self.random_flip, self.instance, self.classes = random_flip, instance, classes
+        self.row_cond, self.class_cond = row_cond, class_cond
+        return self
 
     @property
     def with_prior(self) -> bool:

@@ -356,42 +356,83 @@ def initialize(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, f
     return ds
 
 
+@dataclass
+class FrozenInputs:
+    """What a run computes once from its frozen parts: the prompts' conditioning (frozen text encoders;
+    rows [instance x batch; class x batch]) and the latent pools of the photos and class images (a
+    frozen VAE with cached latents). Made by `frozen_inputs`, in `build` or in a Ray task off the
+    training workers (encode.py), which then never load those parts."""
+
+    conditioning: dict | None = None
+    instance: torch.Tensor | None = None
+    classes: torch.Tensor | None = None
+    scaling_factor: float | None = None
+    shift_factor: float = 0.0
+
+
+def trained_encoders(family, cfg: TrainConfig) -> set[str]:
+    return set(family.trainable_encoders) if cfg.train_text_encoder or (cfg.method == "lora" and cfg.lora.text_encoder) else set()
+
+
+def frozen_parts(family, cfg: TrainConfig) -> set[str]:
+    """The parts whose outputs FrozenInputs carries: a worker given them needs none of these."""
+    out = set() if trained_encoders(family, cfg) else set(family.text_encoders)
+    return out | ({"vae"} if cfg.cache_latents and family.latent else set())
+
+
+def prompts_of(instance_text: str, class_text: str, cfg: TrainConfig, with_prior: bool) -> list[str]:
+    return [instance_text] * cfg.batch_size + ([class_text] * cfg.batch_size if with_prior else [])
+
+
+@torch.no_grad()
+def frozen_inputs(parts: dict, instance, classes, instance_text: str, class_text: str, cfg: TrainConfig,
+                  device: torch.device) -> FrozenInputs:
+    family, out, frozen = parts["family"], FrozenInputs(), frozen_parts(parts["family"], cfg)
+    if "vae" in frozen:  # every row once (fp32, each flip); the VAE then leaves the device for good
+        vae = parts["vae"].requires_grad_(False).to(device, torch.float32)
+        encode = latent_encoder(vae, device)
+        out.instance = DreamBoothData.pool(instance, cfg.random_flip, encode)
+        out.classes = DreamBoothData.pool(classes, cfg.random_flip, encode) if classes else None
+        out.scaling_factor, out.shift_factor = vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0
+        vae.to("cpu")
+    if family.text_encoders[0] in frozen:  # the prompts' conditioning never changes: computed once
+        encoders = {n: te.to(frozen_dtype(cfg)).eval() for n, te in family.encoders(parts).items()}
+        inputs = family.prompt_inputs(parts, prompts_of(instance_text, class_text, cfg, bool(classes)))
+        out.conditioning = family.encode_frozen(encoders, inputs, device)
+    return out
+
+
 def build(parts: dict, instance, classes, instance_text: str, class_text: str, cfg: TrainConfig,
-          prior_weight: float, device: torch.device, fused: bool | None = None, geometry: list | None = None) -> Engine:
+          prior_weight: float, device: torch.device, fused: bool | None = None, geometry: list | None = None,
+          frozen: FrozenInputs | None = None) -> Engine:
     """Data, model and DeepSpeed engine for one subject's base stage on this worker. `parts` are the
     family's (models.load_components); `geometry`: each subject photo's (original h, w, crop top,
-    left, resized h, w), for a family that conditions on it (SDXL)."""
+    left, resized h, w), for a family that conditions on it (SDXL); `frozen`: what the frozen parts
+    make, computed elsewhere (then `parts` need not hold them), else computed here."""
     from .families import SD
 
     family = parts.get("family") or SD
     dtype = weight_dtype(cfg)
     if device.type == "cuda":  # fp32 matmuls (frozen parts, fp32 mode) on TF32 tensor cores
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    vae = parts.get("vae")
     step_kw: dict = {"channels_last": cfg.channels_last, "autocast": autocast_dtype(cfg), "family": family, "cfg": cfg}
     row_cond = family.row_conditioning(geometry or [None] * len(instance), cfg.resolution, cfg.random_flip)
     class_cond = family.row_conditioning([None] * len(classes), cfg.resolution, cfg.random_flip) if classes else None
     cond = {} if row_cond is None else {"row_cond": row_cond, "class_cond": class_cond}
-    if vae is None:  # a pixel-space model (IF stage I): the images themselves are diffused
+    if frozen is None:  # computed here, as the encode task computes it elsewhere
+        frozen = frozen_inputs(parts, instance, classes, instance_text, class_text, cfg, device)
+    if frozen.instance is not None:  # cached latents (the VAE's distribution, both flips)
+        data = DreamBoothData.of_pools(frozen.instance, frozen.classes, cfg.random_flip, **cond)
+        step_kw.update(scaling_factor=frozen.scaling_factor, shift_factor=frozen.shift_factor)
+    else:  # pixels: a pixel-space model (IF stage I) diffuses them, else the VAE encodes them every step
         data = DreamBoothData(instance, classes, cfg.random_flip, **cond)
-    elif cfg.cache_latents:
-        vae.requires_grad_(False)
-        # Encode every row once (fp32, both flips); the VAE then leaves the device for good.
-        data = DreamBoothData(instance, classes, cfg.random_flip, latent_encoder(vae.to(device, torch.float32), device),
-                              **cond)
-        step_kw["scaling_factor"] = vae.config.scaling_factor
-        step_kw["shift_factor"] = vae.config.get("shift_factor") or 0.0
-        vae.to("cpu")
-    else:
-        data = DreamBoothData(instance, classes, cfg.random_flip, **cond)
-        fp32 = family.vae_fp32 or dtype == torch.float16  # SDXL's VAE overflows in fp16
-        step_kw["vae"] = vae.requires_grad_(False).to(device, torch.float32 if fp32 else dtype)
+        if family.latent:
+            fp32 = family.vae_fp32 or dtype == torch.float16  # SDXL's VAE overflows in fp16
+            step_kw["vae"] = parts["vae"].requires_grad_(False).to(device, torch.float32 if fp32 else dtype)
 
-    prompts = [instance_text] * cfg.batch_size + ([class_text] * cfg.batch_size if data.with_prior else [])
-    inputs = family.prompt_inputs(parts, prompts)
-    encoders = family.encoders(parts)
+    encoders = {n: te for n, te in family.encoders(parts).items() if te is not None}
     lora = cfg.method == "lora"
-    trained = set(family.trainable_encoders) if cfg.train_text_encoder or (lora and cfg.lora.text_encoder) else set()
+    trained = trained_encoders(family, cfg)
     for name, te in encoders.items():
         # Hub encoders may be stored in 16 bits: trained ones train in fp32. Modes as in training:
         # from_pretrained returns eval mode, which would switch off a trained T5's dropout.
@@ -409,18 +450,16 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
     step_kw.update(family.fixed_conditioning(cfg, denoiser))
     if trained:
         model = DreamBoothModel(denoiser, family=family, **{n: encoders[n] for n in family.trainable_encoders})
-        step_kw.update(family.trained_inputs(parts, inputs, device))
+        step_kw.update(family.trained_inputs(parts, family.prompt_inputs(parts, prompts_of(
+            instance_text, class_text, cfg, data.with_prior)), device))
     else:
-        # Frozen text encoders: the two prompts' conditioning never changes, so compute it once.
-        step_kw.update({k: v.to(dtype) for k, v in family.encode_frozen(encoders, inputs, device).items()})
+        step_kw.update({k: v.to(device, dtype) for k, v in frozen.conditioning.items()})
         model = DreamBoothModel(denoiser, family=family)
     noise_scheduler = parts["noise_scheduler"]
     # What the run no longer needs goes now, from the caller's dict too (a worker holds it for the whole
     # run): frozen encoders, their states computed (T5-XXL is 19 GB in fp32), and a VAE whose latents are cached.
-    for name in set(encoders) - trained:
+    for name in frozen_parts(family, cfg):
         parts[name] = None
-    if cfg.cache_latents:
-        parts["vae"] = None
 
     def loss(model, rows, n, g, row_cond=None):
         extra = {} if row_cond is None else {family.row_key: row_cond.to(device)}

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import ray
 from rich.console import Console
 
-from . import checkpoint, cluster, export, identifiers, models, preflight, priors, report, samples, tracking, train
+from . import checkpoint, cluster, encode, export, identifiers, models, preflight, priors, report, samples, tracking, train
 from .console import Board, Reporter, View, log_files, save_logs
 from .identity import run_name, sr_run_name
 from .images import load_subject_images
@@ -289,6 +289,11 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeli
         t = spec.train
         reporter.stage("training", f"training {t.steps} steps, {t.method}, lr {t.learning_rate:g}, {t.describe_batch()}, "
                      f"ZeRO-{t.zero_stage}, {t.mixed_precision}, {'GPU' if use_gpu else 'CPU'} (run {name})", total=t.steps)
+        if stage_needs_encoding(spec, storage, name):
+            t1 = time.perf_counter()
+            reporter.say(f"encoding the prompts and images with the frozen {', '.join(sorted(encode.needed(spec)))}")
+            ray.get(encode.encode_task.options(num_gpus=1 if use_gpu else 0).remote(spec, subject, name, prior_key))
+            timeline["encode"] = time.perf_counter() - t1
         train_start = time.time()
         validator = (samples.Validator.options(num_gpus=spec.samples.validation_gpus if use_gpu else 0)
                      .remote(spec, subject, name) if spec.samples.validation_every else None)
@@ -328,6 +333,10 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeli
     return SubjectResult(subject.name, "done", model_url, samples_url, int(metrics.get("step", spec.train.steps)),
                          metrics.get("loss"), time.perf_counter() - t0, stages, train_start=train_start,
                          train_end=train_end, timeline=timeline)
+
+
+def stage_needs_encoding(spec: JobSpec, storage: Storage, run: str) -> bool:
+    return bool(encode.needed(spec)) and not storage.exists(*encode.where(spec, run))
 
 
 def _run_sr(spec, subject, storage, out, name, prior_cache, use_gpu, reporter: Reporter):

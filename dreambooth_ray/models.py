@@ -110,14 +110,15 @@ def family(ref: str, s3: S3Settings | None = None, role: str | None = None):
         raise ModelError(f"model {ref!r}: cannot load ({e})") from None
 
 
-def load_components(ref: str, s3: S3Settings | None = None, partitioned=None):
+def load_components(ref: str, s3: S3Settings | None = None, partitioned=None, skip: frozenset = frozenset()):
     """The parts training needs, as the model's family loads them (families/), plus the family itself
     under "family": tokenizer(s), text encoder(s), a VAE (`vae: None` for a pixel-space family such
     as DeepFloyd IF stage I), the denoiser (UNet or transformer) and its training schedule.
-    `partitioned`: a loader that shards the denoiser as it is built (ZeRO-3, engine.load_partitioned)."""
+    `partitioned`: a loader that shards the denoiser as it is built (ZeRO-3, engine.load_partitioned);
+    `skip`: frozen parts not to load (None in the dict), whose outputs the caller has (encode.py)."""
     fam = family(ref, s3)
     try:
-        return fam.load_parts(resolve(ref, s3), partitioned)
+        return fam.load_parts(resolve(ref, s3), partitioned, frozenset(skip))
     except OSError as e:
         raise ModelError(f"model {ref!r}: cannot load ({e})") from None
 

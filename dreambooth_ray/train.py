@@ -24,7 +24,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from . import checkpoint, engine, export, models, samples, snapshot, sr
+from . import checkpoint, encode, engine, export, models, samples, snapshot, sr
 from .images import load_subject_images
 from .priors import PriorCache
 from .spec import JobSpec, Subject
@@ -90,8 +90,11 @@ def train_subject(config: dict, rank: int) -> dict:
         classes = PriorCache(Storage(spec.storage, spec.s3), config["prior_key"], subject.class_text,
                              cfg.resolution, spec.prior).load(spec.prior.num_class_images)
     phase("photos_and_class_images")
+    # The frozen parts' outputs, computed off the workers (encode.py): those parts are not loaded here.
+    frozen = encode.load(Storage(spec.storage, spec.s3), spec, config["run_name"]) if stage == "base" else None
+    skipped = sorted(encode.needed(spec)) if frozen is not None else []
     parts = (models.load_sr_components(spec.sr.model, spec.s3) if stage == "sr"
-             else models.load_components(spec.model, spec.s3, engine.partitioned_loader(cfg)))
+             else models.load_components(spec.model, spec.s3, engine.partitioned_loader(cfg), skip=skipped))
     phase("model_load")
     if stage == "sr":
         eng = sr.build(parts, instance, classes, subject.instance_text,
@@ -99,7 +102,7 @@ def train_subject(config: dict, rank: int) -> dict:
     else:
         eng = engine.build(parts, instance, classes, subject.instance_text,
                            subject.class_text, cfg, spec.prior.loss_weight, device,
-                           geometry=[s.geometry for s in photos])
+                           geometry=[s.geometry for s in photos], frozen=frozen)
     lora = cfg.method == "lora"
     tag = subject.name if stage == "base" else f"{subject.name} {stage}"
     phase("latent_cache_and_engine")  # VAE latents, frozen text embeddings, DeepSpeed set-up
@@ -127,6 +130,7 @@ def train_subject(config: dict, rank: int) -> dict:
             "lr": eng.lr(), "steps_per_s": (done - last) / max(elapsed, 1e-9),
             "node_id": ray.get_runtime_context().get_node_id(),  # rank 0's node: where the run was placed
             "lane": config["lane"],  # the worker group that trained it
+            "parts_not_loaded": skipped,  # frozen parts whose outputs the encode task computed
         }
         phase("steps")
         waited, eng.checkpoint_wait = eng.checkpoint_wait, 0.0  # a checkpoint's stall, paid inside the step

@@ -37,6 +37,9 @@ def test_quickstart_end_to_end_then_rerun_does_nothing(quickstart):
     # micro-steps and ranks, linear, so L = L_subject + 0.5 L_prior holds for them to float32 rounding.
     assert m["prior_loss"] > 0 and m["loss"] == pytest.approx(m["instance_loss"] + 0.5 * m["prior_loss"], rel=1e-6)
     assert record["versions"]["deepspeed"] and record["spec"]["train"]["zero_stage"] == 2
+    # The frozen text encoder and VAE ran once in the encode task; the training workers never loaded them
+    assert m["parts_not_loaded"] == ["text_encoder", "vae"] and record["timeline"]["encode"] > 0
+    assert (store / "encoded" / "quickstart" / record["run"] / "frozen.safetensors").is_file()
     # batch_size is per worker: the quickstart's 2 workers see 2 photos a step
     assert record["global_batch"] == {"per_worker": 1, "workers": 2, "accumulation": 1,
                                       "subject_images_per_step": 2, "subject_images_in_run": 2 * steps}

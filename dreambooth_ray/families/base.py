@@ -130,18 +130,19 @@ class Family:
             return partitioned(self.denoiser_type(), path, self.denoiser)
         return self.denoiser_type().from_pretrained(path, subfolder=self.denoiser)
 
-    def load_parts(self, path: str, partitioned=None) -> dict:
+    def load_parts(self, path: str, partitioned=None, skip: frozenset = frozenset()) -> dict:
+        """`skip`: parts not to load (frozen ones whose outputs a worker is given: engine.FrozenInputs)."""
         from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline
 
         index = DiffusionPipeline.load_config(path)
         parts = {tok: self._tokenizer(path, tok) for tok in self.tokenizers}
-        parts.update({te: self._text_encoder(path, index, te) for te in self.text_encoders})
+        parts.update({te: None if te in skip else self._text_encoder(path, index, te) for te in self.text_encoders})
         parts.update(
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae") if self.latent else None,
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae") if self.latent and "vae" not in skip else None,
             noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
             family=self,
         )
-        parts[self.denoiser] = self.load_denoiser(path, partitioned)
+        parts[self.denoiser] = None if self.denoiser in skip else self.load_denoiser(path, partitioned)
         return parts
 
     def trained_inputs(self, parts: dict, inputs: dict, device) -> dict:

@@ -86,18 +86,19 @@ class FlowMatchingFamily(Family):
             return AutoTokenizer.from_pretrained(path, subfolder=name)
         return super()._tokenizer(path, name)
 
-    def load_parts(self, path: str, partitioned=None) -> dict:
+    def load_parts(self, path: str, partitioned=None, skip: frozenset = frozenset()) -> dict:
+        """`skip`: parts not to load (frozen ones whose outputs a worker is given: engine.FrozenInputs)."""
         from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
         index = DiffusionPipeline.load_config(path)
         parts = {tok: self._tokenizer(path, tok) for tok in self.tokenizers}
-        parts.update({te: self._text_encoder(path, index, te) for te in self.text_encoders})
+        parts.update({te: None if te in skip else self._text_encoder(path, index, te) for te in self.text_encoders})
         parts.update(
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
+            vae=None if "vae" in skip else AutoencoderKL.from_pretrained(path, subfolder="vae"),
             noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"),
             family=self,
         )
-        parts[self.denoiser] = self.load_denoiser(path, partitioned)
+        parts[self.denoiser] = None if self.denoiser in skip else self.load_denoiser(path, partitioned)
         return parts
 
     # ---- prompts --------------------------------------------------------------------------------

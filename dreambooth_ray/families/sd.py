@@ -25,7 +25,7 @@ class SRFamily(Family):
     noising_scheduler = ""  # the subfolder of the low-res noise-augmentation schedule
     supports = {"full": True, "lora": False, "text_encoder": False, "sr": True}
 
-    def load_parts(self, path: str, partitioned=None) -> dict:
+    def load_parts(self, path: str, partitioned=None, skip: frozenset = frozenset()) -> dict:
         from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline
 
         index = DiffusionPipeline.load_config(path)

@@ -1,0 +1,81 @@
+"""Encode: what a subject's base run computes from its frozen parts, once, off the training workers.
+
+A DreamBooth run encodes two prompts (instance, class) with frozen text encoders and, with cached
+latents, a few photos and the class images with a frozen VAE. A Ray task does it after the class
+images are ready, on one device, and stores the result beside the run (safetensors: nothing
+unpickled); the training workers load only what they train (the denoiser; text encoders only when
+trained), so a T5-XXL (19 GB in fp32) or the VAE is never built on them.
+"""
+
+from __future__ import annotations
+
+import json
+
+import ray
+import torch
+
+from . import engine, models
+from .images import load_subject_images
+from .priors import PriorCache
+from .spec import JobSpec, Subject
+from .storage import Storage
+
+FILE = "frozen.safetensors"
+
+
+def where(spec: JobSpec, run: str) -> tuple[str, ...]:
+    # Keyed by the run's name, which hashes everything they depend on (model, subject, prompts,
+    # class images, resolution, batch, flips, precision).
+    return ("encoded", spec.name, run, FILE)
+
+
+def needed(spec: JobSpec) -> frozenset:
+    """The parts a base run's workers can skip: what the encode task computes for them."""
+    return frozenset(engine.frozen_parts(models.family(spec.model, spec.s3), spec.train))
+
+
+def save(storage: Storage, spec: JobSpec, run: str, frozen: engine.FrozenInputs) -> None:
+    from safetensors.torch import save as to_bytes
+
+    tensors = {f"conditioning.{k}": v.contiguous().cpu() for k, v in (frozen.conditioning or {}).items()}
+    tensors.update({k: v.contiguous() for k, v in (("instance", frozen.instance), ("classes", frozen.classes))
+                    if v is not None})
+    meta = {"scaling_factor": frozen.scaling_factor, "shift_factor": frozen.shift_factor,
+            "conditioning": frozen.conditioning is not None}
+    storage.write_bytes(to_bytes(tensors, metadata={"frozen": json.dumps(meta)}), *where(spec, run))
+
+
+def load(storage: Storage, spec: JobSpec, run: str) -> engine.FrozenInputs | None:
+    from safetensors.torch import load as from_bytes
+
+    blob = storage.read_bytes(*where(spec, run))
+    if blob is None:
+        return None
+    tensors, meta = from_bytes(blob), _metadata(blob)
+    cond = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("conditioning.")}
+    return engine.FrozenInputs(conditioning=cond if meta["conditioning"] else None,
+                               instance=tensors.get("instance"), classes=tensors.get("classes"),
+                               scaling_factor=meta["scaling_factor"], shift_factor=meta["shift_factor"])
+
+
+def _metadata(blob: bytes) -> dict:
+    n = int.from_bytes(blob[:8], "little")  # safetensors: an 8-byte header length, then the JSON header
+    return json.loads(json.loads(blob[8 : 8 + n])["__metadata__"]["frozen"])
+
+
+@ray.remote(num_cpus=0)
+def encode_task(spec: JobSpec, subject: Subject, run: str, prior_key: str | None) -> dict:
+    """Compute and store the base run's frozen inputs (GPU when the task is given one)."""
+    import time
+
+    t0, cfg = time.perf_counter(), spec.train
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    storage = Storage(spec.storage, spec.s3)
+    photos = load_subject_images(subject.images, cfg.resolution, spec.s3, spec.skip_bad_images)
+    classes = (PriorCache(storage, prior_key, subject.class_text, cfg.resolution, spec.prior)
+               .load(spec.prior.num_class_images) if prior_key else [])
+    parts = models.load_components(spec.model, spec.s3, skip={models.family(spec.model, spec.s3).denoiser})
+    frozen = engine.frozen_inputs(parts, [p.image for p in photos], classes, subject.instance_text,
+                                  subject.class_text, cfg, device)
+    save(storage, spec, run, frozen)
+    return {"seconds": round(time.perf_counter() - t0, 3), "parts": sorted(needed(spec))}

@@ -1,0 +1,56 @@
+"""Frozen parts off the training workers (encode.py): a worker given the encode task's output never
+builds a frozen text encoder or VAE, and trains exactly as the worker that computes them itself."""
+
+import copy
+import gc
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dreambooth_ray import encode, engine, models
+from dreambooth_ray.spec import TrainConfig, parse_spec
+from dreambooth_ray.storage import Storage
+
+from conftest import tiny_spec
+
+CPU = torch.device("cpu")
+
+
+def _live(kinds) -> int:
+    return sum(isinstance(o, kinds) for o in gc.get_objects())
+
+
+@pytest.mark.parametrize("ref", ["tiny", "tiny-sdxl", "tiny-flux"])
+def test_a_worker_given_the_frozen_inputs_builds_no_frozen_part_and_trains_as_before(group, tmp_path, ref):
+    from diffusers import AutoencoderKL
+    from transformers import PreTrainedModel
+
+    cfg = TrainConfig(resolution=32, mixed_precision="fp32", zero_stage=2, learning_rate=1e-3, batch_size=2)
+    rng = np.random.default_rng(0)
+    photos = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(3)]
+    classes = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(2)]
+    spec = parse_spec(tiny_spec(str(tmp_path), str(tmp_path), model=ref))
+    full = models.load_components(ref)
+    fam = full["family"]
+    assert encode.needed(spec) == {*fam.text_encoders, "vae"}
+    # The task's computation, through storage (safetensors) as a worker reads it
+    made = engine.frozen_inputs(copy.deepcopy(full), photos, classes, "a sks toy", "a toy", cfg, CPU)
+    storage = Storage(str(tmp_path / "store"))
+    encode.save(storage, spec, "run-1", made)
+    frozen = encode.load(storage, spec, "run-1")
+    assert frozen.conditioning.keys() == made.conditioning.keys()
+
+    gc.collect()
+    before = _live((PreTrainedModel, AutoencoderKL))
+    lean = models.load_components(ref, skip=encode.needed(spec))
+    assert _live((PreTrainedModel, AutoencoderKL)) == before  # no text encoder, no VAE was built
+    assert all(lean[n] is None for n in encode.needed(spec))
+
+    a = engine.build(lean, photos, classes, "a sks toy", "a toy", cfg, 1.0, CPU, frozen=frozen)
+    b = engine.build(copy.deepcopy(full), photos, classes, "a sks toy", "a toy", cfg, 1.0, CPU)
+    for step in range(3):
+        assert a.step(step).tolist() == b.step(step).tolist(), step
+    wa, wb = a.ds.module.state_dict(), b.ds.module.state_dict()
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
