@@ -14,6 +14,7 @@ what a new user types first) and at scene prompts (beach, snow: scenes the subje
   recontext       the scene samples: the prompted scene.
   pres            "a toy [in <scene>]" after fine-tuning: class samples that show the subject's colour and
                   pattern (the paper's PRES: language drift toward the subject; lower is better).
+  colour_drift    the same class samples in the subject's colour, whatever their pattern.
   div             distinct (colour, pattern) pairs among those class samples / all 15 pairs (the paper's
                   DIV stand-in: output diversity of the class).
   judge           the judge's accuracy per attribute on held-out renders of the toy world's generator
@@ -98,8 +99,19 @@ def run_job(data: dict, storage: Path) -> tuple[str, float]:
         rc = cli.main(["run", str(spec)])
     if rc != 0:
         raise SystemExit(f"dreambooth-ray run {spec} failed (rc {rc})")
-    model = next(storage.glob(f"outputs/{data['name']}/{data['subject']['name']}/model"))
-    return str(model), time.time() - t0
+    out = storage / "outputs" / data["name"] / data["subject"]["name"]
+    return str(out / ("lora" if data["train"].get("method") == "lora" else "model")), time.time() - t0
+
+
+def load_export(path: str):
+    """The export as a user loads it: a pipeline folder, or a LoRA adapter on the base model."""
+    from dreambooth_ray import models
+
+    if Path(path).name != "lora":
+        return models.load_pipeline(path)
+    pipe = models.load_pipeline("toy")
+    pipe.load_lora_weights(path)
+    return pipe
 
 
 def measure(pipe, judge, subject: str, n: int, seed: int, steps: int, identifier: str | None) -> dict:
@@ -192,7 +204,7 @@ def main(argv=None) -> dict:
         print(json.dumps(result["judge_accuracy"]))
     if args.judge_only:
         return result
-    work = Path(args.work or tempfile.mkdtemp(prefix="toyworld-claims-"))
+    work = Path(args.work or tempfile.mkdtemp(prefix="toyworld-claims-")).resolve()  # the spec resolves paths from its folder
     result["models"], grids = {}, {}
     m, grids["base"] = measure(base, judge, args.subject, args.n, args.seed, args.sample_steps, identifier=None)
     result["models"]["base"] = dict(class_prompts=m)
@@ -202,7 +214,7 @@ def main(argv=None) -> dict:
             key = variant if method == "full" else f"{method}_{variant}"
             data = job_spec(args.subject, work / key, method, variant == "prior", sets)
             path, secs = run_job(data, work / key)
-            pipe = models.load_pipeline(path)
+            pipe = load_export(path)
             subj, ims_s = measure(pipe, judge, args.subject, args.n, args.seed, args.sample_steps, identifier="sks")
             cls_, ims_c = measure(pipe, judge, args.subject, args.n, args.seed, args.sample_steps, identifier=None)
             result["models"][key] = dict(run_seconds=round(secs, 1), train=data["train"], prior=data["prior"],
@@ -221,6 +233,7 @@ def main(argv=None) -> dict:
 
     bare, scenes = split(result["models"]["base"]["class_prompts"])
     claims = {"fidelity_before": mean(scenes, "subject"), "fidelity_before_bare": bare["subject"],
+              "colour_base": mean(scenes, "colour"), "colour_base_bare": bare["colour"],
               "div_base": mean(scenes, "pairs") / n_pairs, "div_base_bare": bare["pairs"] / n_pairs}
     for key, r in result["models"].items():
         if key == "base":
@@ -231,6 +244,8 @@ def main(argv=None) -> dict:
                        f"colour_bare_{key}": sb["colour"], f"pattern_bare_{key}": sb["pattern"],
                        f"recontext_{key}": mean(ss, "scene"),
                        f"pres_{key}": mean(cs, "subject"), f"pres_bare_{key}": cb["subject"],
+                       # the colour alone: drift PRES misses when the class takes the subject's colour, not its pattern
+                       f"colour_drift_{key}": mean(cs, "colour"), f"colour_drift_bare_{key}": cb["colour"],
                        f"div_{key}": mean(cs, "pairs") / n_pairs, f"div_bare_{key}": cb["pairs"] / n_pairs})
     result["claims"] = claims
     out = Path(args.out)
