@@ -72,6 +72,8 @@ def job_spec(subject: str, storage: Path, method: str, prior: bool, sets: dict) 
     if method == "lora":  # the shipped LoRA defaults: the quickstart's learning rate is full fine-tuning's
         data["train"]["method"] = "lora"
         data["train"].pop("learning_rate", None)
+        # what the quickstart trains, adapted: a trained text encoder becomes text-encoder adapters
+        data["train"]["lora"] = {"text_encoder": bool(data["train"].pop("train_text_encoder", False))}
     data["prior"]["enabled"] = prior
     for key, value in sets.items():
         *path, last = key.split(".")
