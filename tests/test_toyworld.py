@@ -131,19 +131,40 @@ COMPETENCE_FLOOR = {"cls": 0.8, "colour": 0.8, "scene": 0.8}
 
 @needs_weights
 def test_dreambooth_learns_the_subject_and_prior_preservation_limits_drift(ray_cluster, tmp_path):
-    """benchmarks/toyworld_claims.py through `dreambooth-ray run` (two 150-step runs, ~4 min on 2 CPUs).
-    Measured (benchmarks/results/toyworld.json, n=12): subject fidelity 0.00 before, 0.875 without prior,
-    0.79 with; scene recontextualisation 1.00; PRES 0.75 without prior, 0.25 with. Margins sit about
-    half-way, so the test fails when fine-tuning stops learning or the prior loss stops working."""
+    """benchmarks/toyworld_claims.py through `dreambooth-ray run` (the quickstart, with and without the
+    prior; two 150-step runs). CPU training is deterministic, so these are the measured values of
+    benchmarks/results/toyworld.json (n=16): before 0.00; with the prior, "a sks toy" 0.875 (its dots
+    0.875), on the beach/snow 0.97, scene drawn 0.84; without, 0.69, 0.78, 0.56. "a toy": PRES 0.00 with
+    the prior, 0.75 without (scenes 0.00 / 0.91), purple 0.00 / 1.00. Margins sit about half-way, so the
+    test fails when fine-tuning stops learning or the prior loss stops working."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from toyworld_claims import main
 
-    c = main(["--steps", "150", "--n", "12", "--out", str(tmp_path / "toyworld.json"),
+    c = main(["--methods", "full", "--n", "16", "--judge-n", "0", "--out", str(tmp_path / "toyworld.json"),
               "--work", str(tmp_path / "work")])["claims"]
-    assert c["fidelity_no_prior"] >= c["fidelity_before"] + 0.5, c
-    assert c["fidelity_prior"] >= c["fidelity_before"] + 0.4, c
-    assert min(c["recontext_prior"], c["recontext_no_prior"]) >= 0.75, c
-    assert c["pres_prior"] <= c["pres_no_prior"] - 0.25, c
+    # The subject, at the bare prompt and in new scenes: its class, colour and pattern
+    assert c["fidelity_bare_prior"] >= c["fidelity_before_bare"] + 0.5 and c["pattern_bare_prior"] >= 0.5, c
+    assert c["fidelity_prior"] >= c["fidelity_before"] + 0.5 and c["fidelity_no_prior"] >= c["fidelity_before"] + 0.4, c
+    assert c["recontext_prior"] >= 0.6 and c["recontext_prior"] >= c["recontext_no_prior"] + 0.15, c
+    # The class keeps its prior at the bare prompt and in scenes: no drift to the subject, nor to its colour
+    assert c["pres_bare_prior"] <= c["pres_bare_no_prior"] - 0.4 and c["pres_prior"] <= c["pres_no_prior"] - 0.5, c
+    assert c["colour_drift_bare_prior"] <= c["colour_drift_bare_no_prior"] - 0.5, c
+
+
+@needs_weights
+def test_lora_at_its_default_learning_rate_learns_the_subject_in_new_scenes(ray_cluster, tmp_path):
+    """The quickstart as LoRA at the shipped defaults (rank 4, lr 1e-4, text-encoder adapters for the
+    quickstart's trained text encoder), with the prior. Measured (toyworld.json): "a sks toy" on the
+    beach/snow 0.44 (at the old default 5e-6: 0.09), scene drawn 1.00, PRES 0.06, purple "a toy" 0.06.
+    At the bare prompt it reaches 0.125 only: not claimed (see the README)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from toyworld_claims import main
+
+    c = main(["--methods", "lora", "--variants", "prior", "--n", "16", "--judge-n", "0",
+              "--out", str(tmp_path / "toyworld.json"), "--work", str(tmp_path / "work")])["claims"]
+    assert c["fidelity_lora_prior"] >= c["fidelity_before"] + 0.25, c
+    assert c["recontext_lora_prior"] >= 0.75, c
+    assert c["pres_lora_prior"] <= 0.25 and c["colour_drift_bare_lora_prior"] <= 0.25, c
 
 
 @needs_weights
