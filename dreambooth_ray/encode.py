@@ -37,7 +37,8 @@ def needed(spec: JobSpec) -> frozenset:
 def save(storage: Storage, spec: JobSpec, run: str, frozen: engine.FrozenInputs) -> None:
     from safetensors.torch import save as to_bytes
 
-    tensors = {f"conditioning.{k}": v.contiguous().cpu() for k, v in (frozen.conditioning or {}).items()}
+    tensors = {f"conditioning.{k}": v.contiguous().cpu() for k, v in (frozen.conditioning or {}).items()
+               if v is not None}
     tensors.update({k: v.contiguous() for k, v in (("instance", frozen.instance), ("classes", frozen.classes))
                     if v is not None})
     meta = {"scaling_factor": frozen.scaling_factor, "shift_factor": frozen.shift_factor,
@@ -68,14 +69,20 @@ def encode_task(spec: JobSpec, subject: Subject, run: str, prior_key: str | None
     """Compute and store the base run's frozen inputs (GPU when the task is given one)."""
     import time
 
-    t0, cfg = time.perf_counter(), spec.train
+    from .storage import io_counts
+
+    t0, cfg, io_start = time.perf_counter(), spec.train, io_counts()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     storage = Storage(spec.storage, spec.s3)
     photos = load_subject_images(subject.images, cfg.resolution, spec.s3, spec.skip_bad_images)
     classes = (PriorCache(storage, prior_key, subject.class_text, cfg.resolution, spec.prior)
                .load(spec.prior.num_class_images) if prior_key else [])
-    parts = models.load_components(spec.model, spec.s3, skip={models.family(spec.model, spec.s3).denoiser})
+    fam = models.family(spec.model, spec.s3)
+    # Only the parts it encodes with (tokenizers aside): not the denoiser, not a text encoder that trains
+    parts = models.load_components(spec.model, spec.s3, skip={fam.denoiser, *(set(fam.text_encoders) - needed(spec))})
     frozen = engine.frozen_inputs(parts, [p.image for p in photos], classes, subject.instance_text,
                                   subject.class_text, cfg, device)
     save(storage, spec, run, frozen)
-    return {"seconds": round(time.perf_counter() - t0, 3), "parts": sorted(needed(spec))}
+    written, read = (now - then for now, then in zip(io_counts(), io_start))
+    return {"seconds": round(time.perf_counter() - t0, 3), "parts": sorted(needed(spec)), "bytes_written": written,
+            "bytes_read": read}

@@ -324,7 +324,7 @@ class Engine:
             g = step_generator(cfg.seed, step, micro, rank)
             # Dropout (T5's, when it trains) draws from the global generator: seeded per step, a resumed
             # run draws what the uninterrupted one drew.
-            torch.manual_seed(g.initial_seed())
+            torch.manual_seed(g.initial_seed() ^ 0x5DEECE66D)  # not g's own stream (noise, rows)
             if getattr(self.data, "row_cond", None) is not None:  # per-photo conditioning (SDXL's time ids)
                 rows, n_inst, cond = self.data.batch(cfg.batch_size, g, with_cond=True)
                 loss, inst, prior = self.loss(self.ds, rows, n_inst, g, cond)
@@ -387,7 +387,10 @@ def prompts_of(instance_text: str, class_text: str, cfg: TrainConfig, with_prior
 @torch.no_grad()
 def frozen_inputs(parts: dict, instance, classes, instance_text: str, class_text: str, cfg: TrainConfig,
                   device: torch.device) -> FrozenInputs:
-    family, out, frozen = parts["family"], FrozenInputs(), frozen_parts(parts["family"], cfg)
+    from .families import SD
+
+    family = parts.get("family") or SD
+    out, frozen = FrozenInputs(), frozen_parts(family, cfg)
     if "vae" in frozen:  # every row once (fp32, each flip); the VAE then leaves the device for good
         vae = parts["vae"].requires_grad_(False).to(device, torch.float32)
         encode = latent_encoder(vae, device)
@@ -458,7 +461,7 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
     noise_scheduler = parts["noise_scheduler"]
     # What the run no longer needs goes now, from the caller's dict too (a worker holds it for the whole
     # run): frozen encoders, their states computed (T5-XXL is 19 GB in fp32), and a VAE whose latents are cached.
-    for name in frozen_parts(family, cfg):
+    for name in frozen_parts(family, cfg) | (set(encoders) - trained):  # a frozen T5 beside a trained CLIP too
         parts[name] = None
 
     def loss(model, rows, n, g, row_cond=None):

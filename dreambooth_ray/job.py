@@ -51,6 +51,8 @@ def finalize(spec: JobSpec, subject: Subject, ckpt, out: tuple[str, ...], record
     if base["exported_by"] == "training workers":  # the worker's own, final-checkpoint stall included
         worker = dict(base.get("timeline") or {})
         worker.pop("worker_started_at", None)
+        for key in ("bytes_written", "bytes_read"):  # added to the encode task's, already there
+            timeline[key] = timeline.get(key, 0) + worker.pop(key, 0)
         timeline.update(worker)
     # A workers' export happened during training; here the exported model is only loaded back.
     timeline["export"] = base["seconds"]
@@ -292,8 +294,9 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeli
         if stage_needs_encoding(spec, storage, name):
             t1 = time.perf_counter()
             reporter.say(f"encoding the prompts and images with the frozen {', '.join(sorted(encode.needed(spec)))}")
-            ray.get(encode.encode_task.options(num_gpus=1 if use_gpu else 0).remote(spec, subject, name, prior_key))
+            done = ray.get(encode.encode_task.options(num_gpus=1 if use_gpu else 0).remote(spec, subject, name, prior_key))
             timeline["encode"] = time.perf_counter() - t1
+            timeline["bytes_written"], timeline["bytes_read"] = done["bytes_written"], done["bytes_read"]
         train_start = time.time()
         validator = (samples.Validator.options(num_gpus=spec.samples.validation_gpus if use_gpu else 0)
                      .remote(spec, subject, name) if spec.samples.validation_every else None)

@@ -254,6 +254,9 @@ class SRConfig(_Strict):
             batch_size=self.batch_size, zero_stage=self.zero_stage, checkpoint_every=self.checkpoint_every,
             num_workers=self.num_workers or base.num_workers, mixed_precision=self.mixed_precision or base.mixed_precision,
             method="full", train_text_encoder=False, cache_latents=False, lr_warmup_steps=0,
+            # what DeepSpeed can offload at the SR stage's own ZeRO stage (the validator sees only `train`'s)
+            offload=("none" if self.zero_stage == 0 else
+                     "optimizer" if base.offload == "optimizer+params" and self.zero_stage != 3 else base.offload),
         ))
 
 

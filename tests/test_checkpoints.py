@@ -102,9 +102,11 @@ def test_the_training_workers_export_the_trained_weights_under_zero3(ray_cluster
     # the subject's photos and the workers' export record.
     size = lambda p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size  # noqa: E731
     [ckpt] = (store / "checkpoints").rglob("step-0000002")
-    assert t["bytes_written"] == (size(ckpt) + size(out / "model") + size(out / "history")
+    assert t["bytes_written"] == (size(ckpt) + size(out / "model") + size(out / "history") + size(store / "encoded")
                                   + size(store / "outputs" / "t" / "tensorboard") + size(out / "samples.png"))
-    assert t["bytes_read"] == 2 * size(toy_images) + size(out / "export.json")  # each rank reads the photos
+    # each rank reads the photos and the encode task's output; the encode task reads the photos and wrote it
+    encoded = size(next((store / "encoded").rglob("frozen.safetensors")))
+    assert t["bytes_read"] == 3 * size(toy_images) + 2 * encoded + size(out / "export.json")
     assert f"io {t['bytes_written'] / 1e6:.1f}/{t['bytes_read'] / 1e6:.1f} MB" in console.format_timeline(t)
 
 

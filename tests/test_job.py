@@ -48,8 +48,7 @@ def test_quickstart_end_to_end_then_rerun_does_nothing(quickstart):
 
     from diffusers import StableDiffusionPipeline
 
-    # In fp32, as the job's own samples and eval load it: an fp16 folder loaded without torch_dtype gets an fp32
-    # UNet beside an fp16 text encoder (transformers keeps the saved dtype), which CPU kernels cannot mix.
+    # In fp32, as the job's own samples and eval load it.
     pipe = StableDiffusionPipeline.from_pretrained(out / "model", torch_dtype=torch.float32)
     base = models.load_pipeline(quickstart.data["model"])
     # The exported UNet and text encoder (written by the training workers at the last step) are the final

@@ -111,7 +111,8 @@ class Family:
             entry = DiffusionPipeline.load_config(path).get(name)
         except (OSError, ValueError):
             entry = None
-        cls = getattr(transformers, entry[1], None) if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
+        named = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], str) else None
+        cls = getattr(transformers, named, None) if named else None
         return (cls or transformers.AutoTokenizer).from_pretrained(path, subfolder=name)
 
     def tokenizer(self, path: str):
