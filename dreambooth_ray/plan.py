@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import weakref
 from contextlib import contextmanager
@@ -310,13 +309,25 @@ def trace_step(layout: Layout, s: Settings) -> Trace:
     """Run one training forward and backward of the denoiser (and the trained text encoders) under
     FakeTensorMode, counting live bytes: shapes and dtypes as on the GPU, nothing allocated."""
     import time
-    from types import SimpleNamespace
 
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its advice on casting loaded weights, which fake modules have none of
+    try:
+        t0 = time.perf_counter()
+        frontier, grad_bytes = _trace(layout, s)
+        return Trace(frontier, grad_bytes, s.resolution, time.perf_counter() - t0)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
+def _trace(layout: Layout, s: Settings) -> tuple[list, int]:
+    from types import SimpleNamespace
 
     from . import engine
 
-    res = s.resolution
-    fam, t0 = layout.family, time.perf_counter()
+    fam, res = layout.family, s.resolution
     half = {"bf16-weights": torch.bfloat16, "fp16": torch.float16}.get(s.mixed_precision)
     with fake_modules():
         den = layout.build_denoiser().train()
@@ -349,7 +360,7 @@ def trace_step(layout: Layout, s: Settings) -> Trace:
             loss.backward()
             grads = live.ids([p.grad for p in trained if p.grad is not None])
             grad_bytes = sum(p.numel() * p.element_size() for p in trained)
-    return Trace(live.frontier(grads), grad_bytes, res, time.perf_counter() - t0)
+    return live.frontier(grads), grad_bytes
 
 
 @dataclass(frozen=True)
@@ -444,35 +455,35 @@ def account(counts: Counts, trace: Trace, s: Settings, family=None, gpu: bool = 
     master = 4 * P if (st >= 1 or w == 2) else 0
     (host if opt_off else dev).optimizer += (8 * P + master) // part
 
-    # Gradients held at the optimizer step. ZeRO 0-1 keep every 16/32-bit gradient in .grad through
-    # backward (the 16-bit optimizers add an fp32 copy: whole at stage 0, the partition at 1);
-    # ZeRO 2-3 move each into the worker's partition as it is produced.
-    fp32_extra = 4 * P if w == 2 else 0
-    if st == 0:
-        dev.grads += P * w + fp32_extra
-    elif st == 1:
-        dev.grads += P * w
-        (host if opt_off else dev).grads += 4 * P // N
-    else:
-        (host if opt_off else dev).grads += (P * w + fp32_extra) // N
+    # Gradients. ZeRO-0 keeps every gradient in .grad through backward; ZeRO 1-3 copy each, as it is
+    # produced, into the worker's partition (measured: stage 1 peaks where stage 2 does), through the
+    # contiguous bucket, which is allocated at the first gradient and freed after the step. DeepSpeed's
+    # 16-bit optimizers add fp32 gradients: a whole accumulator at stage 0, the partition at the step.
+    G = trace.grad_bytes  # P x w: the trained parameters' gradients in the traced (DeepSpeed's) dtype
+    share = 1.0 if st == 0 else 1.0 / N
+    held = int(share * G)
+    if st == 0 and w == 2:
+        held += 4 * P
+    (host if opt_off and st >= 1 else dev).grads += held
+    bucket = 0
+    if st >= 1 or N > 1:  # a GPU's caching allocator takes the bucket whole; a CPU maps the pages written
+        bucket = REDUCE_BUCKET * w if gpu else min(REDUCE_BUCKET, P) * w
+    dev.workspace += bucket
 
-    # Activations: the traced step's peak, with the gradients a stage keeps during backward counted
-    # in `grads` above (so only the activations still live at that peak count here).
-    share = 1.0 if st <= 1 else 0.0
-    dev.activations = max(0, trace.peak(share) - int(share * trace.grad_bytes))
+    # Activations: the traced step's peak of activations + the gradients (and, on a CPU, the bucket's
+    # pages) live at each moment, less what the columns above already count; or what the optimizer
+    # step adds once activations are gone (the fp32 gradient partition of a 16-bit run; on a CPU,
+    # torch AdamW's foreach temporary, the size of what it updates), if more.
+    filled = share + (min(1.0, REDUCE_BUCKET / max(P, 1)) if bucket and not gpu else 0.0)
+    backward = trace.peak(filled) - int(filled * G)
+    step = (4 * P // N if w == 2 and st >= 1 else 0) + (0 if gpu or opt_off else 4 * P // part)
+    dev.activations = max(0, backward, step)
 
-    # Workspace: DeepSpeed's contiguous gradient bucket (REDUCE_BUCKET elements, allocated whole on a
-    # GPU; on a CPU only the pages written count), ZeRO-3's gathered layers and prefetch, the CUDA context.
-    bucket = REDUCE_BUCKET if gpu else min(REDUCE_BUCKET, P)
-    if st >= 1 or N > 1:
-        dev.workspace += bucket * w
+    # Workspace: ZeRO-3's gathered layers and prefetch, the CUDA context.
     if st == 3:
         dev.workspace += (min(PREFETCH_BUCKET, P) + counts.largest_layer) * w
     if gpu:
         dev.workspace += CUDA_CONTEXT
-    else:  # torch AdamW (foreach) allocates one fp32 temporary the size of what it updates
-        step_temp = 4 * P // part if not opt_off else 0
-        dev.activations = max(dev.activations, step_temp)
 
     # Host: frozen text encoders (kept after their states are computed once), the cached-latents VAE
     # (fp32), and async checkpoints' host buffers (the worker's weights and optimizer partition).
