@@ -474,9 +474,10 @@ def account(counts: Counts, trace: Trace, s: Settings, family=None, gpu: bool = 
     # pages) live at each moment, less what the columns above already count; or what the optimizer
     # step adds once activations are gone (the fp32 gradient partition of a 16-bit run; on a CPU,
     # torch AdamW's foreach temporary, the size of what it updates), if more.
-    filled = share + (min(1.0, REDUCE_BUCKET / max(P, 1)) if bucket and not gpu else 0.0)
+    on_device = 0.0 if opt_off and st >= 1 else share  # offloaded: the partition fills on the host
+    filled = on_device + (min(1.0, REDUCE_BUCKET / max(P, 1)) if bucket and not gpu else 0.0)
     backward = trace.peak(filled) - int(filled * G)
-    step = (4 * P // N if w == 2 and st >= 1 else 0) + (0 if gpu or opt_off else 4 * P // part)
+    step = 0 if opt_off else (4 * P // N if w == 2 and st >= 1 else 0) + (0 if gpu else 4 * P // part)
     dev.activations = max(0, backward, step)
 
     # Workspace: ZeRO-3's gathered layers and prefetch, the CUDA context.
