@@ -114,6 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     add_bench_arguments(p)
     p.set_defaults(fn=_lazy("bench", "cmd_bench"))
 
+    p = sub.add_parser("plan", help="memory per training worker (device and host) before any compute, and the "
+                                    "cheapest settings that fit a GPU")
+    p.add_argument("job", help="job spec YAML")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GB", help="the GPUs' memory, e.g. 80")
+    p.add_argument("--gpus", type=int, default=None, metavar="N", help="training workers (default: train.num_workers)")
+    p.set_defaults(fn=_lazy("plan", "cmd_plan"))
+
     submit.add_commands(sub)
     k8s.add_commands(sub)
     identifiers.add_commands(sub)

@@ -13,7 +13,8 @@ the cluster can scale to, first found wins:
 3. environment variables on the driver, which the cluster configs set on the head (KubeRay runs
    its autoscaler in another container, out of reach):
    DREAMBOOTH_RAY_USE_GPU=1 (or 0): train on GPUs (or CPUs) when the spec doesn't say;
-   DREAMBOOTH_RAY_MAX_GPUS=N, DREAMBOOTH_RAY_MAX_CPUS=N: the most the cluster can scale to.
+   DREAMBOOTH_RAY_MAX_GPUS=N, DREAMBOOTH_RAY_MAX_CPUS=N: the most the cluster can scale to;
+   DREAMBOOTH_RAY_GPU_MEMORY_GB=G: the memory of its GPUs (the preflight's memory plan checks it).
 
 What 2. or 3. finds is kept in the cluster's KV store, so that tasks on other nodes (a class's
 prior task) count the same.
@@ -33,6 +34,11 @@ import ray
 
 ENV_USE_GPU = "DREAMBOOTH_RAY_USE_GPU"
 ENV_MAX = "DREAMBOOTH_RAY_MAX_{}S"  # DREAMBOOTH_RAY_MAX_GPUS, DREAMBOOTH_RAY_MAX_CPUS, ...
+ENV_GPU_MEMORY = "DREAMBOOTH_RAY_GPU_MEMORY_GB"
+# GB of memory of the accelerator types Ray names unambiguously ("accelerator_type:<name>" node
+# resources); an A100 or V100 comes in two sizes, so a plain "A100" says nothing.
+GPU_MEMORY_GB = {"H100": 80, "H200": 141, "B200": 180, "A100-40G": 40, "A100-80G": 80, "L40S": 48, "L40": 48,
+                 "L4": 24, "A10G": 24, "A10": 24, "T4": 16}
 HEAD_RESOURCE = "node:__internal_head__"
 KV_KEY = "dreambooth_ray:autoscaler_limits"
 
@@ -194,6 +200,20 @@ def use_gpu(spec) -> bool:
     if env is not None:
         return env
     return capacity_of("GPU") > 0
+
+
+def gpu_memory() -> int | None:
+    """Bytes of memory of the cluster's GPUs (the smallest, when they differ), for the memory plan:
+    DREAMBOOTH_RAY_GPU_MEMORY_GB when set, else the accelerator types of the GPU nodes alive now
+    (an autoscaling cluster may have none yet); None when nothing says."""
+    env = os.environ.get(ENV_GPU_MEMORY)
+    if env:
+        return int(float(env) * (1 << 30))
+    sizes = [GPU_MEMORY_GB.get(k.split(":", 1)[1]) for n in ray.nodes() if n.get("Alive")
+             for k in n.get("Resources", {}) if k.startswith("accelerator_type:")]
+    if not sizes or None in sizes:
+        return None
+    return min(sizes) * (1 << 30)
 
 
 # ---- asking the autoscaler -----------------------------------------------------------------------

@@ -159,7 +159,7 @@ def run_job(spec: JobSpec, console: Console | None = None) -> list[SubjectResult
     if spec.train.mixed_precision == "fp16" and not use_gpu:
         raise SpecError("train.mixed_precision: 'fp16' needs GPUs and this cluster has none (use 'bf16' or 'fp32')")
     identity = models.identity(spec.model, spec.s3)
-    preflight.check(spec, storage, planned_runs(spec, storage, identity))
+    preflight.check(spec, storage, planned_runs(spec, storage, identity), cluster.gpu_memory() if use_gpu else None)
     tracking.check(spec)  # the MLflow server answers (before any compute)
     # Every concurrent run's workers from the autoscaler at once (nothing asked if the cluster has them).
     cluster.request_workers(use_gpu, min(capacity(spec, use_gpu), len(spec.subjects)) * spec.train.num_workers)

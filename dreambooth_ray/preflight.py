@@ -166,8 +166,28 @@ def checkpoint_problems(storage: Storage, job: str, runs: list[tuple[str, str, i
     return problems
 
 
-def check(spec: JobSpec, storage: Storage, runs: list[tuple[str, str, int]] = ()) -> None:
+def memory_problems(spec: JobSpec, gpu_memory: int | None) -> list[str]:
+    """The memory plan (plan.py) against the GPUs' memory: a spec that cannot fit fails here, naming
+    the figure and the cheapest settings that would fit. Nothing is checked when the GPUs' memory is
+    unknown (CPU training, or a cluster that does not say: cluster.gpu_memory)."""
+    if not gpu_memory:
+        return []
+    from . import plan
+
+    try:
+        problem = plan.check_fits(spec, gpu_memory)
+    except Exception as e:  # the plan is an estimate: a model it cannot trace is no reason to refuse a job
+        import logging
+
+        logging.getLogger(__name__).warning("no memory plan for %s (%s: %s)", spec.model, type(e).__name__, e)
+        return []
+    return [problem] if problem else []
+
+
+def check(spec: JobSpec, storage: Storage, runs: list[tuple[str, str, int]] = (), gpu_memory: int | None = None) -> None:
     problems = base_model_problems(spec)
+    if not problems:
+        problems += memory_problems(spec, gpu_memory)
     if spec.sr.enabled:
         problems += sr_model_problems(spec)
     problems += checkpoint_problems(storage, spec.name, list(runs))
