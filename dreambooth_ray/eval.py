@@ -313,7 +313,7 @@ def evaluate_subject(spec: JobSpec, subject: Subject, storage: Storage, use_gpu:
 
 def check(spec: JobSpec, storage: Storage) -> None:
     """Every subject has finished training, and both metric models can be found (their configs read)."""
-    from .preflight import ModelConfigs, PreflightError
+    from .configs import ModelConfigs, PreflightError
 
     problems = [f"subject {s.name!r} has no finished training ({storage.url('outputs', spec.name, s.name, 'job.json')} "
                 "is missing): run the job first" for s in spec.subjects

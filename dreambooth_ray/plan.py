@@ -114,11 +114,12 @@ class Layout:
 
     @classmethod
     def read(cls, model: str, s3=None) -> "Layout":
-        from . import families, preflight
+        from . import families
+        from .configs import ModelConfigs, model_index
 
         ref = str(ASSETS / KNOWN[model]) if model in KNOWN else model
-        cfgs = preflight.ModelConfigs(ref, s3, "model")
-        index = preflight._index(cfgs)
+        cfgs = ModelConfigs(ref, s3, "model")
+        index = model_index(cfgs)
         fam = families.family_for(index, "base")
         encoders = {n: ((index.get(n) or [None, "CLIPTextModel"])[1], cfgs.read(f"{n}/config.json") or {})
                     for n in fam.text_encoders}

@@ -8,14 +8,11 @@ problem is one line that names its cause; all of them are reported at once.
 from __future__ import annotations
 
 import json
-import posixpath
-from pathlib import Path
 
-from . import families, models, tiny
-from .errors import UserError
-from .settings import S3Settings
+from . import families
+from .configs import ModelConfigs, PreflightError, model_index
 from .spec import JobSpec
-from .storage import Storage, filesystem, is_remote
+from .storage import Storage
 
 # What the families (families/) support: {pipeline class: description}.
 BASE_PIPELINES = families.supported("base")
@@ -23,44 +20,6 @@ SR_PIPELINES = families.supported("sr")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 # peft wraps these layer kinds; a target that names anything else fails inside every worker.
 _LORA_LAYERS = ("Linear", "Conv2d", "Conv1d", "Embedding")
-
-
-class PreflightError(UserError, ValueError):
-    """A job that would fail on every attempt; the message lists each cause, one per line."""
-
-
-class ModelConfigs:
-    """A model's config files, read without its weights: built-in, local folder, s3:// or hub id."""
-
-    def __init__(self, ref: str, s3: S3Settings | None, field: str):
-        self.ref, self.s3, self.field = ref, s3, field
-        self.root = str(tiny.materialize(models.cache_root(), ref)) if ref in tiny.BUILT_IN else ref
-
-    def read(self, relpath: str) -> dict | None:
-        """The JSON file, or None if the model has no such file."""
-        try:
-            if is_remote(self.root):
-                fs, root = filesystem(self.root, self.s3)
-                return json.loads(fs.cat_file(posixpath.join(root, relpath)))
-            if Path(self.root).exists():
-                return json.loads((Path(self.root) / relpath).read_text())
-            from huggingface_hub import hf_hub_download  # a hub id: configs only, never weights
-
-            return json.loads(Path(hf_hub_download(self.root, relpath)).read_text())
-        except FileNotFoundError:
-            return None
-        except Exception as e:  # unreachable hub, no permission, not JSON: nothing after this can load it
-            if "EntryNotFound" in type(e).__name__:
-                return None
-            raise PreflightError(f"{self.field}: cannot read {relpath} of {self.ref!r} ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0] if str(e) else ''})") from None
-
-
-def _index(cfgs: ModelConfigs) -> dict:
-    index = cfgs.read("model_index.json")
-    if index is None:
-        raise PreflightError(f"{cfgs.field}: {cfgs.ref!r} has no model_index.json (not a diffusers pipeline)")
-    return index
 
 
 def _meta_denoiser(family, config: dict):
@@ -96,7 +55,7 @@ def lora_target_problems(module, targets: tuple[str, ...], where: str) -> list[s
 
 def base_model_problems(spec: JobSpec) -> list[str]:
     cfgs = ModelConfigs(spec.model, spec.s3, "model")
-    index = _index(cfgs)
+    index = model_index(cfgs)
     kind = index.get("_class_name")
     if kind not in BASE_PIPELINES:
         names = ", ".join(f"{k} ({v})" for k, v in BASE_PIPELINES.items())
@@ -128,7 +87,7 @@ def base_model_problems(spec: JobSpec) -> list[str]:
 def sr_model_problems(spec: JobSpec) -> list[str]:
     sr = spec.sr
     cfgs = ModelConfigs(sr.model, spec.s3, "sr.model")
-    kind = _index(cfgs).get("_class_name")
+    kind = model_index(cfgs).get("_class_name")
     if kind not in SR_PIPELINES:
         names = ", ".join(f"{k} ({v})" for k, v in SR_PIPELINES.items())
         return [f"sr.model: {sr.model!r} is a {kind}; supported SR models: {names}"]
