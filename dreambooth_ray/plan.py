@@ -487,10 +487,12 @@ def account(counts: Counts, trace: Trace, s: Settings, family=None, gpu: bool = 
     if gpu:
         dev.workspace += CUDA_CONTEXT
 
-    # Host: frozen text encoders (kept after their states are computed once), the cached-latents VAE
-    # (fp32), and async checkpoints' host buffers (the worker's weights and optimizer partition).
+    # Host: a frozen text encoder only beside a trained one (a T5 beside a trained CLIP: loaded, used once,
+    # dropped); otherwise the encode task computes the frozen parts' outputs off the workers (encode.py),
+    # the cached-latents VAE's too. And async checkpoints' host buffers (weights and optimizer partition).
     te_bytes = 2 if s.mixed_precision in ("bf16", "bf16-weights") else 4
-    host.weights += counts.encoders * te_bytes + (counts.vae * 4 if s.cache_latents else 0)
+    if s.train_text_encoder or (s.method == "lora" and s.lora_text_encoder):
+        host.weights += counts.encoders * te_bytes
     if s.checkpoint_async:
         host.workspace += P * w // shard + (8 * P + 4 * P) // part
     notes = []
