@@ -59,6 +59,13 @@ def load(storage: Storage, spec: JobSpec, run: str) -> engine.FrozenInputs | Non
                                scaling_factor=meta["scaling_factor"], shift_factor=meta["shift_factor"])
 
 
+def discard(storage: Storage, spec: JobSpec, run: str) -> None:
+    """Once the run is trained (class latents are ~100 MB a subject at 1024 px)."""
+    path = storage.path(*where(spec, run))
+    if storage.fs.exists(path):
+        storage.fs.rm(path)
+
+
 def _metadata(blob: bytes) -> dict:
     n = int.from_bytes(blob[:8], "little")  # safetensors: an 8-byte header length, then the JSON header
     return json.loads(json.loads(blob[8 : 8 + n])["__metadata__"]["frozen"])

@@ -317,6 +317,7 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeli
             timeline["worker_start"] = worker.pop("worker_started_at") - train_start
         timeline.update(worker)
         storage.write_json({"run": name, "checkpoint": ckpt.path, "metrics": metrics}, *out, "train.json")
+        encode.discard(storage, spec, name)  # trained: its frozen inputs are not needed again
 
     sr_ckpt = sr_metrics = None
     if sr_name:

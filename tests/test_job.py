@@ -39,7 +39,7 @@ def test_quickstart_end_to_end_then_rerun_does_nothing(quickstart):
     assert record["versions"]["deepspeed"] and record["spec"]["train"]["zero_stage"] == 2
     # The frozen VAE ran once in the encode task; the training workers never loaded it (the text encoder trains)
     assert m["parts_not_loaded"] == ["vae"] and record["timeline"]["encode"] > 0
-    assert (store / "encoded" / "quickstart" / record["run"] / "frozen.safetensors").is_file()
+    assert not (store / "encoded" / "quickstart" / record["run"] / "frozen.safetensors").exists()  # gone once trained
     # batch_size is per worker: the quickstart's 2 workers see 2 photos a step
     assert record["global_batch"] == {"per_worker": 1, "workers": 2, "accumulation": 1,
                                       "subject_images_per_step": 2, "subject_images_in_run": 2 * steps}
