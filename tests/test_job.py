@@ -59,10 +59,14 @@ def test_quickstart_end_to_end_then_rerun_does_nothing(quickstart):
     final, state = final_checkpoint(Storage(str(store)), ("outputs", "quickstart", "toy"))
     assert state["step"] == steps
     assert {k.split(".", 1)[0] for k in final} == {"unet", "text_encoder"}
+    # A key projection's bias gets no gradient (softmax ignores what shifts every logit of a query alike):
+    # weight decay alone moves it, by less than lr / 2.
+    trained = {"unet": base.unet.state_dict(),
+               "text_encoder": {k: v for k, v in base.text_encoder.state_dict().items() if not k.endswith("k_proj.bias")}}
     for part in ("unet", "text_encoder"):
         assert_exported_is_the_trained_checkpoint(getattr(pipe, part).state_dict(),
                                                   {k: v for k, v in final.items() if k.startswith(part + ".")},
-                                                  getattr(base, part).state_dict(),
+                                                  trained[part],
                                                   lr=record["spec"]["train"]["learning_rate"], dtype=dtype,
                                                   prefix=part + ".")
     assert pipe("a sks toy", num_inference_steps=2, height=32, width=32).images[0].size == (32, 32)
