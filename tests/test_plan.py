@@ -105,9 +105,12 @@ def test_check_fits_names_the_figure_and_the_setting_that_fits(sd15, tmp_path):
     spec = _spec(tmp_path)
     assert plan.check_fits(spec, 80 * plan.GiB, sd15) is None
     line = plan.check_fits(spec, 24 * plan.GiB, sd15)
-    # SD 1.5, full, 1024 px, bf16 autocast, ZeRO-2 on one worker: 23.8 GB, over 90% of 24 GB.
-    assert "the memory plan needs 23.8 GB per GPU" in line
-    assert "train.mixed_precision: bf16-weights would fit (19.7 GB)" in line
+    # SD 1.5, full, 1024 px, bf16 autocast, ZeRO-2 on one worker: 23.3-23.8 GB (measured in two processes:
+    # the traced activations differ by 0.4 GB with what ran before in the process), over 90% of 24 GB.
+    need = sd15.plan(plan.spec_settings(spec)).device.total
+    assert 0.9 * 24 * plan.GiB < need < 25 * plan.GiB
+    assert f"the memory plan needs {plan.gb(need)} GB per GPU" in line
+    assert "train.mixed_precision: bf16-weights would fit (" in line
     assert "train.offload: optimizer would fit" in plan.check_fits(spec, 16 * plan.GiB, sd15)
 
 
