@@ -167,7 +167,7 @@ before = copy.deepcopy(unet)
 initial = torch.cat([p.detach().flatten() for p in unet.parameters()])
 s = SRConfig(enabled=True, model="tiny-x4", input_resolution=16, output_resolution=64, steps=2, learning_rate=1e-3,
              mixed_precision="fp32", noise_aug=0.1)
-cfg = s.train_config(TrainConfig(resolution=16, zero_stage=2))
+cfg = s.train_config(TrainConfig(resolution=16, zero_stage=2, random_flip=True))  # the flip draw below
 rng = np.random.default_rng(0)
 photos = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(3)]
 eng = sr.build(parts, photos, [], "a sks toy", "a toy", cfg, s, 16, torch.device("cpu"))
