@@ -125,7 +125,7 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
         data = DreamBoothData(instance, classes, cfg.random_flip, encode=lowres_pairs(in_res))
     # The family encodes the prompts: IF's T5 sees the attention mask; the x4 upscaler's CLIP gets none.
     family = family or (families.X4 if kind == "x4" else families.IF_STAGE_II)
-    prompts = [instance_text] * cfg.batch_size + ([class_text] * cfg.batch_size if data.with_prior else [])
+    prompts = engine.prompts_of(instance_text, class_text, cfg, data.with_prior)
     encoders = {n: te.to(engine.frozen_dtype(cfg)).eval() for n, te in family.encoders(parts).items()}
     states = family.encode_frozen(encoders, family.prompt_inputs(parts, prompts),
                                   device)["encoder_hidden_states"].to(dtype)
