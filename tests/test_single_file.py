@@ -6,10 +6,12 @@ nothing twice)."""
 
 from __future__ import annotations
 
-import pytest
+from types import SimpleNamespace
+
 import torch
 
 from dreambooth_ray import families, models
+from dreambooth_ray.families import original as og
 
 
 def _save(sd: dict, path) -> str:
@@ -30,8 +32,21 @@ def assert_same_weights(ours, loaded, what: str) -> None:
     assert not bad, f"{what}: {len(bad)} of {len(a)} weights differ, e.g. {bad[:3]}"
 
 
-def _pipe(ref: str, dtype):
-    return models.load_pipeline(ref, torch_dtype=dtype)
+def randomized(*modules):
+    """Every parameter drawn afresh: a fresh model's norms are all ones and zeros, where a swapped pair
+    (norm1/norm2, ln_q/ln_k) would load unnoticed; a fine-tuned model's are not."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in modules:
+            for p in m.parameters():
+                p.copy_(torch.randn(p.shape, generator=g).to(p.dtype))
+    return modules[0]
+
+
+def _pipe(ref: str, dtype, parts=("unet", "vae", "text_encoder")):
+    pipe = models.load_pipeline(ref, torch_dtype=dtype)
+    randomized(*(getattr(pipe, p) for p in parts))
+    return pipe
 
 
 def _check_pipeline(pipe, family, config: str, tmp_path, parts: tuple[str, ...]):
@@ -86,6 +101,7 @@ def test_sdxl_single_file_loads_in_diffusers(tmp_path):
     from dreambooth_ray.tiny import build_sdxl_pipeline
 
     pipe = build_sdxl_pipeline(width_2=48).to(torch.float16)
+    randomized(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2)
     folder = tmp_path / "export"
     pipe.save_pretrained(folder)
     sd, _ = _check_pipeline(pipe, families.SDXL, str(folder), tmp_path, ("unet", "vae", "text_encoder", "text_encoder_2"))
@@ -98,6 +114,93 @@ def test_tiny_sdxl_unchanged_by_width_2():
     """build_sdxl_pipeline's default is still the built-in tiny-sdxl, weight for weight."""
     from dreambooth_ray.tiny import build_sdxl_pipeline
 
-    built, shipped = build_sdxl_pipeline(), _pipe("tiny-sdxl", torch.float32)
+    built, shipped = build_sdxl_pipeline(), models.load_pipeline("tiny-sdxl")
     for p in ("unet", "vae", "text_encoder", "text_encoder_2"):
         assert_same_weights(getattr(built, p), getattr(shipped, p), p)
+
+
+def test_sd3_single_file_loads_in_diffusers(tmp_path):
+    """tiny-sd3's MMDiT in SD3's layout (bf16 as exported) through SD3Transformer2DModel.from_single_file."""
+    from diffusers import SD3Transformer2DModel
+
+    pipe = _pipe("tiny-sd3", torch.bfloat16, ("transformer",))
+    sd = families.SD3.single_file_state_dict(pipe)
+    assert _numel(sd) == _numel(pipe.transformer.state_dict())
+    assert "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight" in sd
+    path = _save(sd, tmp_path / "sd3.safetensors")
+    loaded = SD3Transformer2DModel.from_single_file(path, config=models.resolve("tiny-sd3"), subfolder="transformer",
+                                                    torch_dtype=torch.bfloat16)
+    assert_same_weights(pipe.transformer, loaded, "transformer")
+
+
+def test_sd35_blocks_single_file_loads_in_diffusers(tmp_path):
+    """SD3.5's additions, absent from tiny-sd3: q/k RMS norms (ln_q, ln_k) and a dual-attention block (attn2)."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    tr = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                               num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32,
+                               pooled_projection_dim=64, out_channels=4, pos_embed_max_size=32, qk_norm="rms_norm",
+                               dual_attention_layers=(0,)).to(torch.bfloat16)
+    randomized(tr)
+    tr.save_config(tmp_path / "cfg" / "transformer")
+    sd = og.prefixed("model.diffusion_model.", og.sd3_mmdit(tr))
+    assert _numel(sd) == _numel(tr.state_dict())
+    assert "model.diffusion_model.joint_blocks.0.x_block.attn2.qkv.weight" in sd
+    assert "model.diffusion_model.joint_blocks.1.context_block.attn.ln_k.weight" in sd
+    path = _save(sd, tmp_path / "sd35.safetensors")
+    loaded = SD3Transformer2DModel.from_single_file(path, config=str(tmp_path / "cfg"), subfolder="transformer",
+                                                    torch_dtype=torch.bfloat16)
+    assert_same_weights(tr, loaded, "transformer")
+
+
+def test_flux_single_file_loads_in_diffusers(tmp_path):
+    """Flux in BFL's layout through FluxTransformer2DModel.from_single_file. diffusers' converter fixes
+    the width at Flux.1's (inner_dim = 3072, MLP ratio 4: it splits a single block's fused linear1 at
+    those sizes), so tiny-flux's 32-wide transformer cannot load; this one has Flux.1-dev's widths and
+    one double and one single block (0.5 B parameters, bf16 as exported; about N s here)."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        tr = FluxTransformer2DModel(num_layers=1, num_single_layers=1, guidance_embeds=True)
+    tr = randomized(tr.to_empty(device="cpu").to(torch.bfloat16))
+    tr.save_config(tmp_path / "cfg" / "transformer")
+    sd = families.FLUX.single_file_state_dict(SimpleNamespace(transformer=tr))
+    assert _numel(sd) == _numel(tr.state_dict())
+    assert "double_blocks.0.img_attn.norm.key_norm.scale" in sd and "single_blocks.0.linear1.weight" in sd
+    path = _save(sd, tmp_path / "flux.safetensors")
+    del sd
+    loaded = FluxTransformer2DModel.from_single_file(path, config=str(tmp_path / "cfg"), subfolder="transformer",
+                                                     torch_dtype=torch.bfloat16)
+    assert_same_weights(tr, loaded, "transformer")
+
+
+def test_ldm_names_of_sd15_and_sdxl_unets():
+    """The LDM names that diffusers' loader cannot check (it takes an up block's upsampler from slot 1 or
+    2 alike; ComfyUI and A1111 build the module from the slot), on SD 1.5's and SDXL base's UNet
+    architectures (empty, on the meta device), against the names their released checkpoints use."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        sd15 = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)
+        sdxl = UNet2DConditionModel(
+            block_out_channels=(320, 640, 1280), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+
+    def sampling(keys):
+        return sorted(k.rsplit(".", 1)[0] for k in keys if k.endswith(".weight") and (".op." in k or k.endswith("conv.weight")
+                                                                                      and k.startswith("output_blocks")))
+
+    a, b = og.ldm_unet(sd15), og.ldm_unet(sdxl)
+    assert sampling(a) == ["input_blocks.3.0.op", "input_blocks.6.0.op", "input_blocks.9.0.op",
+                           "output_blocks.2.1.conv", "output_blocks.5.2.conv", "output_blocks.8.2.conv"]
+    assert sampling(b) == ["input_blocks.3.0.op", "input_blocks.6.0.op", "output_blocks.2.2.conv", "output_blocks.5.2.conv"]
+    for k in ("output_blocks.11.0.skip_connection.weight", "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight",
+              "middle_block.1.proj_in.weight", "middle_block.2.emb_layers.1.bias", "out.2.weight", "time_embed.2.bias"):
+        assert k in a, k
+    for k in ("input_blocks.8.1.transformer_blocks.9.ff.net.2.weight", "output_blocks.0.1.transformer_blocks.9.attn1.to_q.weight",
+              "input_blocks.4.0.skip_connection.weight", "label_emb.0.2.weight", "middle_block.1.transformer_blocks.9.norm3.bias"):
+        assert k in b, k
+    assert len(a) == len(sd15.state_dict()) and len(b) == len(sdxl.state_dict())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import original as og
 from .flow import FlowMatchingFamily
 
 
@@ -39,6 +40,11 @@ class StableDiffusion3(FlowMatchingFamily):
         clip = F.pad(clip, (0, t5_states.shape[-1] - clip.shape[-1]))
         return {"encoder_hidden_states": torch.cat([clip, t5_states.to(clip.dtype)], dim=-2),
                 "pooled_projections": torch.cat(pooled, dim=-1)}
+
+    def single_file_state_dict(self, pipe) -> dict:
+        """The MMDiT under `model.diffusion_model.` in SD3's own layout (sd3_medium.safetensors: ComfyUI's
+        Load Diffusion Model and checkpoint loader, diffusers' SD3Transformer2DModel.from_single_file)."""
+        return og.prefixed("model.diffusion_model.", og.sd3_mmdit(pipe.transformer))
 
     def transformer_forward(self, transformer, noisy, t, encoder_hidden_states=None, pooled_projections=None):
         return transformer(hidden_states=noisy, timestep=t, encoder_hidden_states=encoder_hidden_states,
