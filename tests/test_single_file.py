@@ -49,16 +49,17 @@ def _pipe(ref: str, dtype, parts=("unet", "vae", "text_encoder")):
     return pipe
 
 
-def _check_pipeline(pipe, family, config: str, tmp_path, parts: tuple[str, ...]):
-    """Convert, save, load with the pipeline class's from_single_file(config=...), compare every part."""
+def _check_pipeline(pipe, family, config: str, tmp_path, parts: tuple[str, ...], **given):
+    """Convert, save, load with the pipeline class's from_single_file(config=...), compare every part
+    (`given`: components passed in, as for a file without them)."""
     sd = family.single_file_state_dict(pipe)
     extras = family.single_file_extras(pipe)
     assert set(extras) <= set(sd)
     # Every element of the pipeline's parts is in the file once: a dropped or doubled key changes the count.
     assert _numel({k: v for k, v in sd.items() if k not in extras}) == sum(_numel(getattr(pipe, p).state_dict()) for p in parts)
     path = _save(sd, tmp_path / "model.safetensors")
-    dtype = next(pipe.unet.parameters()).dtype
-    loaded = family.pipeline_class().from_single_file(path, config=config, torch_dtype=dtype)
+    dtype = next(getattr(pipe, parts[0]).parameters()).dtype
+    loaded = family.pipeline_class().from_single_file(path, config=config, torch_dtype=dtype, **given)
     for p in parts:
         assert_same_weights(getattr(pipe, p), getattr(loaded, p), p)
     return sd, loaded
@@ -120,17 +121,15 @@ def test_tiny_sdxl_unchanged_by_width_2():
 
 
 def test_sd3_single_file_loads_in_diffusers(tmp_path):
-    """tiny-sd3's MMDiT in SD3's layout (bf16 as exported) through SD3Transformer2DModel.from_single_file."""
-    from diffusers import SD3Transformer2DModel
-
-    pipe = _pipe("tiny-sd3", torch.bfloat16, ("transformer",))
-    sd = families.SD3.single_file_state_dict(pipe)
-    assert _numel(sd) == _numel(pipe.transformer.state_dict())
+    """tiny-sd3 as sd3_medium.safetensors ships (MMDiT and VAE, bf16 as exported) through
+    StableDiffusion3Pipeline.from_single_file; the text encoders are passed in, as diffusers' docs say for
+    that file (its loader looks for them in config='s folder under diffusers' weight names, not
+    transformers' model.safetensors)."""
+    pipe = _pipe("tiny-sd3", torch.bfloat16, ("transformer", "vae"))
+    sd, _ = _check_pipeline(pipe, families.SD3, models.resolve("tiny-sd3"), tmp_path, ("transformer", "vae"),
+                            **{te: getattr(pipe, te) for te in families.SD3.text_encoders})
     assert "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight" in sd
-    path = _save(sd, tmp_path / "sd3.safetensors")
-    loaded = SD3Transformer2DModel.from_single_file(path, config=models.resolve("tiny-sd3"), subfolder="transformer",
-                                                    torch_dtype=torch.bfloat16)
-    assert_same_weights(pipe.transformer, loaded, "transformer")
+    assert not any(k.startswith(("first_stage_model.quant_conv", "text_encoders.")) for k in sd)
 
 
 def test_sd35_blocks_single_file_loads_in_diffusers(tmp_path):
@@ -204,3 +203,14 @@ def test_ldm_names_of_sd15_and_sdxl_unets():
               "input_blocks.4.0.skip_connection.weight", "label_emb.0.2.weight", "middle_block.1.transformer_blocks.9.norm3.bias"):
         assert k in b, k
     assert len(a) == len(sd15.state_dict()) and len(b) == len(sdxl.state_dict())
+
+
+def test_families_without_a_layout_say_so():
+    """IF and the SR families have no single-file format a UI loads: a clear error, and no layout to check first."""
+    import pytest
+
+    for fam in (families.IF_STAGE_I, families.IF_STAGE_II, families.X4):
+        assert fam.single_file_layout is None
+        with pytest.raises(NotImplementedError, match=fam.pipeline):
+            fam.single_file_state_dict(None)
+    assert all(f.single_file_layout for f in (families.SD, families.SDXL, families.SD3, families.FLUX))

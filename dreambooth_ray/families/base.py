@@ -71,6 +71,7 @@ class Family:
     # (lora_A/B), which the transformer pipelines read (a UNet-style rename leaves them half-loaded).
     lora_key_format = "diffusers"
     supports = {"full": True, "lora": True, "text_encoder": True, "sr": False}
+    single_file_layout: str | None = None  # what single_file_state_dict writes (None: it cannot)
 
     @property
     def trainable_encoders(self) -> tuple[str, ...]:
@@ -273,7 +274,8 @@ class Family:
         """The pipeline's weights as the one file ComfyUI, A1111, Forge and InvokeAI load, in the
         original key layout, markers (`single_file_extras`) included; tensors as the pipe holds them
         (the export's precision), nothing gathered again."""
-        raise NotImplementedError(f"{self.title} ({self.pipeline}): no single-file checkpoint layout")
+        raise NotImplementedError(f"{self.title} ({self.pipeline}) has no single-file checkpoint layout; "
+                                  "its diffusers folder is the export")
 
     def single_file_extras(self, pipe) -> dict[str, torch.Tensor]:
         """What a UI reads from a single file beyond the weights (SDXL's `v_pred` marker)."""

@@ -27,6 +27,7 @@ class StableDiffusion3(FlowMatchingFamily):
     clip_encoders = ("text_encoder", "text_encoder_2")
     t5 = "text_encoder_3"
     max_sequence_length = 256
+    single_file_layout = "SD3's original (MMDiT, VAE; no text encoders)"
 
     def encode(self, encoders: dict, input_ids, input_ids_2, input_ids_3=None, t5_states=None) -> dict:
         states, pooled = [], []
@@ -42,9 +43,11 @@ class StableDiffusion3(FlowMatchingFamily):
                 "pooled_projections": torch.cat(pooled, dim=-1)}
 
     def single_file_state_dict(self, pipe) -> dict:
-        """The MMDiT under `model.diffusion_model.` in SD3's own layout (sd3_medium.safetensors: ComfyUI's
-        Load Diffusion Model and checkpoint loader, diffusers' SD3Transformer2DModel.from_single_file)."""
-        return og.prefixed("model.diffusion_model.", og.sd3_mmdit(pipe.transformer))
+        """As sd3_medium.safetensors: the MMDiT in SD3's own layout under `model.diffusion_model.` and the
+        VAE in LDM's under `first_stage_model.` (ComfyUI's checkpoint loader, diffusers' from_single_file);
+        no text encoders, which UIs load from their own files (clip_l, clip_g, t5xxl)."""
+        return {**og.prefixed("model.diffusion_model.", og.sd3_mmdit(pipe.transformer)),
+                **og.prefixed("first_stage_model.", og.ldm_vae(pipe.vae))}
 
     def transformer_forward(self, transformer, noisy, t, encoder_hidden_states=None, pooled_projections=None):
         return transformer(hidden_states=noisy, timestep=t, encoder_hidden_states=encoder_hidden_states,
