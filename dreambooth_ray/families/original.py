@@ -153,8 +153,9 @@ def is_open_clip(text_encoder) -> bool:
 
 
 def v_prediction_markers(scheduler) -> dict:
-    """The empty tensors ComfyUI, A1111 and Forge read from an SD2/SDXL-layout file for v-prediction
-    (`v_pred`) and a zero-terminal-SNR schedule (`ztsnr`); keys alone say it, nothing else does."""
+    """Empty tensors whose keys say v-prediction (`v_pred`) and a zero-terminal-SNR schedule (`ztsnr`):
+    ComfyUI's SDXL loader reads both (its SD2 one guesses from a norm's spread instead); diffusers'
+    loader reads neither (the scheduler comes from config=). Nothing else in the file says it."""
     cfg = scheduler.config
     out = {}
     if cfg.get("prediction_type") == "v_prediction":
