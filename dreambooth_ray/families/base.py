@@ -71,7 +71,6 @@ class Family:
     # (lora_A/B), which the transformer pipelines read (a UNet-style rename leaves them half-loaded).
     lora_key_format = "diffusers"
     supports = {"full": True, "lora": True, "text_encoder": True, "sr": False}
-    single_file_layout: str | None = None  # what single_file_state_dict writes (None: it cannot)
 
     @property
     def trainable_encoders(self) -> tuple[str, ...]:

@@ -47,7 +47,6 @@ class FluxFamily(FlowMatchingFamily):
     clip_encoders = ("text_encoder",)
     t5 = "text_encoder_2"
     max_sequence_length = 512
-    single_file_layout = "BFL's (transformer only)"
 
     def encode(self, encoders: dict, input_ids, input_ids_2=None, t5_states=None) -> dict:
         pooled = encoders["text_encoder"](input_ids, output_hidden_states=False).pooler_output

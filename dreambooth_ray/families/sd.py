@@ -15,7 +15,6 @@ class StableDiffusion(Family):
     name = "sd"
     title = "Stable Diffusion 1.x/2.x"
     pipeline = "StableDiffusionPipeline"
-    single_file_layout = "LDM (UNet, VAE, CLIP or OpenCLIP text encoder)"
 
     def single_file_state_dict(self, pipe) -> dict:
         """LDM's layout, as SD 1.x/2.x shipped: SD1's CLIP in transformers' layout, SD2's OpenCLIP in its own."""

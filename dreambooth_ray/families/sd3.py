@@ -27,7 +27,6 @@ class StableDiffusion3(FlowMatchingFamily):
     clip_encoders = ("text_encoder", "text_encoder_2")
     t5 = "text_encoder_3"
     max_sequence_length = 256
-    single_file_layout = "SD3's original (MMDiT, VAE; no text encoders)"
 
     def encode(self, encoders: dict, input_ids, input_ids_2, input_ids_3=None, t5_states=None) -> dict:
         states, pooled = [], []

@@ -38,7 +38,6 @@ class StableDiffusionXL(Family):
     added_conditioning = ("text_time",)
     prompt_keys = ("input_ids", "input_ids_2")
     row_key = "time_ids"
-    single_file_layout = "SDXL's original (UNet, VAE, CLIP-L, OpenCLIP-bigG)"
 
     def prompt_inputs(self, parts: dict, prompts: list[str]) -> dict:
         return {"input_ids": self.token_ids(parts["tokenizer"], prompts)[0],
