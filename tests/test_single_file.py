@@ -157,7 +157,7 @@ def test_flux_single_file_loads_in_diffusers(tmp_path):
     """Flux in BFL's layout through FluxTransformer2DModel.from_single_file. diffusers' converter fixes
     the width at Flux.1's (inner_dim = 3072, MLP ratio 4: it splits a single block's fused linear1 at
     those sizes), so tiny-flux's 32-wide transformer cannot load; this one has Flux.1-dev's widths and
-    one double and one single block (0.5 B parameters, bf16 as exported; about N s here)."""
+    one double and one single block (0.5 B parameters, bf16 as exported; 6.4-7.8 s and 2.9 GB peak RSS on this 2-core machine)."""
     from diffusers import FluxTransformer2DModel
 
     with torch.device("meta"):
