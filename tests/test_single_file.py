@@ -183,14 +183,16 @@ def test_ldm_names_of_sd15_and_sdxl_unets():
     with torch.device("meta"):
         sd15 = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)
         sdxl = UNet2DConditionModel(
-            block_out_channels=(320, 640, 1280), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
-            attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+            block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816)
 
-    def sampling(keys):
-        return sorted(k.rsplit(".", 1)[0] for k in keys if k.endswith(".weight") and (".op." in k or k.endswith("conv.weight")
-                                                                                      and k.startswith("output_blocks")))
+    def sampling(keys):  # the down- and upsamplers' module names
+        return sorted(k[:-len(".weight")] for k in keys
+                      if k.endswith(".op.weight") or (k.startswith("output_blocks.") and k.endswith(".conv.weight")))
 
     a, b = og.ldm_unet(sd15), og.ldm_unet(sdxl)
     assert sampling(a) == ["input_blocks.3.0.op", "input_blocks.6.0.op", "input_blocks.9.0.op",
