@@ -267,6 +267,19 @@ class Family:
                        for part in self.lora_parts(with_text_encoder)})
         self.pipeline_class().save_lora_weights(folder, safe_serialization=True, **layers)
 
+    # ---- single-file checkpoints ---------------------------------------------------------------
+
+    def single_file_state_dict(self, pipe) -> dict[str, torch.Tensor]:
+        """The pipeline's weights as the one file ComfyUI, A1111, Forge and InvokeAI load, in the
+        original key layout, markers (`single_file_extras`) included; tensors as the pipe holds them
+        (the export's precision), nothing gathered again."""
+        raise NotImplementedError(f"{self.title} ({self.pipeline}) has no single-file checkpoint layout; "
+                                  "its diffusers folder is the export")
+
+    def single_file_extras(self, pipe) -> dict[str, torch.Tensor]:
+        """What a UI reads from a single file beyond the weights (SDXL's `v_pred` marker)."""
+        return {}
+
     # ---- preflight (configs only) ---------------------------------------------------------------
 
     def config_problems(self, read, unet: dict) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from . import original as og
 from .base import Family
 
 
@@ -75,6 +76,17 @@ class StableDiffusionXL(Family):
             return [f"model: the UNet's added-conditioning input is {width} wide, not 6 time ids x {per_id} + the "
                     f"second text encoder's {pooled}-wide pooled embedding = {6 * per_id + pooled}"]
         return []
+
+    def single_file_state_dict(self, pipe) -> dict:
+        """SDXL's original (sgm) layout: CLIP-L in transformers' layout, OpenCLIP-bigG in its own."""
+        return {**og.prefixed("model.diffusion_model.", og.ldm_unet(pipe.unet)),
+                **og.prefixed("first_stage_model.", og.ldm_vae(pipe.vae)),
+                **og.prefixed("conditioner.embedders.0.transformer.", og.hf_clip(pipe.text_encoder)),
+                **og.prefixed("conditioner.embedders.1.model.", og.open_clip(pipe.text_encoder_2)),
+                **self.single_file_extras(pipe)}
+
+    def single_file_extras(self, pipe) -> dict:
+        return og.v_prediction_markers(pipe.scheduler)
 
     def text_width(self, read) -> int | None:
         widths = [(read(f"{te}/config.json") or {}).get("hidden_size") for te in self.text_encoders]
