@@ -16,7 +16,6 @@ from rich.console import Console
 from . import checkpoint, cluster, encode, export, identifiers, models, preflight, priors, report, samples, tracking, train
 from .console import Board, Reporter, View, log_files, save_logs
 from .identity import run_name, sr_run_name
-from .images import load_subject_images
 from .spec import JobSpec, SpecError, Subject
 from .storage import Storage, io_counts
 
@@ -272,8 +271,6 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeli
         return SubjectResult(subject.name, "skipped", record["model"], record["samples"], record["step"],
                              record.get("metrics", {}).get("loss"), time.perf_counter() - t0,
                              {s: "skipped" for s in ("train", "export", "samples")})
-    # The photos are read here, first: a bad file fails this subject before any training starts.
-    load_subject_images(subject.images, spec.train.resolution, spec.s3, spec.skip_bad_images)
     tokenizer = models.load_tokenizer(spec.model, spec.s3)
     if subject.identifier == "auto":
         subject = identifiers.resolve(subject, tokenizer, spec.train.seed, spec.identifiers)
