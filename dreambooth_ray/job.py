@@ -98,7 +98,8 @@ def prior_task(cache: priors.PriorCache, spec: JobSpec, use_gpu: bool, reporter:
                  total=spec.prior.num_class_images)
     counts = priors.generate(cache, spec, use_gpu, on_progress=lambda done, todo: reporter.progress(
         spec.prior.num_class_images - todo + done, spec.prior.num_class_images))
-    reporter.stage("ready", f"{counts['cached']} cached, {counts['generated']} generated")
+    yours = f"{counts['own']} of yours ({cache.own}), " if "own" in counts else ""
+    reporter.stage("ready", f"{yours}{counts['cached']} cached, {counts['generated']} generated")
     return {"key": cache.key, "url": cache.url, **counts}
 
 
@@ -325,7 +326,8 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeli
     reporter.stage("samples", "exporting and rendering samples")
     record = {"run": complete, "subject": subject.name, "sr_metrics": sr_metrics, "identifier": subject.identifier,
               "instance_prompt": subject.instance_text, "metrics": metrics,
-              "priors": {"key": prior_key, "url": prior_counts["url"]} if prior_counts else None,
+              "priors": {k: prior_counts[k] for k in ("key", "url", "class_images", "own") if k in prior_counts}
+              if prior_counts else None,
               "timeline": timeline}
     model_url, samples_url, timeline = ray.get(finalize.options(num_gpus=1 if use_gpu else 0).remote(
         spec, subject, ckpt, out, record, name, sr_ckpt, sr_name))
