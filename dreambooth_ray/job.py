@@ -14,7 +14,7 @@ import ray
 from rich.console import Console
 
 from . import checkpoint, cluster, encode, export, identifiers, models, preflight, priors, report, samples, tracking, train
-from .console import Board, Reporter, View, log_files, save_logs
+from .console import RAY_ERRORS, Board, Reporter, View, log_files, save_logs, save_ray_errors
 from .identity import run_name, sr_run_name
 from .spec import JobSpec, SpecError, Subject
 from .storage import Storage, io_counts
@@ -164,13 +164,14 @@ def run_job(spec: JobSpec, console: Console | None = None) -> list[SubjectResult
     # Every concurrent run's workers from the autoscaler at once (nothing asked if the cluster has them).
     cluster.request_workers(use_gpu, min(capacity(spec, use_gpu), len(spec.subjects)) * spec.train.num_workers)
 
-    board, logs_before = Board.remote(), log_files()
+    board, logs_before, errors_before = Board.remote(), log_files(), len(RAY_ERRORS)
     try:
         with View(console, board) as view:
             results, prior_refs = _run_subjects(spec, storage, identity, use_gpu, console, board, view)
     finally:
         cluster.release()  # idle nodes may scale down now
         save_logs(storage, spec.name, skip=logs_before)
+        save_ray_errors(storage, spec.name, since=errors_before)
         ray.kill(board)
     ordered = [results[s.name] for s in spec.subjects]
     storage.write_json({"job": spec.name, "priors": [_outcome(ref) for ref in prior_refs.values()],
