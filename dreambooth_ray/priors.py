@@ -84,22 +84,18 @@ class PriorCache:
 
     def load(self, n: int) -> list[Image.Image]:
         """The set's first n images: the user's (preprocessed as photos are), then the generated ones."""
-        own = self.own_images()[:n]
-        out = [self.own_image(name) for name in own]
-        for i in range(len(own), n):
-            with self.storage.fs.open(self.storage.path("priors", self.key, self.image_name(i)), "rb") as f:
-                out.append(Image.open(io.BytesIO(f.read())).convert("RGB"))
-        return out
-
-    def image(self, i: int) -> Image.Image:
-        """Image i of the set (what the SR stage's class images upsample)."""
         own = self.own_images()
+        return [self.image(i, own) for i in range(n)]
+
+    def image(self, i: int, own: list[str] | None = None) -> Image.Image:
+        """Image i of the set (the SR stage's class images upsample these one by one)."""
+        own = self.own_images() if own is None else own
         if i < len(own):
-            return self.own_image(own[i])
+            return self._own_image(own[i])
         with self.storage.fs.open(self.storage.path("priors", self.key, self.image_name(i)), "rb") as f:
             return Image.open(io.BytesIO(f.read())).convert("RGB")
 
-    def own_image(self, name: str) -> Image.Image:
+    def _own_image(self, name: str) -> Image.Image:
         fs, root = filesystem(self.own, self.storage.s3)
         data = fs.cat_file(f"{root}/{name}")
         count_io(read=len(data))
