@@ -184,6 +184,12 @@ def test_own_class_images_open_the_class_set_and_generation_tops_it_up(ray_clust
         assert np.array_equal(np.asarray(got), np.asarray(want))
     again = ray.get(job.prior_task.remote(cache, spec, False, Reporter("priors")))
     assert (again["generated"], again["cached"], again["own"]) == (0, 2, 3)
+    # Through a job: the encode task and the workers find the set by its key alone (meta.json); job.json says it.
+    [r] = job.run_job(spec)
+    assert r.status == "done", r.error
+    record = json.loads((tmp_path / "store" / "outputs" / "t" / "toy" / "job.json").read_text())
+    assert record["priors"] == {"key": cache.key, "url": cache.url, "class_images": str(own), "own": 3}
+    assert record["spec"]["prior"]["class_images"] == str(own)
 
     # Another folder, or one more file in it: another class set, another run.
     (own / "reg_3.png").write_bytes((own / "reg_1.png").read_bytes())
