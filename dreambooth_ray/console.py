@@ -216,8 +216,8 @@ def route_ray_errors() -> None:
     thread looks `print_to_stdstream` up at each message, so this wraps that function."""
     from ray._private import worker as ray_worker
 
-    shown = ray_worker.print_to_stdstream
-    if getattr(shown, "routed", False):
+    shown = getattr(ray_worker, "print_to_stdstream", None)
+    if shown is None or getattr(shown, "routed", False):  # (a Ray without it: its paragraphs stay on the console)
         return
 
     def route(data: dict, ignore_prefix: bool) -> None:
