@@ -87,7 +87,8 @@ def main():
     for n in args.sizes:
         members = subjects(n, args.resolution)
         t_lane, t_pack = lane(parts, members, cfg, device), packed(parts, members, cfg, device)
-        runs.append({"subjects": n, "lane_s_per_subject": round(t_lane / n, 3), "packed_s_per_subject": round(t_pack / n, 3),
+        runs.append({"subjects": n, "lane_s_per_subject": round(t_lane / n, 3),
+                     "packed_s_per_subject": round(t_pack / n, 3),
                      "ratio": round(t_pack / t_lane, 3),
                      "lane_subject_steps_per_s": round(n * cfg.steps / t_lane, 2),
                      "packed_subject_steps_per_s": round(n * cfg.steps / t_pack, 2)})

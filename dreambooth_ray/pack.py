@@ -37,9 +37,9 @@ def problems(cfg: TrainConfig, family) -> list[str]:
     if cfg.method != "lora":
         out.append("train.pack needs train.method: lora (full fine-tuning gives every subject its own base model)")
     if cfg.mixed_precision in ("fp16", "bf16-weights"):
-        out.append(f"train.pack needs mixed_precision fp32 or bf16, not {cfg.mixed_precision!r}: "
-                   + ("fp16's one loss scale and skipped steps would couple the subjects" if cfg.mixed_precision == "fp16"
-                      else "DeepSpeed's bf16 optimizer clips over all parameters, coupling the subjects"))
+        why = ("fp16's one loss scale and skipped steps would couple the subjects" if cfg.mixed_precision == "fp16"
+               else "DeepSpeed's bf16 optimizer clips over all parameters, coupling the subjects")
+        out.append(f"train.pack needs mixed_precision fp32 or bf16, not {cfg.mixed_precision!r}: {why}")
     if cfg.train_text_encoder or (cfg.method == "lora" and cfg.lora.text_encoder):
         out.append("train.pack trains denoiser adapters only (no train_text_encoder, no lora.text_encoder)")
     if cfg.offload != "none":
