@@ -257,9 +257,19 @@ def latent_encoder(vae, device, chunk: int = 8):
 
 
 def diffusion_step(model, noise_scheduler, rows, n_instance, g, prior_weight, dtype, device, *,
-                   vae=None, scaling_factor=None, shift_factor=0.0, channels_last=False, autocast=None, family=None,
-                   cfg: TrainConfig | None = None, **text):
-    """One noise-prediction forward pass over [subject rows; class rows] and the DreamBooth loss.
+                   autocast=None, family=None, cfg: TrainConfig | None = None, vae=None, scaling_factor=None,
+                   shift_factor=0.0, channels_last=False, **text):
+    """One noise-prediction forward pass over [subject rows; class rows] and the DreamBooth loss
+    (the inputs: `diffusion_inputs`)."""
+    noisy, t, target, weights = diffusion_inputs(noise_scheduler, rows, g, dtype, device, vae=vae,
+                                                 scaling_factor=scaling_factor, shift_factor=shift_factor,
+                                                 channels_last=channels_last, family=family, cfg=cfg)
+    return denoise_loss(model, noisy, t, target, n_instance, prior_weight, device, autocast, weights, **text)
+
+
+def diffusion_inputs(noise_scheduler, rows, g, dtype, device, *, vae=None, scaling_factor=None, shift_factor=0.0,
+                     channels_last=False, family=None, cfg: TrainConfig | None = None):
+    """(noisy, timesteps, target, per-row loss weights or None) for `rows`, every draw from `g`.
 
     `rows` are pixels (encoded here by `vae`), cached latent distributions (mean || std), or, for a
     pixel-space model (no VAE, `scaling_factor=None`), the pixels that are themselves diffused.
@@ -289,8 +299,7 @@ def diffusion_step(model, noise_scheduler, rows, n_instance, g, prior_weight, dt
     if channels_last:
         noisy = noisy.contiguous(memory_format=torch.channels_last)
     target = family.target(noise_scheduler, latents, noise, t)
-    return denoise_loss(model, noisy, t, target, n_instance, prior_weight, device, autocast,
-                        family.loss_weights(noise_scheduler, t, cfg), **text)
+    return noisy, t, target, family.loss_weights(noise_scheduler, t, cfg)
 
 
 def denoise_loss(model, x, t, target, n_instance, prior_weight, device, autocast=None, weights=None, **cond):
@@ -343,8 +352,10 @@ class Engine:
         return self.ds.lr_scheduler.get_last_lr()[0]
 
 
-def initialize(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, fused: bool | None = None):
-    """The DeepSpeed engine over `model`'s trainable parameters (torch.distributed initialised)."""
+def initialize(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, fused: bool | None = None,
+               config: dict | None = None):
+    """The DeepSpeed engine over `model`'s trainable parameters (torch.distributed initialised);
+    `config`: DeepSpeed's, default `deepspeed_config(cfg)`."""
     import deepspeed
 
     if device.type == "cpu":
@@ -352,7 +363,8 @@ def initialize(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, f
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer(params, cfg, on_gpu=device.type == "cuda", fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (cfg.lr_warmup_steps + 1)))
-    ds, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg))
+    ds, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                   config=config or deepspeed_config(cfg))
     return ds
 
 
