@@ -46,6 +46,13 @@ class FluxFamily(FlowMatchingFamily):
     clip_encoders = ("text_encoder",)
     t5 = "text_encoder_2"
     max_sequence_length = 512
+    tags = ("flux", "flux-diffusers")
+
+    def architecture(self, pipe) -> str:  # dev is guidance-distilled (embeds a guidance value), schnell is not
+        return "flux-1-dev" if pipe.transformer.config.guidance_embeds else "flux-1-schnell"
+
+    def kohya_base_version(self, pipe) -> str:
+        return "flux1"
 
     def encode(self, encoders: dict, input_ids, input_ids_2=None, t5_states=None) -> dict:
         pooled = encoders["text_encoder"](input_ids, output_hidden_states=False).pooler_output

@@ -26,6 +26,13 @@ class StableDiffusion3(FlowMatchingFamily):
     clip_encoders = ("text_encoder", "text_encoder_2")
     t5 = "text_encoder_3"
     max_sequence_length = 256
+    tags = ("sd3", "sd3-diffusers")
+
+    def architecture(self, pipe) -> str:
+        return "stable-diffusion-3"  # kohya's id for every SD3 / 3.5 size
+
+    def kohya_base_version(self, pipe) -> str:
+        return "sd3"
 
     def encode(self, encoders: dict, input_ids, input_ids_2, input_ids_3=None, t5_states=None) -> dict:
         states, pooled = [], []
