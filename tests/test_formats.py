@@ -189,3 +189,28 @@ def test_full_run_writes_the_familys_single_file_checkpoint_with_its_header(tmp_
     assert not any(k.startswith("ss_") for k in md)  # kohya's keys are a LoRA's
     text = (path.parent / "README.md").read_text()
     assert "`toy.safetensors`" in text and "models/checkpoints/" in text and "widget" not in text
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
+def test_kohya_names_cover_resnet_and_transformer_targets(model):
+    """Targets beyond attention (ResNet convs and time projections, shortcuts, proj_in, feed-forward):
+    diffusers' kohya converter (SDXL: its sgm block remapping too) puts every adapter weight of the kohya
+    file back on the module it was trained on."""
+    from safetensors.torch import load, save
+
+    pipe = models.load_pipeline(model)
+    family = families.BY_PIPELINE[type(pipe).__name__]
+    targets = ["to_q", "conv1", "conv2", "time_emb_proj", "conv_shortcut", "proj_in", "ff.net.2"]
+    family.add_lora(pipe, TrainConfig(method="lora", lora={"rank": 4, "alpha": 8.0, "target_modules": targets}))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in pipe.unet.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g))
+    kohya = family.kohya_lora_state_dict(pipe, with_text_encoder=False)
+    loaded = models.load_pipeline(model)
+    loaded.load_lora_weights(load(save(kohya)))  # through the bytes of a file, as a UI reads it
+    want = {k: v for k, v in pipe.unet.state_dict().items() if "lora_" in k}
+    got = {k.replace(".default_0.", ".default."): v for k, v in loaded.unet.state_dict().items() if "lora_" in k}
+    assert len(want) == 90  # 45 adapted modules in both tiny UNets and want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
