@@ -80,13 +80,13 @@ def card(family, *, title: str, trigger: str, base_model: str, lora: dict | None
     if samples:
         front["widget"] = [{"text": prompt, "output": {"url": path}} for prompt, path in samples]
     head = yaml.safe_dump(front, sort_keys=False, allow_unicode=True, width=1000)
-    what = (f"a LoRA (rank {lora['rank']}, alpha {lora['alpha']:g})" if lora else "a full fine-tune")
+    what = f"LoRA (rank {lora['rank']}, alpha {lora['alpha']:g})" if lora else "fine-tune"
     of = f"[{base}](https://huggingface.co/{base})" if base else "its base model"
     lines = [
         "---", head.rstrip(),
         "# license: set the license you publish under (the base model's license applies to what is derived from it)",
         "---", "", f"# {title}", "",
-        f"DreamBooth {what} of {of} ({family.title}), trained {steps} steps with dreambooth-ray.",
+        f"A DreamBooth {what} of {of} ({family.title}), trained {steps} steps with dreambooth-ray.",
         f"Prompt the subject with **`{trigger}`**.", "",
     ]
     if not base:
@@ -94,26 +94,26 @@ def card(family, *, title: str, trigger: str, base_model: str, lora: dict | None
     if samples:
         lines += ["## Samples", "", *[f"![{p}]({path})" for p, path in samples], ""]
     lines += ["## Files", "", "| file | load it with |", "|---|---|", *[f"| `{f}` | {w} |" for f, w in files.items()], ""]
-    repo = "<this folder, or its Hub repo id>"
+    repo, dtype = '"<this folder, or its Hub repo id>"', f"torch.{family.inference_half}"
     lines += ["## Use it in diffusers", "", "```python", "import torch", "from diffusers import AutoPipelineForText2Image", ""]
     if lora:
-        lines += [f'pipe = AutoPipelineForText2Image.from_pretrained("{base or "<base model>"}", torch_dtype=torch.float16).to("cuda")',
-                  f'pipe.load_lora_weights("{repo}")']
+        lines += [f'pipe = AutoPipelineForText2Image.from_pretrained("{base or "<base model>"}", torch_dtype={dtype}).to("cuda")',
+                  f"pipe.load_lora_weights({repo})"]
     else:
-        lines += [f'pipe = AutoPipelineForText2Image.from_pretrained("{repo}", torch_dtype=torch.float16).to("cuda")']
-    lines += [f'image = pipe("{trigger} on the beach").images[0]', "```", ""]
+        lines += [f'pipe = AutoPipelineForText2Image.from_pretrained({repo}, torch_dtype={dtype}).to("cuda")']
+    lines += [f"image = pipe({json.dumps(trigger + ' on the beach')}).images[0]", "```", ""]
     ui = next((f for f, w in files.items() if "ComfyUI" in w), None)
     a1111 = ui is not None and "AUTOMATIC1111" in files[ui]
     lines += ["## Use it in ComfyUI / AUTOMATIC1111 / Forge", ""]
     if ui and lora:
-        lines += [f"ComfyUI: copy `{ui}` into `ComfyUI/models/loras/` and add a *Load LoRA* node after the base "
+        lines += [f"- ComfyUI: copy `{ui}` into `ComfyUI/models/loras/` and add a *Load LoRA* node after the base "
                   "model's checkpoint loader."]
         if a1111:
-            lines += [f"AUTOMATIC1111 / Forge: copy it into `models/Lora/` and prompt `<lora:{ui.rsplit('.', 1)[0]}:1> {trigger}`."]
+            lines += [f"- AUTOMATIC1111 / Forge: copy it into `models/Lora/` and prompt `<lora:{ui.rsplit('.', 1)[0]}:1> {trigger}`."]
     elif ui:
-        lines += [f"ComfyUI: copy `{ui}` into `ComfyUI/models/checkpoints/` (a *Load Checkpoint* node)."]
+        lines += [f"- ComfyUI: copy `{ui}` into `ComfyUI/models/checkpoints/` (a *Load Checkpoint* node)."]
         if a1111:
-            lines += ["AUTOMATIC1111 / Forge: copy it into `models/Stable-diffusion/`."]
+            lines += ["- AUTOMATIC1111 / Forge: copy it into `models/Stable-diffusion/`."]
     else:
         lines += ["No file for these UIs was written (see `train.export_formats` and `dreambooth-ray export`)."]
     lines.append("")
