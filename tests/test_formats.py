@@ -214,3 +214,32 @@ def test_kohya_names_cover_resnet_and_transformer_targets(model):
     got = {k.replace(".default_0.", ".default."): v for k, v in loaded.unet.state_dict().items() if "lora_" in k}
     assert len(want) == 90  # 45 adapted modules in both tiny UNets and want.keys() == got.keys()
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+@pytest.mark.parametrize("model,arch,version", [("tiny-sd3", "stable-diffusion-3", "sd3"),
+                                                ("tiny-flux", "flux-1-dev", "flux1")])
+def test_flow_families_lora_is_the_diffusers_file_with_the_header_and_card(tmp_path, toy_images, model, arch, version):
+    """SD3 / Flux: no kohya file (ComfyUI maps their diffusers keys; A1111 loads neither); the diffusers
+    file gets the header, still loads with load_lora_weights to the trained adapters, and the card
+    points ComfyUI at it."""
+    store = tmp_path / "store"
+    spec = parse_spec(tiny_spec(str(store), str(toy_images), model=model,
+                                train={"method": "lora", "lora": {"rank": 4, "alpha": 8.0}}))
+    storage, out = Storage(spec.storage), ("outputs", "t", "toy")
+    trained, family = _trained_lora(model, 4, 8.0)
+    export.save_lora(storage, trained, out, with_text_encoder=False)
+    assert export.write_formats(spec, spec.subjects[0], storage, out, trained, "fp32", None)["formats"] == {}
+    folder = store / "outputs" / "t" / "toy" / "lora"
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "pytorch_lora_weights.safetensors"]
+    with safe_open(str(folder / "pytorch_lora_weights.safetensors"), "pt") as f:
+        md = f.metadata()
+    assert md["modelspec.architecture"] == f"{arch}/lora" and md["ss_base_model_version"] == version
+    assert md["modelspec.trigger_phrase"] == "a sks toy" and "modelspec.prediction_type" not in md  # as kohya
+    loaded = models.load_pipeline(model)
+    loaded.load_lora_weights(str(folder))
+    want = {k: v for k, v in trained.transformer.state_dict().items() if "lora_" in k}
+    got = {k.replace(".default_0.", ".default."): v for k, v in loaded.transformer.state_dict().items() if "lora_" in k}
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    text = (folder / "README.md").read_text()
+    assert "ComfyUI: copy `pytorch_lora_weights.safetensors` into `ComfyUI/models/loras/`" in text
+    assert "AUTOMATIC1111 / Forge: copy" not in text and "torch.bfloat16" in text

@@ -51,12 +51,12 @@ def ldm_unet_name(name: str, config) -> str:
         if m[1] == "attentions":
             return f"middle_block.1.{m[3]}"
         return f"middle_block.{2 * int(m[2])}.{_resnet(m[3], name)}"
-    raise ValueError(f"UNet module {name!r} has no LDM name (kohya's SDXL LoRA layout)")
+    raise ValueError(f"UNet module {name!r} has no LDM name for kohya's SDXL LoRA layout (train.export_formats: [] skips that file)")
 
 
 def _resnet(rest: str, name: str) -> str:
     if rest not in _RESNET:
-        raise ValueError(f"UNet module {name!r} has no LDM name (kohya's SDXL LoRA layout)")
+        raise ValueError(f"UNet module {name!r} has no LDM name for kohya's SDXL LoRA layout (train.export_formats: [] skips that file)")
     return _RESNET[rest]
 
 
