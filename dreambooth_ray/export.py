@@ -249,9 +249,10 @@ def write_formats(spec: JobSpec, subject, storage: Storage, out: tuple[str, ...]
     files, urls = {}, {}
     if lora:  # the diffusers file gets the header too: SD3 / Flux users load it in ComfyUI
         name = "pytorch_lora_weights.safetensors"
-        storage.write_bytes(modelcard.with_metadata(storage.read_bytes(*out, folder, name), header(modelcard.IMPL_DIFFUSERS)),
-                            *out, folder, name)
-        files[name] = "diffusers `load_lora_weights`" + (", ComfyUI (Load LoRA)" if family.comfy_reads_diffusers_lora else "")
+        data = storage.read_bytes(*out, folder, name)
+        storage.write_bytes(modelcard.with_metadata(data, header(modelcard.IMPL_DIFFUSERS)), *out, folder, name)
+        comfy = ", ComfyUI (Load LoRA)" if family.comfy_reads_diffusers_lora else ""
+        files[name] = "diffusers `load_lora_weights`" + comfy
     else:
         files["model_index.json and the part folders"] = "diffusers `from_pretrained`"
     ui_file = f"{subject.name}.safetensors"
@@ -261,7 +262,8 @@ def write_formats(spec: JobSpec, subject, storage: Storage, out: tuple[str, ...]
         files[ui_file] = "AUTOMATIC1111, Forge, ComfyUI (kohya's LoRA layout)"
         urls["kohya"] = storage.url(*out, folder, ui_file)
     if "single_file" in formats:
-        put_safetensors(storage, family.single_file_state_dict(pipe), to, header(modelcard.IMPL_LDM), *out, folder, ui_file)
+        put_safetensors(storage, family.single_file_state_dict(pipe), to, header(modelcard.IMPL_LDM),
+                        *out, folder, ui_file)
         files[ui_file] = "ComfyUI, AUTOMATIC1111, Forge (single-file checkpoint)"
         urls["single_file"] = storage.url(*out, folder, ui_file)
     shown = []

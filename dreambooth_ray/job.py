@@ -394,7 +394,8 @@ def cmd_export(args, console) -> int:
         subject = subject.model_copy(update={"identifier": record["identifier"]})
         pipe = export.load_exported(spec, record)
         images = None if args.no_samples else samples.render(pipe, subject, spec.samples, spec.train.resolution)
-        record.update(export.write_formats(spec, subject, storage, out, pipe, record.get("dtype", "fp32"), images, asked))
+        made = export.write_formats(spec, subject, storage, out, pipe, record.get("dtype", "fp32"), images, asked)
+        record.update(made)
         storage.write_json(record, *out, "job.json")
         console.print(f"{subject.name}: {', '.join(record['formats']) or 'no UI format'}; card {record['card']}")
     return 1 if missing else 0

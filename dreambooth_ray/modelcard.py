@@ -93,12 +93,14 @@ def card(family, *, title: str, trigger: str, base_model: str, lora: dict | None
         lines += ["The base model was not a Hub id: add `base_model: <owner/name>` above before uploading.", ""]
     if samples:
         lines += ["## Samples", "", *[f"![{p}]({path})" for p, path in samples], ""]
-    lines += ["## Files", "", "| file | load it with |", "|---|---|", *[f"| `{f}` | {w} |" for f, w in files.items()], ""]
+    lines += ["## Files", "", "| file | load it with |", "|---|---|",
+              *[f"| `{f}` | {w} |" for f, w in files.items()], ""]
     repo, dtype = '"<this folder, or its Hub repo id>"', f"torch.{family.inference_half}"
-    lines += ["## Use it in diffusers", "", "```python", "import torch", "from diffusers import AutoPipelineForText2Image", ""]
+    lines += ["## Use it in diffusers", "", "```python", "import torch",
+              "from diffusers import AutoPipelineForText2Image", ""]
     if lora:
-        lines += [f'pipe = AutoPipelineForText2Image.from_pretrained("{base or "<base model>"}", torch_dtype={dtype}).to("cuda")',
-                  f"pipe.load_lora_weights({repo})"]
+        lines += [f'pipe = AutoPipelineForText2Image.from_pretrained("{base or "<base model>"}", '
+                  f'torch_dtype={dtype}).to("cuda")', f"pipe.load_lora_weights({repo})"]
     else:
         lines += [f'pipe = AutoPipelineForText2Image.from_pretrained({repo}, torch_dtype={dtype}).to("cuda")']
     lines += [f"image = pipe({json.dumps(trigger + ' on the beach')}).images[0]", "```", ""]
@@ -109,7 +111,8 @@ def card(family, *, title: str, trigger: str, base_model: str, lora: dict | None
         lines += [f"- ComfyUI: copy `{ui}` into `ComfyUI/models/loras/` and add a *Load LoRA* node after the base "
                   "model's checkpoint loader."]
         if a1111:
-            lines += [f"- AUTOMATIC1111 / Forge: copy it into `models/Lora/` and prompt `<lora:{ui.rsplit('.', 1)[0]}:1> {trigger}`."]
+            lines += [f"- AUTOMATIC1111 / Forge: copy it into `models/Lora/` and prompt "
+                      f"`<lora:{ui.rsplit('.', 1)[0]}:1> {trigger}`."]
     elif ui:
         lines += [f"- ComfyUI: copy `{ui}` into `ComfyUI/models/checkpoints/` (a *Load Checkpoint* node)."]
         if a1111:

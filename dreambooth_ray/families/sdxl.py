@@ -23,6 +23,7 @@ _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb
 _TOP = {"conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2", "time_embedding.linear_1":
         "time_embed.0", "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
         "add_embedding.linear_2": "label_emb.0.2"}
+_NO_NAME = "UNet module {!r} has no LDM name for kohya's SDXL LoRA layout (train.export_formats: [] skips that file)"
 
 
 def ldm_unet_name(name: str, config) -> str:
@@ -51,12 +52,12 @@ def ldm_unet_name(name: str, config) -> str:
         if m[1] == "attentions":
             return f"middle_block.1.{m[3]}"
         return f"middle_block.{2 * int(m[2])}.{_resnet(m[3], name)}"
-    raise ValueError(f"UNet module {name!r} has no LDM name for kohya's SDXL LoRA layout (train.export_formats: [] skips that file)")
+    raise ValueError(_NO_NAME.format(name))
 
 
 def _resnet(rest: str, name: str) -> str:
     if rest not in _RESNET:
-        raise ValueError(f"UNet module {name!r} has no LDM name for kohya's SDXL LoRA layout (train.export_formats: [] skips that file)")
+        raise ValueError(_NO_NAME.format(name))
     return _RESNET[rest]
 
 
