@@ -40,8 +40,12 @@ def init_ray(address: str | None = None, **kwargs) -> None:
         # One machine has no node drains to watch for: skip Ray Train's per-run watcher actor (a
         # Python process per fit, a few CPU-seconds each on a small machine).
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # Workers print nothing to the console: progress comes through console.Board, their logs go to storage.
+    # Workers print nothing to the console: progress comes through console.Board, their logs go to storage;
+    # and Ray's own worker-death paragraphs go to the job's logs folder (we say it in one line).
     kwargs.setdefault("log_to_driver", False)
+    from .console import route_ray_errors
+
+    route_ray_errors()
     ray.init(address=address, runtime_env={"env_vars": _worker_env()}, logging_level=logging.WARNING, **kwargs)
 
 

@@ -200,6 +200,51 @@ def _dashboard_address() -> str | None:
     return found.decode() if found else None
 
 
+# Ray's driver prints each error the cluster publishes for its job to stdout, log_to_driver or not: a
+# dead worker is a ~900-character "(raylet) A worker died or was killed ..." paragraph, before the line
+# in which we say it ("attempt 1 failed (ActorDiedError: ...); resuming from the last checkpoint", or
+# the subject's failure). Those go to the job's logs folder (save_ray_errors), not the console, as does
+# Ray's advice on how many worker processes it started (the job, not the user, chose its actors); any
+# other (e.g. a resource request no node can meet) still reaches the console as Ray wrote it.
+RAY_ERRORS: list[str] = []
+_OFF_CONSOLE = ("A worker died or was killed", "Worker exit type", "was killed due to the node running low on memory",
+                "PYTHON worker processes have been started")
+
+
+def route_ray_errors() -> None:
+    """Keep Ray's worker-death paragraphs off the console (into RAY_ERRORS). Ray's error listener
+    thread looks `print_to_stdstream` up at each message, so this wraps that function."""
+    from ray._private import worker as ray_worker
+
+    shown = getattr(ray_worker, "print_to_stdstream", None)
+    if shown is None or getattr(shown, "routed", False):  # (a Ray without it: its paragraphs stay on the console)
+        return
+
+    def route(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") != "raylet":
+            return shown(data, ignore_prefix)
+        lines = [str(line) for line in data.get("lines") or []]
+        RAY_ERRORS.append(time.strftime("%Y-%m-%d %H:%M:%S ") + "\n".join(lines))
+        if not any(s in line for line in lines for s in _OFF_CONSOLE):
+            shown(data, ignore_prefix)
+
+    route.routed = True
+    ray_worker.print_to_stdstream = route
+
+
+def save_ray_errors(storage, job: str, since: int = 0) -> str | None:
+    """The errors Ray published for this driver since index `since` of RAY_ERRORS, as
+    outputs/<job>/logs/driver/ray-errors.log; returns its URL (None when there were none)."""
+    found = RAY_ERRORS[since:]
+    if not found:
+        return None
+    try:
+        storage.write_bytes(("\n\n".join(found) + "\n").encode(), "outputs", job, "logs", "driver", "ray-errors.log")
+    except Exception:  # noqa: BLE001 -- logs are a convenience: never fail a finished job over them
+        return None
+    return storage.url("outputs", job, "logs", "driver", "ray-errors.log")
+
+
 def save_logs(storage, job: str, skip: dict[str, list[str]] | None = None) -> int:
     """Copies this Ray job's worker logs, from every node, to outputs/<job>/logs/<node address>/, except
     those in `skip` (the files that existed when the job started: a driver that runs several jobs keeps

@@ -81,7 +81,7 @@ def encode_task(spec: JobSpec, subject: Subject, run: str, prior_key: str | None
     t0, cfg, io_start = time.perf_counter(), spec.train, io_counts()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     storage = Storage(spec.storage, spec.s3)
-    photos = load_subject_images(subject.images, cfg.resolution, spec.s3, spec.skip_bad_images)
+    photos = load_subject_images(subject.images, cfg.resolution, spec.s3, spec.skip_bad_images, quiet=True)
     classes = (PriorCache(storage, prior_key, subject.class_text, cfg.resolution, spec.prior)
                .load(spec.prior.num_class_images) if prior_key else [])
     fam = models.family(spec.model, spec.s3)

@@ -264,7 +264,7 @@ def write_formats(spec: JobSpec, subject, storage: Storage, out: tuple[str, ...]
     if "single_file" in formats:
         put_safetensors(storage, family.single_file_state_dict(pipe), to, header(modelcard.IMPL_LDM),
                         *out, folder, ui_file)
-        files[ui_file] = "ComfyUI, AUTOMATIC1111, Forge (single-file checkpoint)"
+        files[ui_file] = f"{family.single_file_uis} (single-file checkpoint)"
         urls["single_file"] = storage.url(*out, folder, ui_file)
     shown = []
     for k, (prompt, im) in enumerate(images or []):

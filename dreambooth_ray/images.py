@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,67 +73,123 @@ def decode(data: bytes, name: str, resolution: int) -> Image.Image:
 
 def decode_with_geometry(data: bytes, name: str, resolution: int) -> tuple[Image.Image, tuple]:
     """The square training image and its geometry (see SubjectImage.geometry)."""
-    if not data:
-        raise ImageError(f"{name}: empty file")
     try:
-        im = Image.open(io.BytesIO(data))
-        full_w, full_h = im.size  # before draft(): the real photo's size
-        if im.getexif().get(0x0112) in _TRANSPOSED:
-            full_w, full_h = full_h, full_w
-        # JPEG decodes at a reduced scale when the target is much smaller: a 12000px photo stays cheap.
-        im.draft("RGB", (resolution, resolution))
-        n_frames = getattr(im, "n_frames", 1)
-        if n_frames > 1:
-            log.warning("%s: animated image with %d frames; using the first", name, n_frames)
-        im.load()
-        im = ImageOps.exif_transpose(im)
-        nw, nh, left, top = square_box(*im.size, resolution)
-        return square(to_rgb(im), resolution), (full_h, full_w, top, left, nh, nw)
-    except ImageError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{name}: image too large to decode safely ({e})") from None
+        return _decode(data, name, resolution)
     except Exception as e:  # Pillow raises many types for damaged files
-        raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
+        raise ImageError(f"{name}: {why_unreadable(data, e)}") from None
 
 
-def list_images(url: str, s3: S3Settings | None = None) -> list[str]:
+def _decode(data: bytes, name: str, resolution: int, warn: bool = True) -> tuple[Image.Image, tuple]:
+    if not data:
+        raise EOFError
+    im = Image.open(io.BytesIO(data))
+    full_w, full_h = im.size  # before draft(): the real photo's size
+    if im.getexif().get(0x0112) in _TRANSPOSED:
+        full_w, full_h = full_h, full_w
+    # JPEG decodes at a reduced scale when the target is much smaller: a 12000px photo stays cheap.
+    im.draft("RGB", (resolution, resolution))
+    n_frames = getattr(im, "n_frames", 1)
+    if n_frames > 1 and warn:
+        log.warning("%s: animated image with %d frames; using the first", name, n_frames)
+    im.load()
+    im = ImageOps.exif_transpose(im)
+    nw, nh, left, top = square_box(*im.size, resolution)
+    return square(to_rgb(im), resolution), (full_h, full_w, top, left, nh, nw)
+
+
+# What a file that Pillow cannot open begins with, when it is something else a user may have picked up.
+_NOT_IMAGES = ((b"%PDF", "a PDF document"), (b"PK\x03\x04", "a zip archive"), (b"\x1f\x8b", "a gzip archive"),
+               (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"))
+_IMAGE_STARTS = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"RIFF")  # JPEG, PNG, WebP (RIFF....WEBP)
+
+
+def why_unreadable(data: bytes, e: BaseException) -> str:
+    """What is wrong with an image file, in words (Pillow's messages carry object reprs and codec jargon)."""
+    if not data:
+        return "empty file (0 bytes)"
+    if isinstance(e, Image.DecompressionBombError):
+        return f"too large to decode safely ({re.sub(r', could be.*', '', str(e))})"
+    if isinstance(e, Image.UnidentifiedImageError):
+        head = data[:48]
+        for magic, what in _NOT_IMAGES:
+            if head.startswith(magic):
+                return f"not a JPEG, PNG or WebP image: it is {what}"
+        if head[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypavif", b"ftyphevc"):
+            return "a HEIC/AVIF photo, which this reader cannot decode (convert it to JPEG or PNG)"
+        if head.startswith(_IMAGE_STARTS):
+            return "truncated: the file ends before the image data does"
+        text = head.decode("utf-8", "replace").rstrip("\ufffd")  # (a character cut at byte 48)
+        if text and "\ufffd" not in text and all(c.isprintable() or c in "\r\n\t" for c in text):
+            return f"not an image (it begins with text: {text[:24].strip()!r})"
+        return f"not an image (it begins with bytes {head[:8].hex(' ')})"
+    msg = str(e)
+    if "truncated" in msg.lower() or isinstance(e, EOFError) or (
+            data.startswith(b"RIFF") and int.from_bytes(data[4:8], "little") + 8 > len(data)):
+        return "truncated: the file ends before the image data does"
+    msg = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the file", msg)  # no object reprs in a user's error
+    return f"damaged image data ({type(e).__name__}: {msg})" if msg else f"damaged image data ({type(e).__name__})"
+
+
+def list_images(url: str, s3: S3Settings | None = None, quiet: bool = False) -> list[str]:
+    """The image files under `url`, sorted; a file with another extension is ignored (with a warning
+    unless `quiet`: the preflight said it once)."""
     fs, root = filesystem(url, s3)
     if not fs.exists(root):
-        raise ImageError(f"{url}: subject image location does not exist")
+        raise ImageError(f"{url}: image location does not exist")
     if not fs.isdir(root):
-        raise ImageError(f"{url}: subject images must be a folder (or prefix), not a file")
-    files = [p for p in fs.find(root) if p.lower().endswith(IMAGE_EXTENSIONS)]
-    skipped = [p for p in fs.find(root) if not p.lower().endswith(IMAGE_EXTENSIONS) and not _hidden(p, root)]
-    for p in skipped:
-        log.warning("%s: not an image extension (%s); ignored", _rel(p, root), ", ".join(IMAGE_EXTENSIONS))
-    return sorted(p for p in files if not _hidden(p, root))
+        raise ImageError(f"{url}: images must be a folder (or prefix), not a file")
+    found = [p for p in fs.find(root) if not _hidden(p, root)]
+    if not quiet:
+        for p in found:
+            if not p.lower().endswith(IMAGE_EXTENSIONS):
+                log.warning("%s: not an image extension (%s); ignored", _rel(p, root), ", ".join(IMAGE_EXTENSIONS))
+    return sorted(p for p in found if p.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def listing(url: str, s3: S3Settings | None = None) -> list[tuple[str, int]]:
+    """(name, size) of each image under `url`; empty where there is none (the preflight says why)."""
+    fs, root = filesystem(url, s3)
+    try:
+        found = fs.find(root, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted((_rel(p, root), int(info.get("size") or 0)) for p, info in found.items()
+                  if p.lower().endswith(IMAGE_EXTENSIONS) and not _hidden(p, root))
+
+
+def read_images(url: str, resolution: int, s3: S3Settings | None = None,
+                quiet: bool = False) -> tuple[list[SubjectImage], list[tuple[str, str]]]:
+    """Every image under `url` decoded, and (name, reason in words) for each file that is not."""
+    fs, root = filesystem(url, s3)
+    out, bad = [], []
+    for path in list_images(url, s3, quiet):
+        name = _rel(path, root)
+        data = fs.cat_file(path)
+        count_io(read=len(data))
+        try:
+            out.append(SubjectImage(name, *_decode(data, f"{url.rstrip('/')}/{name}", resolution, not quiet)))
+        except Exception as e:  # noqa: BLE001 -- Pillow raises many types for damaged files
+            bad.append((name, why_unreadable(data, e)))
+    return out, bad
 
 
 def load_subject_images(
-    url: str, resolution: int, s3: S3Settings | None = None, skip_bad: bool = False
+    url: str, resolution: int, s3: S3Settings | None = None, skip_bad: bool = False, quiet: bool = False
 ) -> list[SubjectImage]:
-    fs, root = filesystem(url, s3)
-    out: list[SubjectImage] = []
-    bad: list[str] = []
-    for path in list_images(url, s3):
-        name = _rel(path, root)
-        try:
-            data = fs.cat_file(path)
-            count_io(read=len(data))
-            out.append(SubjectImage(name, *decode_with_geometry(data, f"{url.rstrip('/')}/{name}",
-                                                                 resolution)))
-        except ImageError as e:
-            bad.append(str(e))
-            if skip_bad:
-                log.warning("skipping bad image: %s", e)
+    """A subject's usable photos. `quiet`: no warning per skipped file (the preflight gave it: one
+    message per bad file, not one per stage that reads the photos)."""
+    out, bad = read_images(url, resolution, s3, quiet)
+    named = [f"{url.rstrip('/')}/{name}: {why}" for name, why in bad]
     if bad and not skip_bad:  # every bad file at once: one fix-and-retry, not one per file
         # One line: the results table shows a failed subject's first line.
         raise ImageError(f"{len(bad)} bad image(s) (fix or remove them, or set skip_bad_images: true): "
-                         + "; ".join(bad))
+                         + "; ".join(named))
+    if not quiet:
+        for line in named:
+            log.warning("skipping bad image: %s", line)
     if len(out) < MIN_IMAGES:
         raise ImageError(f"{url}: {len(out)} usable image(s); DreamBooth needs at least {MIN_IMAGES}")
-    if len(out) > MAX_IMAGES:
+    if len(out) > MAX_IMAGES and not quiet:
         log.warning("%s: %d images; DreamBooth works best with 3-%d", url, len(out), MAX_IMAGES)
     return out
 

@@ -14,9 +14,8 @@ import ray
 from rich.console import Console
 
 from . import checkpoint, cluster, encode, export, identifiers, models, preflight, priors, report, samples, tracking, train
-from .console import Board, Reporter, View, log_files, save_logs
+from .console import RAY_ERRORS, Board, Reporter, View, log_files, save_logs, save_ray_errors
 from .identity import run_name, sr_run_name
-from .images import load_subject_images
 from .spec import JobSpec, SpecError, Subject
 from .storage import Storage, io_counts
 
@@ -102,7 +101,8 @@ def prior_task(cache: priors.PriorCache, spec: JobSpec, use_gpu: bool, reporter:
                  total=spec.prior.num_class_images)
     counts = priors.generate(cache, spec, use_gpu, on_progress=lambda done, todo: reporter.progress(
         spec.prior.num_class_images - todo + done, spec.prior.num_class_images))
-    reporter.stage("ready", f"{counts['cached']} cached, {counts['generated']} generated")
+    yours = f"{counts['own']} of yours ({cache.own}), " if "own" in counts else ""
+    reporter.stage("ready", f"{yours}{counts['cached']} cached, {counts['generated']} generated")
     return {"key": cache.key, "url": cache.url, **counts}
 
 
@@ -167,13 +167,14 @@ def run_job(spec: JobSpec, console: Console | None = None) -> list[SubjectResult
     # Every concurrent run's workers from the autoscaler at once (nothing asked if the cluster has them).
     cluster.request_workers(use_gpu, min(capacity(spec, use_gpu), len(spec.subjects)) * spec.train.num_workers)
 
-    board, logs_before = Board.remote(), log_files()
+    board, logs_before, errors_before = Board.remote(), log_files(), len(RAY_ERRORS)
     try:
         with View(console, board) as view:
             results, prior_refs = _run_subjects(spec, storage, identity, use_gpu, console, board, view)
     finally:
         cluster.release()  # idle nodes may scale down now
         save_logs(storage, spec.name, skip=logs_before)
+        save_ray_errors(storage, spec.name, since=errors_before)
         ray.kill(board)
     ordered = [results[s.name] for s in spec.subjects]
     storage.write_json({"job": spec.name, "priors": [_outcome(ref) for ref in prior_refs.values()],
@@ -275,8 +276,6 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeli
         return SubjectResult(subject.name, "skipped", record["model"], record["samples"], record["step"],
                              record.get("metrics", {}).get("loss"), time.perf_counter() - t0,
                              {s: "skipped" for s in ("train", "export", "samples")})
-    # The photos are read here, first: a bad file fails this subject before any training starts.
-    load_subject_images(subject.images, spec.train.resolution, spec.s3, spec.skip_bad_images)
     tokenizer = models.load_tokenizer(spec.model, spec.s3)
     if subject.identifier == "auto":
         subject = identifiers.resolve(subject, tokenizer, spec.train.seed, spec.identifiers)
@@ -331,7 +330,8 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeli
     reporter.stage("samples", "exporting and rendering samples")
     record = {"run": complete, "subject": subject.name, "sr_metrics": sr_metrics, "identifier": subject.identifier,
               "instance_prompt": subject.instance_text, "metrics": metrics,
-              "priors": {"key": prior_key, "url": prior_counts["url"]} if prior_counts else None,
+              "priors": {k: prior_counts[k] for k in ("key", "url", "class_images", "own") if k in prior_counts}
+              if prior_counts else None,
               "timeline": timeline}
     model_url, samples_url, timeline = ray.get(finalize.options(num_gpus=1 if use_gpu else 0).remote(
         spec, subject, ckpt, out, record, name, sr_ckpt, sr_name))

@@ -114,9 +114,7 @@ def card(family, *, title: str, trigger: str, base_model: str, lora: dict | None
             lines += [f"- AUTOMATIC1111 / Forge: copy it into `models/Lora/` and prompt "
                       f"`<lora:{ui.rsplit('.', 1)[0]}:1> {trigger}`."]
     elif ui:
-        lines += [f"- ComfyUI: copy `{ui}` into `ComfyUI/models/checkpoints/` (a *Load Checkpoint* node)."]
-        if a1111:
-            lines += ["- AUTOMATIC1111 / Forge: copy it into `models/Stable-diffusion/`."]
+        lines += family.single_file_howto(ui)
     else:
         lines += ["No file for these UIs was written (see `train.export_formats` and `dreambooth-ray export`)."]
     lines.append("")

@@ -1,18 +1,22 @@
 """Preflight: what would fail every time, found before any class image or worker group starts.
 
 It reads configs only (model_index.json and each part's config.json) and builds modules on the
-meta device, so it costs seconds and no weights, whatever the model's size or location. Each
-problem is one line that names its cause; all of them are reported at once.
+meta device, so it costs seconds and no weights, whatever the model's size or location; and it
+decodes every subject's photos (and the user's own class images), as training will. Each problem is
+one line that names its cause; all of them are reported at once.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 
 from . import families
 from .configs import ModelConfigs, PreflightError, model_index
 from .spec import JobSpec, SpecError
 from .storage import Storage
+
+log = logging.getLogger("dreambooth_ray")
 
 # What the families (families/) support: {pipeline class: description}.
 BASE_PIPELINES = families.supported("base")
@@ -150,10 +154,50 @@ def memory_problems(spec: JobSpec, gpu_memory: int | None) -> list[str]:
     return [problem] if problem else []
 
 
+def photo_problems(spec: JobSpec) -> list[str]:
+    """Every subject's photos and the user's own class images (`prior.class_images`), each file decoded
+    as training will decode it: one line per bad file, naming the subject, the file and what is wrong
+    with it. With `skip_bad_images`, a bad photo is a warning here, said once (later readers are quiet)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .images import MIN_IMAGES, ImageError, read_images
+
+    def one(url: str):
+        try:
+            return read_images(url, spec.train.resolution, spec.s3)
+        except ImageError as e:  # the location itself: missing, or a file
+            return str(e)
+
+    sets = [(f"subject {s.name}", s.images) for s in spec.subjects]
+    if spec.prior.enabled and spec.prior.class_images:
+        sets.append(("prior.class_images", spec.prior.class_images))
+    with ThreadPoolExecutor(max_workers=8) as pool:  # an s3:// listing and read each: overlap the waits
+        found = list(pool.map(one, [url for _, url in sets]))
+    problems = []
+    for (who, url), got in zip(sets, found):
+        if isinstance(got, str):
+            problems.append(f"{who}: {got}")
+            continue
+        good, bad = got
+        where = url.rstrip("/")
+        if spec.skip_bad_images and who != "prior.class_images":
+            for name, why in bad:
+                log.warning("%s: skipping bad image %s/%s: %s", who, where, name, why)
+        else:
+            problems += [f"{who}: {where}/{name}: {why}" for name, why in bad]
+        if who == "prior.class_images":
+            if not good and not bad:
+                problems.append(f"{who}: {url} holds no JPEG, PNG or WebP image")
+        elif len(good) < MIN_IMAGES and (spec.skip_bad_images or not bad):
+            problems.append(f"{who}: {url}: {len(good)} usable image(s); DreamBooth needs at least {MIN_IMAGES}")
+    return problems
+
+
 def check(spec: JobSpec, storage: Storage, runs: list[tuple[str, str, int]] = (), gpu_memory: int | None = None) -> None:
     problems = base_model_problems(spec)
     if not problems:
         problems += memory_problems(spec, gpu_memory)
+    problems += photo_problems(spec)
     if spec.sr.enabled:
         problems += sr_model_problems(spec)
     problems += checkpoint_problems(storage, spec.name, list(runs))

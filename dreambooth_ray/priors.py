@@ -2,6 +2,11 @@
 
 Image i of a cache is always generated from seed (prior.seed, i) and written as `{i:06d}.png`, so
 a re-run or a retried shard produces only what is missing, and sharding never changes the images.
+
+With `prior.class_images` (kohya's regularisation images) the user's own images are images 0..u-1 of
+the set, read from their folder (sorted by name) and preprocessed as photos are; generation tops the
+set up from image u. The folder and its listing (names, sizes) are part of the cache key, so another
+folder, or a file added, is another cache (and another run); meta.json records which files they were.
 """
 
 from __future__ import annotations
@@ -13,10 +18,10 @@ from dataclasses import dataclass
 import ray
 from PIL import Image
 
-from . import cluster, models
+from . import cluster, images, models
 from .settings import S3Settings
 from .spec import EvalConfig, JobSpec, PriorConfig, Subject
-from .storage import Storage
+from .storage import Storage, count_io, filesystem
 
 log = logging.getLogger("dreambooth_ray")
 
@@ -31,16 +36,18 @@ class PriorCache:
     resolution: int
     config: PriorConfig
     source: "PriorCache | None" = None  # SR class images: the base-resolution ones they upsample
+    own: str | None = None  # prior.class_images: the user's images, which open the set (None: see meta.json)
 
     @classmethod
     def for_subject(cls, spec: JobSpec, subject: Subject, storage: Storage, model_identity: str,
                     resolution: int | None = None) -> "PriorCache":
         p, resolution = spec.prior, resolution or spec.train.resolution
+        own = [p.class_images, images.listing(p.class_images, spec.s3)] if p.class_images else []
         key = spec.fingerprint(
             model_identity, subject.class_text, resolution,
-            p.inference_steps, p.guidance_scale, p.seed, *([] if p.scheduler == "model" else [p.scheduler]),
+            p.inference_steps, p.guidance_scale, p.seed, *([] if p.scheduler == "model" else [p.scheduler]), *own,
         )
-        return cls(storage, key, subject.class_text, resolution, p)
+        return cls(storage, key, subject.class_text, resolution, p, own=p.class_images)
 
     @classmethod
     def for_sr(cls, spec: JobSpec, subject: Subject, storage: Storage, model_identity: str,
@@ -61,16 +68,38 @@ class PriorCache:
     def image_name(i: int) -> str:
         return f"{i:06d}.png"
 
+    def own_images(self) -> list[str]:
+        """The user's class images that open the set (names in `own`): listed when this cache comes from
+        the spec, else (a training worker's, made from the key) as the set's meta.json recorded them."""
+        if self.own is not None:
+            return [name for name, _ in images.listing(self.own, self.storage.s3)]
+        recorded = (self.storage.read_json("priors", self.key, "meta.json") or {}).get("class_images")
+        if recorded:
+            self.own = recorded["url"]
+        return recorded["names"] if recorded else []
+
     def missing(self, n: int) -> list[int]:
         have = set(self.storage.listdir("priors", self.key))
-        return [i for i in range(n) if self.image_name(i) not in have]
+        return [i for i in range(len(self.own_images()), n) if self.image_name(i) not in have]
 
     def load(self, n: int) -> list[Image.Image]:
-        out = []
-        for i in range(n):
-            with self.storage.fs.open(self.storage.path("priors", self.key, self.image_name(i)), "rb") as f:
-                out.append(Image.open(io.BytesIO(f.read())).convert("RGB"))
-        return out
+        """The set's first n images: the user's (preprocessed as photos are), then the generated ones."""
+        own = self.own_images()
+        return [self.image(i, own) for i in range(n)]
+
+    def image(self, i: int, own: list[str] | None = None) -> Image.Image:
+        """Image i of the set (the SR stage's class images upsample these one by one)."""
+        own = self.own_images() if own is None else own
+        if i < len(own):
+            return self._own_image(own[i])
+        with self.storage.fs.open(self.storage.path("priors", self.key, self.image_name(i)), "rb") as f:
+            return Image.open(io.BytesIO(f.read())).convert("RGB")
+
+    def _own_image(self, name: str) -> Image.Image:
+        fs, root = filesystem(self.own, self.storage.s3)
+        data = fs.cat_file(f"{root}/{name}")
+        count_io(read=len(data))
+        return images.decode(data, f"{self.own.rstrip('/')}/{name}", self.resolution)
 
 
 @ray.remote(max_restarts=3, max_task_retries=3)
@@ -122,8 +151,7 @@ class ClassUpscaler:
         have = set(cache.storage.listdir("priors", cache.key))
         todo = [i for i in indices if PriorCache.image_name(i) not in have]
         for i in todo:  # the SR stage's own sampler (steps, noise level), seeded per image as the base's
-            with cache.storage.fs.open(cache.storage.path("priors", cache.source.key, PriorCache.image_name(i)), "rb") as f:
-                low = Image.open(io.BytesIO(f.read())).convert("RGB")
+            low = cache.source.image(i)
             im = sr.upscale(self.pipe, cache.prompt, low, self.spec.sr, cache.config.seed * 1_000_003 + i)
             buf = io.BytesIO()
             im.save(buf, format="PNG")
@@ -143,14 +171,20 @@ def default_actor_count(cfg: PriorConfig | EvalConfig, use_gpu: bool) -> int:
 def generate(cache: PriorCache, spec: JobSpec, use_gpu: bool, on_progress=None) -> dict:
     """Make sure the cache holds `num_class_images` images; returns counts for the job record."""
     n = spec.prior.num_class_images
-    todo = cache.missing(n)
-    if not todo:
-        return {"requested": n, "generated": 0, "cached": n}
-    if cache.source is not None:  # SR class images: the base-resolution ones first
-        generate(cache.source, spec, use_gpu)
+    own = cache.own_images()[:n] if cache.source is None else []
+    counts = {"requested": n, **({"own": len(own), "class_images": cache.own} if cache.own else {})}
     meta = {"prompt": cache.prompt, "resolution": cache.resolution, "model": spec.model, **cache.config.model_dump()}
+    if own:  # which files open the set: the training workers read their names here
+        meta["class_images"] = {"url": cache.own, "names": own}
     if cache.source is not None:
         meta.update(upsampled_from=cache.source.key, sr_model=spec.sr.model)
+    todo = cache.missing(n)
+    if not todo:
+        if own and not cache.storage.exists("priors", cache.key, "meta.json"):
+            cache.storage.write_json(meta, "priors", cache.key, "meta.json")
+        return {**counts, "generated": 0, "cached": n - len(own)}
+    if cache.source is not None:  # SR class images: the base-resolution ones first
+        generate(cache.source, spec, use_gpu)
     cache.storage.write_json(meta, "priors", cache.key, "meta.json")
     bs = spec.prior.batch_size
     batches = [todo[i : i + bs] for i in range(0, len(todo), bs)]
@@ -176,4 +210,4 @@ def generate(cache: PriorCache, spec: JobSpec, use_gpu: bool, on_progress=None) 
     still = cache.missing(n)
     if still:
         raise RuntimeError(f"prior generation left {len(still)} class images missing in {cache.url}")
-    return {"requested": n, "generated": len(todo), "cached": n - len(todo), "actors": n_actors}
+    return {**counts, "generated": len(todo), "cached": n - len(own) - len(todo), "actors": n_actors}

@@ -62,7 +62,7 @@ def loss_svg(history: list[dict], keys=("loss", "instance_loss", "prior_loss"), 
 
 
 def _subject_section(spec: JobSpec, subject: Subject, storage: Storage, result: dict | None, metrics: dict | None) -> str:
-    from .images import load_subject_images
+    from .images import read_images
     from .samples import png_bytes
     from .tracking import History
 
@@ -73,10 +73,12 @@ def _subject_section(spec: JobSpec, subject: Subject, storage: Storage, result: 
              f'<p>{html.escape(record.get("instance_prompt") or subject.instance_text)} '
              f'<span class="muted">({html.escape(subject.class_noun)}; model {html.escape(record.get("model", "-"))})'
              f'</span></p>']
-    try:
-        photos = load_subject_images(subject.images, spec.train.resolution, spec.s3, skip_bad=True)
+    try:  # quietly: the preflight (or the failed subject) named each bad file once already
+        photos, bad = read_images(subject.images, spec.train.resolution, spec.s3, quiet=True)
         parts.append('<h3>Photos</h3><div class="photos">' + "".join(_img(png_bytes(p.image), p.name) for p in photos)
                      + "</div>")
+        if bad:
+            parts.append('<p class="muted">not used: ' + html.escape("; ".join(f"{n}: {why}" for n, why in bad)) + "</p>")
     except Exception as e:  # noqa: BLE001 -- the report still shows what it can
         parts.append(f'<p class="failed">photos: {html.escape(str(e).splitlines()[0])}</p>')
     grid = storage.read_bytes(*out, "samples.png")

@@ -93,6 +93,9 @@ class PriorConfig(_Strict):
     batch_size: int = Field(4, ge=1)
     num_actors: Optional[int] = Field(None, ge=1, description="default: one per GPU, or 2 CPU actors")
     seed: int = 0
+    # Kohya's regularisation images: a folder (or s3:// prefix) of your own class images, used first and
+    # topped up by generation to num_class_images. Bad files fail the job before compute, skip_bad_images or not.
+    class_images: Optional[str] = Field(None, min_length=1, description="folder or s3:// prefix of your own class images")
 
 
 class LoraConfig(_Strict):
@@ -486,4 +489,5 @@ def _resolve_relative(spec: JobSpec, base: Path) -> JobSpec:
     if sr_model != "tiny-sr" and not _is_url(sr_model) and (base / sr_model).exists():
         spec = spec.model_copy(update={"sr": spec.sr.model_copy(update={"model": fix(sr_model)})})
     subjects = tuple(s.model_copy(update={"images": fix(s.images)}) for s in spec.subjects)
-    return spec.model_copy(update={"storage": fix(spec.storage), "model": model, "subjects": subjects})
+    prior = spec.prior.model_copy(update={"class_images": spec.prior.class_images and fix(spec.prior.class_images)})
+    return spec.model_copy(update={"storage": fix(spec.storage), "model": model, "subjects": subjects, "prior": prior})

@@ -214,11 +214,13 @@ def build_x4_pipeline(seed: int = 0):
                                           low_res_scheduler=low_res, scheduler=scheduler, max_noise_level=350)
 
 
-def build_sdxl_pipeline(seed: int = 0):
+def build_sdxl_pipeline(seed: int = 0, width_2: int = 32):
     """A Stable Diffusion XL layout (StableDiffusionXLPipeline), tiny and random: two CLIP text
     encoders (the second with a text projection, whose pooled output conditions the UNet) with the
     tiny tokenizer twice, a UNet with SDXL's "text_time" added conditioning (pooled text + 6 time ids),
-    and the tiny VAE. Cross-attention reads both encoders' hidden states side by side (32 + 32)."""
+    and the tiny VAE. Cross-attention reads both encoders' hidden states side by side (32 + `width_2`;
+    tiny-sdxl's 32 + 32; diffusers' single-file loader tells the encoders apart only by width, as
+    SDXL's are 768 and 1280 wide, so tests of it take another `width_2`)."""
     import tempfile
 
     import torch
@@ -237,11 +239,11 @@ def build_sdxl_pipeline(seed: int = 0):
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
     torch.manual_seed(seed + 8)
-    time_dim, pooled_dim = 8, 32
+    time_dim, pooled_dim = 8, width_2
     unet = UNet2DConditionModel(
         sample_size=TINY_RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64, attention_head_dim=8,
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32 + width_2, attention_head_dim=8,
         norm_num_groups=8, use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=6 * time_dim + pooled_dim,
     )
@@ -252,7 +254,7 @@ def build_sdxl_pipeline(seed: int = 0):
         force_upcast=True,
     )
     text_encoder = CLIPTextModel(text_config(32))
-    text_encoder_2 = CLIPTextModelWithProjection(text_config(32))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(width_2))
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")  # SDXL's shipped schedule
     return StableDiffusionXLPipeline(

@@ -83,7 +83,7 @@ def train_subject(config: dict, rank: int) -> dict:
         timeline[name] = timeline.get(name, 0.0) + now - mark
         mark = now
 
-    photos = load_subject_images(subject.images, cfg.resolution, spec.s3, spec.skip_bad_images)
+    photos = load_subject_images(subject.images, cfg.resolution, spec.s3, spec.skip_bad_images, quiet=True)
     instance = [s.image for s in photos]
     classes = []
     if config["prior_key"]:  # class images at this stage's resolution

@@ -16,18 +16,24 @@ from conftest import assert_trained_and_identical, final_checkpoint, final_weigh
 
 
 def test_a_killed_worker_resumes_from_the_last_complete_checkpoint_with_identical_weights(ray_cluster, s3_endpoint,
-                                                                                         bucket, toy_images):
+                                                                                         bucket, toy_images, capfd):
     """ZeRO-2 over two workers on S3, two runs of one spec at once: one uninterrupted; in the other
     rank 0 is SIGKILLed right after step 3's save, once step 2's checkpoint is complete, with step 3's
     upload queued or under way, and the store stalling on rank 0's optimizer shard of it (a proxy
     holds it): step 3 can't complete, though rank 1's part of it may land. Ray Train restarts the
     group, which resumes from step 2, not from the half-uploaded step 3, and ends bit-identical. With
     `deterministic`, as a GPU run needs for this (tests/gpu; CPU kernels are deterministic either
-    way). ZeRO-3 and a killed driver: test_reliability.py."""
+    way). ZeRO-3 and a killed driver: test_reliability.py. Ray's ~900-character "(raylet) A worker
+    died or was killed ..." paragraph about the killed worker stays off the console (the queue says
+    it in one line) and lands in the job's logs folder."""
     import threading
     import time
 
     from s3proxy import FaultyS3Proxy
+
+    from dreambooth_ray import console
+
+    errors_before = len(console.RAY_ERRORS)
 
     proxy = FaultyS3Proxy(s3_endpoint)
     data = tiny_spec(f"s3://{bucket}/a", str(toy_images), s3={"endpoint_url": s3_endpoint}, prior={"enabled": False},
@@ -62,6 +68,16 @@ def test_a_killed_worker_resumes_from_the_last_complete_checkpoint_with_identica
     assert state_a == {"step": 4, "started_at": 0, "world_size": 2}
     assert state_b == {"step": 4, "started_at": 2, "world_size": 2}  # from step 2: not restarted, not from 3
     assert_trained_and_identical(a, b)
+
+    deadline = time.time() + 20  # (Ray's error listener is a thread of this driver)
+    while time.time() < deadline and not any("A worker died" in e for e in console.RAY_ERRORS[errors_before:]):
+        time.sleep(0.2)
+    assert console.save_ray_errors(storage, "t", since=errors_before) == storage.url("outputs", "t", "logs", "driver",
+                                                                                     "ray-errors.log")
+    kept = storage.read_bytes("outputs", "t", "logs", "driver", "ray-errors.log").decode()
+    assert "A worker died or was killed while executing a task" in kept and "Worker exit type: SYSTEM_ERROR" in kept
+    shown = "".join(capfd.readouterr())
+    assert "(raylet)" not in shown and "A worker died" not in shown and "Worker exit" not in shown
 
 
 def test_the_training_workers_export_the_trained_weights_under_zero3(ray_cluster, tmp_path, toy_images):

@@ -161,16 +161,10 @@ def test_export_formats_default_to_what_the_family_writes_and_name_the_field(tmp
     assert run_name(a, a.subjects[0], "m", None) == run_name(b, b.subjects[0], "m", None)
 
 
-def test_full_run_writes_the_familys_single_file_checkpoint_with_its_header(tmp_path, toy_images, monkeypatch):
-    """The wiring of a full fine-tune's single file: `family.single_file_state_dict(pipe)` in the export's
-    precision, modelspec in its header, named in the card. (Where the family has no layout of its own yet,
-    a stand-in layout: the UNet under LDM's prefix.)"""
-    from dreambooth_ray.families.base import Family
-
-    sd_cls = type(families.SD)
-    if sd_cls.single_file_state_dict is Family.single_file_state_dict:
-        monkeypatch.setattr(sd_cls, "single_file_state_dict", lambda self, pipe: {
-            f"model.diffusion_model.{k}": v for k, v in pipe.unet.state_dict().items()})
+def test_full_run_writes_the_familys_single_file_checkpoint_with_its_header(tmp_path, toy_images):
+    """The wiring of a full fine-tune's single file (the layouts themselves: tests/test_single_file.py):
+    `family.single_file_state_dict(pipe)` in the export's precision, modelspec in its header, named in
+    the card with how each UI loads it."""
     store = tmp_path / "store"
     spec = parse_spec(tiny_spec(str(store), str(toy_images)))
     storage, out = Storage(spec.storage), ("outputs", "t", "toy")
@@ -188,7 +182,9 @@ def test_full_run_writes_the_familys_single_file_checkpoint_with_its_header(tmp_
     assert set(MODELSPEC) <= set(md) and md["modelspec.architecture"] == "stable-diffusion-v1"
     assert not any(k.startswith("ss_") for k in md)  # kohya's keys are a LoRA's
     text = (path.parent / "README.md").read_text()
-    assert "`toy.safetensors`" in text and "models/checkpoints/" in text and "widget" not in text
+    assert "`toy.safetensors`" in text and "widget" not in text
+    assert "ComfyUI: copy `toy.safetensors` into `ComfyUI/models/checkpoints/`" in text
+    assert "AUTOMATIC1111 / Forge: copy it into `models/Stable-diffusion/`" in text
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])

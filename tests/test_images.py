@@ -63,22 +63,48 @@ def test_bad_files_are_named(tmp_path):
         save(red(), tmp_path / f"ok{i}.png")
     good = (tmp_path / "ok0.png").read_bytes()
     (tmp_path / "broken.png").write_bytes(good[: len(good) // 2])
-    with pytest.raises(ImageError, match="broken.png: not a readable image"):
+    with pytest.raises(ImageError, match="broken.png: truncated: the file ends before the image data does"):
         load_subject_images(str(tmp_path), 16)
     (tmp_path / "broken.png").unlink()
     jpg = io.BytesIO()
     Image.effect_noise((64, 64), 80).convert("RGB").save(jpg, format="JPEG", quality=90)
     (tmp_path / "cut.jpg").write_bytes(jpg.getvalue()[: len(jpg.getvalue()) * 2 // 3])
-    with pytest.raises(ImageError, match="cut.jpg: not a readable image"):
+    with pytest.raises(ImageError, match="cut.jpg: truncated: the file ends before the image data does"):
         load_subject_images(str(tmp_path), 16)
     (tmp_path / "cut.jpg").unlink()
     (tmp_path / "empty.jpg").write_bytes(b"")
-    with pytest.raises(ImageError, match="empty.jpg: empty file"):
+    with pytest.raises(ImageError, match=r"empty.jpg: empty file \(0 bytes\)"):
         load_subject_images(str(tmp_path), 16)
     (tmp_path / "empty.jpg").unlink()
     (tmp_path / "notes.png").write_text("this is text")
-    with pytest.raises(ImageError, match="notes.png: not a readable image"):
+    with pytest.raises(ImageError, match=r"notes.png: not an image \(it begins with text: 'this is text'\)"):
         load_subject_images(str(tmp_path), 16)
+
+
+def test_what_is_wrong_with_a_file_is_said_in_words():
+    """Pillow's own messages carry object reprs ('cannot identify image file <_io.BytesIO object at
+    0x7f..>') and codec jargon; each reason here is what a user can act on."""
+    from dreambooth_ray.images import why_unreadable
+
+    def reason(data):
+        with pytest.raises(ImageError) as e:
+            decode(data, "f", 16)
+        assert str(e.value).startswith("f: ") and "0x" not in str(e.value)
+        return str(e.value)[3:]
+
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 80).convert("RGB").save(buf, format="WEBP")
+    webp = buf.getvalue()
+    cut = "truncated: the file ends before the image data does"
+    assert reason(webp[: len(webp) // 2]) == cut  # Pillow: 'could not create decoder object'
+    assert reason(_png(red())[:40]) == cut  # Pillow: 'cannot identify image file <...>'
+    assert reason(b"%PDF-1.7\n%\xe2\xe3") == "not a JPEG, PNG or WebP image: it is a PDF document"
+    assert reason(b"\0\0\0\x18ftypheic\0\0\0\0") == ("a HEIC/AVIF photo, which this reader cannot decode "
+                                                      "(convert it to JPEG or PNG)")
+    assert reason(bytes(range(200, 216))) == "not an image (it begins with bytes c8 c9 ca cb cc cd ce cf)"
+    assert reason(b"") == "empty file (0 bytes)"
+    assert why_unreadable(b"x", OSError("decoder <PIL.X object at 0xdeadbeef> failed")) == \
+        "damaged image data (OSError: decoder the file failed)"
 
 
 def test_every_bad_file_is_listed_in_one_error(tmp_path):

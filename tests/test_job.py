@@ -150,3 +150,61 @@ def test_s3_two_subjects_share_one_prior_set_through_a_flaky_store(ray_cluster, 
     card = fs.cat_file(f"{bucket}/dreambooth/outputs/t/toy2/model/README.md").decode()
     assert rec["instance_prompt"] in card and "samples/00.png" in card
     assert not [s for s in (bucket, "s3://", s3_endpoint, proxy.url, "dreambooth/outputs") if s in card]
+
+
+def test_own_class_images_open_the_class_set_and_generation_tops_it_up(ray_cluster, tmp_path, toy_images):
+    """Issue #34, `prior.class_images` (kohya's regularisation images): 3 of the user's images and
+    num_class_images 5 give a class set of exactly those 3, preprocessed as photos are, then images 3
+    and 4 of the model's own class images (the same seeds as a set without the folder); the folder is
+    part of the cache key and the run's name; a bad file in it fails the job before any compute."""
+    import numpy as np
+
+    from dreambooth_ray import images, preflight, priors
+    from dreambooth_ray.console import Reporter
+    from dreambooth_ray.identity import run_name
+
+    own = tmp_path / "regularisation"
+    own.mkdir()
+    for i, size in enumerate([(48, 40), (40, 64), (36, 36)]):  # not square, not the training size
+        Image.effect_noise(size, 30 + 20 * i).convert("RGB").save(own / f"reg_{i}.{'png' if i else 'jpg'}")
+    base = tiny_spec(str(tmp_path / "store"), str(toy_images), prior={"num_class_images": 5})
+    spec = parse_spec({**base, "prior": {**base["prior"], "class_images": str(own)}})
+    plain = parse_spec(base)
+    storage, subject, identity = Storage(spec.storage), spec.subjects[0], models.identity("tiny")
+    cache = priors.PriorCache.for_subject(spec, subject, storage, identity)
+    reference = priors.PriorCache.for_subject(plain, subject, storage, identity)
+    assert cache.key != reference.key
+
+    counts = ray.get(job.prior_task.remote(cache, spec, False, Reporter("priors")))
+    assert {k: counts[k] for k in ("own", "generated", "cached", "class_images")} == \
+        {"own": 3, "generated": 2, "cached": 0, "class_images": str(own)}
+    assert sorted(f for f in storage.listdir("priors", cache.key) if f.endswith(".png")) == ["000003.png", "000004.png"]
+    # What a training worker loads: it knows the key alone (the names come from the set's meta.json).
+    loaded = priors.PriorCache(storage, cache.key, subject.class_text, 32, spec.prior).load(5)
+    for name, im in zip(["reg_0.jpg", "reg_1.png", "reg_2.png"], loaded[:3]):
+        assert np.array_equal(np.asarray(im), np.asarray(images.decode((own / name).read_bytes(), name, 32))), name
+    priors.generate(reference, plain, use_gpu=False)
+    for got, want in zip(loaded[3:], reference.load(5)[3:]):  # seeded by index: the plain set's images 3 and 4
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+    again = ray.get(job.prior_task.remote(cache, spec, False, Reporter("priors")))
+    assert (again["generated"], again["cached"], again["own"]) == (0, 2, 3)
+    # Through a job: the encode task and the workers find the set by its key alone (meta.json); job.json says it.
+    [r] = job.run_job(spec)
+    assert r.status == "done", r.error
+    record = json.loads((tmp_path / "store" / "outputs" / "t" / "toy" / "job.json").read_text())
+    assert record["priors"] == {"key": cache.key, "url": cache.url, "class_images": str(own), "own": 3}
+    assert record["spec"]["prior"]["class_images"] == str(own)
+
+    # Another folder, or one more file in it: another class set, another run.
+    (own / "reg_3.png").write_bytes((own / "reg_1.png").read_bytes())
+    grown = priors.PriorCache.for_subject(spec, subject, storage, identity)
+    assert grown.key != cache.key
+    assert run_name(spec, subject, identity, grown.key) != run_name(spec, subject, identity, cache.key)
+
+    (own / "reg_4.jpg").write_text("<html>not a photo</html>")
+    with pytest.raises(preflight.PreflightError) as e:
+        job.run_job(parse_spec({**base, "storage": str(tmp_path / "fresh"),
+                                "prior": {**base["prior"], "class_images": str(own)}}))
+    assert f"  prior.class_images: {own}/reg_4.jpg: not an image (it begins with text: '<html>not a photo</html>')" \
+        in str(e.value).splitlines()
+    assert not (tmp_path / "fresh" / "priors").exists()

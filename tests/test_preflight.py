@@ -146,3 +146,72 @@ def test_an_export_format_the_model_cannot_take_is_named(tmp_path, toy_images):
     assert "train.export_formats: 'kohya' is not written for a lora run of Flux.1" in msg
     preflight.check(parse_spec(tiny_spec(str(tmp_path / "s"), str(toy_images), model="tiny-sdxl", train={
         "method": "lora", "export_formats": ["kohya"]})), Storage(str(tmp_path / "s")))
+
+
+def _new_users_folder(folder):
+    """What a new user brings: real JPEGs, one of them cut short, a text file named .jpg, an empty PNG."""
+    import io
+
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for i in range(3):
+        Image.effect_noise((96, 80), 40 + 10 * i).convert("RGB").save(folder / f"IMG_{i:04d}.jpg", quality=90)
+    jpg = io.BytesIO()
+    Image.effect_noise((96, 80), 80).convert("RGB").save(jpg, format="JPEG", quality=90)
+    (folder / "IMG_0003.jpg").write_bytes(jpg.getvalue()[: len(jpg.getvalue()) * 2 // 3])
+    (folder / "notes.jpg").write_text("shot on my phone, the dog is Rex\n")
+    (folder / "blank.png").write_bytes(b"")
+    return {"IMG_0003.jpg": "truncated: the file ends before the image data does",
+            "notes.jpg": "not an image (it begins with text: 'shot on my phone, the do')",
+            "blank.png": "empty file (0 bytes)"}
+
+
+def test_every_subjects_bad_photos_are_named_before_any_compute(ray_cluster, tmp_path, s3_endpoint, bucket,
+                                                               toy_images, caplog):
+    """Issue #34: one error, before any class image (the priors come first in a job), lists every bad
+    file of every subject, a local and an s3:// one, with the subject and the reason in words; and each
+    bad file is named once, in the error, not again in a log line."""
+    import boto3
+
+    local = _new_users_folder(tmp_path / "rex")
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    for p in (tmp_path / "rex").iterdir():
+        s3.put_object(Bucket=bucket, Key=f"photos/mia/{p.name}", Body=p.read_bytes())
+    store = tmp_path / "store"
+    spec = parse_spec({**tiny_spec(str(store), str(toy_images), s3={"endpoint_url": s3_endpoint}), "subjects": [
+        {"name": "rex", "images": str(tmp_path / "rex"), "class": "dog"},
+        {"name": "toy", "images": str(toy_images), "class": "toy"},
+        {"name": "mia", "images": f"s3://{bucket}/photos/mia", "class": "cat"}]})
+    caplog.set_level(logging.INFO, logger="dreambooth_ray")
+    with pytest.raises(preflight.PreflightError) as e:
+        job.run_job(spec)
+    msg = str(e.value)
+    logged = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith("werkzeug"))  # (moto's)
+    for name, why in local.items():
+        assert f"  subject rex: {tmp_path / 'rex'}/{name}: {why}" in msg.splitlines(), msg
+        assert f"  subject mia: s3://{bucket}/photos/mia/{name}: {why}" in msg.splitlines(), msg
+        assert (msg + logged).count(name) == 2, (name, msg, logged)  # rex's and mia's: once each
+    assert "subject toy" not in msg and "object at 0x" not in msg + logged
+    assert len(msg.splitlines()) == 1 + 6
+    # Nothing was computed: no class image, no prior cache, no checkpoint, no encoded input.
+    assert not (store / "priors").exists() and not (store / "checkpoints").exists() and not (store / "encoded").exists()
+
+
+def test_with_skip_bad_images_each_bad_file_is_named_once(tmp_path, caplog):
+    """The preflight warns once per skipped file; the report builder (and the workers, which read the
+    photos again) say nothing more: before, the report logged a second, different line for each."""
+    from dreambooth_ray import report
+    from dreambooth_ray.images import load_subject_images
+
+    bad = _new_users_folder(tmp_path / "rex")
+    spec = parse_spec({**tiny_spec(str(tmp_path / "store"), str(tmp_path / "rex")), "skip_bad_images": True})
+    caplog.set_level(logging.INFO)
+    assert preflight.photo_problems(spec) == []  # 3 good JPEGs: enough to train on
+    report.build(spec, Storage(spec.storage))
+    load_subject_images(str(tmp_path / "rex"), 32, skip_bad=True, quiet=True)  # as train.py and encode.py do
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    for name, why in bad.items():
+        assert logged.count(name) == 1 and f"rex/{name}: {why}" in logged, logged
+    page = (tmp_path / "store" / "outputs" / "t" / "report.html").read_text()
+    assert all(f"{name}: {why}" in page.replace("&#x27;", "'") for name, why in bad.items())  # shown, not logged

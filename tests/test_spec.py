@@ -24,6 +24,15 @@ def test_quickstart_spec_loads_and_resolves_paths_relative_to_the_file():
     assert s.instance_text == "a sks toy" and s.class_text == "a toy"
 
 
+def test_own_class_images_resolve_like_photos(tmp_path):
+    import yaml
+
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(tiny_spec("s3://b/x", "photos", prior={"class_images": "reg/dogs"})))
+    assert load_spec(tmp_path / "job.yaml").prior.class_images == str(tmp_path / "reg" / "dogs")
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(tiny_spec("s3://b/x", "p", prior={"class_images": "s3://b/reg"})))
+    assert load_spec(tmp_path / "job.yaml").prior.class_images == "s3://b/reg"
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "jobs").glob("*.yaml")))
 def test_every_example_job_is_a_valid_spec(name):
     spec = load_spec(ROOT / "jobs" / name)

@@ -291,15 +291,31 @@ class Family:
         and ComfyUI, Forge and diffusers' Civitai loader read."""
         raise NotImplementedError(f"{self.title}: no kohya LoRA layout (no UI that reads one loads this model)")
 
-    def single_file_state_dict(self, pipe) -> dict[str, torch.Tensor]:
-        """The whole pipeline in one original-layout checkpoint (LDM / BFL keys) that UIs load."""
-        raise NotImplementedError(f"{self.title}: no single-file checkpoint layout")
-
     def export_formats(self, method: str) -> tuple[str, ...]:
         """The formats beside diffusers' this family writes for a `method` run (train.export_formats)."""
         if method == "lora":
             return ("kohya",) if type(self).kohya_lora_state_dict is not Family.kohya_lora_state_dict else ()
         return ("single_file",) if type(self).single_file_state_dict is not Family.single_file_state_dict else ()
+
+    # ---- single-file checkpoints ---------------------------------------------------------------
+
+    def single_file_state_dict(self, pipe) -> dict[str, torch.Tensor]:
+        """The pipeline's weights as the one file ComfyUI, A1111, Forge and InvokeAI load, in the
+        original key layout, markers (`single_file_extras`) included; tensors as the pipe holds them
+        (the export's precision), nothing gathered again."""
+        raise NotImplementedError(f"{self.title} ({self.pipeline}) has no single-file checkpoint layout; "
+                                  "its diffusers folder is the export")
+
+    def single_file_extras(self, pipe) -> dict[str, torch.Tensor]:
+        """What a UI reads from a single file beyond the weights (SDXL's `v_pred` marker)."""
+        return {}
+
+    single_file_uis = "ComfyUI, AUTOMATIC1111, Forge"  # what loads the single file (the model card says)
+
+    def single_file_howto(self, file: str) -> list[str]:
+        """The model card's lines on loading the single file in the UIs."""
+        return [f"- ComfyUI: copy `{file}` into `ComfyUI/models/checkpoints/` (a *Load Checkpoint* node).",
+                "- AUTOMATIC1111 / Forge: copy it into `models/Stable-diffusion/`."]
 
     # ---- preflight (configs only) ---------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from . import original as og
 from .flow import FlowMatchingFamily
 
 
@@ -59,6 +60,19 @@ class FluxFamily(FlowMatchingFamily):
         if t5_states is None:
             t5_states = self.t5_states(encoders[self.t5], input_ids_2)
         return {"encoder_hidden_states": t5_states.to(pooled.dtype), "pooled_projections": pooled}
+
+    single_file_uis = "ComfyUI, Forge (the transformer; VAE and text encoders are the base model's)"
+
+    def single_file_howto(self, file: str) -> list[str]:
+        return [f"- ComfyUI: copy `{file}` into `ComfyUI/models/diffusion_models/` (a *Load Diffusion Model* node), "
+                "with the base model's VAE (ae) and text encoders (clip_l, t5xxl).",
+                "- Forge: copy it into `models/Stable-diffusion/`, with the same VAE and text encoders."]
+
+    def single_file_state_dict(self, pipe) -> dict:
+        """The transformer alone in BFL's layout, unprefixed, as flux1-dev.safetensors ships (ComfyUI's
+        Load Diffusion Model, Forge, diffusers' FluxTransformer2DModel.from_single_file); the VAE (ae)
+        and text encoders (clip_l, t5xxl) are the base model's own files, which UIs load separately."""
+        return og.bfl_flux(pipe.transformer)
 
     def image_tokens(self, shape) -> int:
         return (shape[-2] // 2) * (shape[-1] // 2)

@@ -7,6 +7,7 @@ level as an integer class label; trained by sr.py.
 
 from __future__ import annotations
 
+from . import original as og
 from .base import Family, kohya_lora
 
 
@@ -31,6 +32,17 @@ class StableDiffusion(Family):
         # kohya trains SD 1.x/2.x on diffusers' UNet: its module paths are diffusers' own.
         return {**kohya_lora(pipe.unet, "lora_unet"),
                 **(kohya_lora(pipe.text_encoder, "lora_te") if with_text_encoder else {})}
+
+    def single_file_state_dict(self, pipe) -> dict:
+        """LDM's layout, as SD 1.x/2.x shipped: SD1's CLIP in transformers' layout, SD2's OpenCLIP in its own."""
+        te = pipe.text_encoder
+        text = (og.prefixed("cond_stage_model.model.", og.open_clip(te)) if og.is_open_clip(te)
+                else og.prefixed("cond_stage_model.transformer.", og.hf_clip(te)))
+        return {**og.prefixed("model.diffusion_model.", og.ldm_unet(pipe.unet)),
+                **og.prefixed("first_stage_model.", og.ldm_vae(pipe.vae)), **text, **self.single_file_extras(pipe)}
+
+    def single_file_extras(self, pipe) -> dict:
+        return og.v_prediction_markers(pipe.scheduler)
 
 
 class SRFamily(Family):

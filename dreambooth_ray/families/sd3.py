@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import original as og
 from .flow import FlowMatchingFamily
 
 
@@ -46,6 +47,19 @@ class StableDiffusion3(FlowMatchingFamily):
         clip = F.pad(clip, (0, t5_states.shape[-1] - clip.shape[-1]))
         return {"encoder_hidden_states": torch.cat([clip, t5_states.to(clip.dtype)], dim=-2),
                 "pooled_projections": torch.cat(pooled, dim=-1)}
+
+    single_file_uis = "ComfyUI (with the base model's text encoders)"
+
+    def single_file_howto(self, file: str) -> list[str]:
+        return [f"- ComfyUI: copy `{file}` into `ComfyUI/models/checkpoints/` (a *Load Checkpoint* node) and load "
+                "the base model's text encoders (clip_l, clip_g, t5xxl) with a *TripleCLIPLoader*."]
+
+    def single_file_state_dict(self, pipe) -> dict:
+        """As sd3_medium.safetensors: the MMDiT in SD3's own layout under `model.diffusion_model.` and the
+        VAE in LDM's under `first_stage_model.` (ComfyUI's checkpoint loader, diffusers' from_single_file);
+        no text encoders, which UIs load from their own files (clip_l, clip_g, t5xxl)."""
+        return {**og.prefixed("model.diffusion_model.", og.sd3_mmdit(pipe.transformer)),
+                **og.prefixed("first_stage_model.", og.ldm_vae(pipe.vae))}
 
     def transformer_forward(self, transformer, noisy, t, encoder_hidden_states=None, pooled_projections=None):
         return transformer(hidden_states=noisy, timestep=t, encoder_hidden_states=encoder_hidden_states,

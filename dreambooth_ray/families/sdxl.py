@@ -11,54 +11,10 @@ what the pipeline itself uses at inference. The VAE overflows in fp16, so images
 
 from __future__ import annotations
 
-import re
-
 import torch
 
+from . import original as og
 from .base import Family, kohya_lora
-
-# diffusers' ResNet block -> the LDM ResBlock (sgm's UNet, which kohya trains SDXL on)
-_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
-           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-_TOP = {"conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2", "time_embedding.linear_1":
-        "time_embed.0", "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
-        "add_embedding.linear_2": "label_emb.0.2"}
-_NO_NAME = "UNet module {!r} has no LDM name for kohya's SDXL LoRA layout (train.export_formats: [] skips that file)"
-
-
-def ldm_unet_name(name: str, config) -> str:
-    """A diffusers UNet module path as sgm's (LDM) UNet names it: input_blocks.<n>.<0 resnet | 1 attention>,
-    middle_block.<0|1|2>, output_blocks.<n>.<0|1|2>, as kohya's SDXL LoRAs and A1111 name them. Each down
-    block is `layers_per_block` (resnet, attention) slots then a downsampler slot, each up block one more."""
-    per = config.layers_per_block
-    if name in _TOP:
-        return _TOP[name]
-    m = re.fullmatch(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)", name)
-    if m:
-        kind, i, part, j, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
-        down = kind == "down_blocks"
-        slot = 1 + i * (per + 1) + j if down else i * (per + 1) + j
-        if part == "resnets":
-            return f"{'input' if down else 'output'}_blocks.{slot}.0.{_resnet(rest, name)}"
-        if part == "attentions":
-            return f"{'input' if down else 'output'}_blocks.{slot}.1.{rest}"
-        if down and rest == "conv":  # the downsampler has a slot of its own after the block's layers
-            return f"input_blocks.{(i + 1) * (per + 1)}.0.op"
-        if not down and rest == "conv":  # after the last layer's resnet (and attention, if any)
-            attn = "CrossAttn" in config.up_block_types[i]
-            return f"output_blocks.{i * (per + 1) + per}.{2 if attn else 1}.conv"
-    m = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", name)
-    if m:
-        if m[1] == "attentions":
-            return f"middle_block.1.{m[3]}"
-        return f"middle_block.{2 * int(m[2])}.{_resnet(m[3], name)}"
-    raise ValueError(_NO_NAME.format(name))
-
-
-def _resnet(rest: str, name: str) -> str:
-    if rest not in _RESNET:
-        raise ValueError(_NO_NAME.format(name))
-    return _RESNET[rest]
 
 
 def time_ids(geometry, resolution: int, flipped: bool = False) -> list[float]:
@@ -92,7 +48,7 @@ class StableDiffusionXL(Family):
 
     def kohya_lora_state_dict(self, pipe, with_text_encoder: bool):
         """kohya's SDXL layout: the UNet under sgm's (LDM) module names, the encoders as lora_te1_ / lora_te2_."""
-        out = kohya_lora(pipe.unet, "lora_unet", lambda n: ldm_unet_name(n, pipe.unet.config))
+        out = kohya_lora(pipe.unet, "lora_unet", og.ldm_unet_names(pipe.unet))
         if with_text_encoder:
             out.update(kohya_lora(pipe.text_encoder, "lora_te1"))
             out.update(kohya_lora(pipe.text_encoder_2, "lora_te2"))
@@ -135,6 +91,17 @@ class StableDiffusionXL(Family):
             return [f"model: the UNet's added-conditioning input is {width} wide, not 6 time ids x {per_id} + the "
                     f"second text encoder's {pooled}-wide pooled embedding = {6 * per_id + pooled}"]
         return []
+
+    def single_file_state_dict(self, pipe) -> dict:
+        """SDXL's original (sgm) layout: CLIP-L in transformers' layout, OpenCLIP-bigG in its own."""
+        return {**og.prefixed("model.diffusion_model.", og.ldm_unet(pipe.unet)),
+                **og.prefixed("first_stage_model.", og.ldm_vae(pipe.vae)),
+                **og.prefixed("conditioner.embedders.0.transformer.", og.hf_clip(pipe.text_encoder)),
+                **og.prefixed("conditioner.embedders.1.model.", og.open_clip(pipe.text_encoder_2)),
+                **self.single_file_extras(pipe)}
+
+    def single_file_extras(self, pipe) -> dict:
+        return og.v_prediction_markers(pipe.scheduler)
 
     def text_width(self, read) -> int | None:
         widths = [(read(f"{te}/config.json") or {}).get("hidden_size") for te in self.text_encoders]
