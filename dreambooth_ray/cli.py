@@ -110,6 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip", default=None, help="CLIP model: hub id, folder, s3://, 'tiny-clip' or 'toy-clip' (the toy world)")
     p.set_defaults(fn=_lazy("eval", "cmd_eval"))
 
+    p = sub.add_parser("export", help="write the UIs' formats (kohya LoRA, single-file checkpoint), sample images "
+                                      "and model card of subjects already trained, from their exported model")
+    p.add_argument("job", help="job spec YAML")
+    p.add_argument("--format", nargs="+", choices=("kohya", "single_file"), default=None,
+                   help="formats besides diffusers' (default: train.export_formats, else all that apply)")
+    p.add_argument("--subject", nargs="+", default=None, help="only these subjects (default: all)")
+    p.add_argument("--no-samples", action="store_true", help="render no sample images for the model card")
+    p.set_defaults(fn=_lazy("job", "cmd_export"))
+
     p = sub.add_parser("report", help="rebuild outputs/<job>/report.html from the job's storage")
     p.add_argument("job", help="job spec YAML")
     p.set_defaults(fn=_lazy("report", "cmd_report"))

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, models
-from .spec import JobSpec
+from .spec import JobSpec, SpecError
 from .storage import Storage, io_counts
 
 
@@ -212,6 +212,81 @@ def load_in_one_precision(folder: Path) -> None:
         config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def formats_of(family, cfg, asked: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """The formats to write beside diffusers': `asked` (the export command's), else `train.export_formats`,
+    else all the family writes for the run's method. One the family cannot write is an error naming it."""
+    can = family.export_formats(cfg.method)
+    asked = asked if asked is not None else cfg.export_formats
+    if asked is None:
+        return can
+    bad = [f for f in asked if f not in can]
+    if bad:
+        raise SpecError(f"train.export_formats: {', '.join(map(repr, bad))} is not written for a {cfg.method} run of "
+                        f"{family.title} (it writes {', '.join(map(repr, can)) or 'the diffusers format only'})")
+    return tuple(asked)
+
+
+def write_formats(spec: JobSpec, subject, storage: Storage, out: tuple[str, ...], pipe, dtype: str,
+                  images: list | None = None, formats: tuple[str, ...] | None = None) -> dict:
+    """Beside the base stage's diffusers export (`<out>/lora` or `<out>/model`): the files the UIs load
+    (formats_of), modelspec/kohya keys in the safetensors headers, the sample `images` ((prompt, PIL image)
+    pairs) and a model card, so the folder uploads to the Hub as it is. `pipe`: the exported model, in
+    any precision (its weights are written in `dtype`). Returns what job.json records of it."""
+    import io
+
+    from . import modelcard
+
+    cfg, family = spec.train, models.family(spec.model, spec.s3)
+    lora = cfg.method == "lora"
+    folder = "lora" if lora else FOLDERS["base"][0]
+    formats = formats_of(family, cfg, formats)
+    to = EXPORT_DTYPES[dtype]
+    adapter = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha} if lora else None
+    title = f"{subject.name} ({spec.name})"
+    header = lambda impl: modelcard.metadata(family, pipe, title=title, trigger=subject.instance_text,  # noqa: E731
+                                             resolution=cfg.resolution, implementation=impl, lora=adapter,
+                                             output_name=subject.name)
+    files, urls = {}, {}
+    if lora:  # the diffusers file gets the header too: SD3 / Flux users load it in ComfyUI
+        name = "pytorch_lora_weights.safetensors"
+        data = storage.read_bytes(*out, folder, name)
+        storage.write_bytes(modelcard.with_metadata(data, header(modelcard.IMPL_DIFFUSERS)), *out, folder, name)
+        comfy = ", ComfyUI (Load LoRA)" if family.comfy_reads_diffusers_lora else ""
+        files[name] = "diffusers `load_lora_weights`" + comfy
+    else:
+        files["model_index.json and the part folders"] = "diffusers `from_pretrained`"
+    ui_file = f"{subject.name}.safetensors"
+    if "kohya" in formats:
+        put_safetensors(storage, family.kohya_lora_state_dict(pipe, cfg.lora.text_encoder), to,
+                        header(modelcard.IMPL_LDM), *out, folder, ui_file)
+        files[ui_file] = "AUTOMATIC1111, Forge, ComfyUI (kohya's LoRA layout)"
+        urls["kohya"] = storage.url(*out, folder, ui_file)
+    if "single_file" in formats:
+        put_safetensors(storage, family.single_file_state_dict(pipe), to, header(modelcard.IMPL_LDM),
+                        *out, folder, ui_file)
+        files[ui_file] = f"{family.single_file_uis} (single-file checkpoint)"
+        urls["single_file"] = storage.url(*out, folder, ui_file)
+    shown = []
+    for k, (prompt, im) in enumerate(images or []):
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        storage.write_bytes(buf.getvalue(), *out, folder, "samples", f"{k:02d}.png")
+        shown.append((prompt, f"samples/{k:02d}.png"))
+    text = modelcard.card(family, title=title, trigger=subject.instance_text, base_model=spec.model, lora=adapter,
+                          files=files, samples=shown, steps=cfg.steps)
+    storage.write_bytes(text.encode(), *out, folder, "README.md")
+    return {"formats": urls, "card": storage.url(*out, folder, "README.md")}
+
+
+def put_safetensors(storage: Storage, tensors: dict, dtype: torch.dtype, metadata: dict[str, str], *parts: str) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: (v.to("cpu", dtype) if v.is_floating_point() else v.cpu()).contiguous() for k, v in tensors.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file(tensors, f"{tmp}/f.safetensors", metadata=metadata)
+        storage.put_file(f"{tmp}/f.safetensors", *parts)
+
+
 def write_record(spec: JobSpec, storage: Storage, out: tuple[str, ...], record: dict) -> None:
     """`<out>/job.json`: spec, versions, steps and losses. Written last: its presence means complete."""
     record = {
@@ -222,3 +297,4 @@ def write_record(spec: JobSpec, storage: Storage, out: tuple[str, ...], record: 
         "global_batch": spec.train.global_batch,
     }
     storage.write_json(record, *out, "job.json")
+

@@ -10,9 +10,9 @@ from .spec import JobSpec, Subject
 # Settings that change neither the trained weights nor which checkpoint may resume: cadence, retries,
 # placement, speed switches that compute the same step, and gradient checkpointing (the same step,
 # recomputed: a run that ran out of memory resumes with it on).
-# The export's precision is not either: the trained weights are the same.
+# The export's precision and formats are not either: the trained weights are the same.
 _NOT_IDENTITY = {"checkpoint_every", "checkpoint_upload", "keep_checkpoints", "max_failures", "use_gpu", "attention",
-                 "channels_last", "compile", "export_dtype", "gradient_checkpointing"}
+                 "channels_last", "compile", "export_dtype", "export_formats", "gradient_checkpointing"}
 
 
 def train_identity(cfg) -> dict:

@@ -70,6 +70,9 @@ def finalize(spec: JobSpec, subject: Subject, ckpt, out: tuple[str, ...], record
         items = samples.through_sr(items, sr_pipe, spec.sr, spec.samples.seed)
     storage.write_bytes(samples.png_bytes(samples.grid(items)), *out, "samples.png")
     timeline["samples"] = time.perf_counter() - t0
+    t0 = time.perf_counter()  # the UIs' formats, the samples beside them and the model card (export.write_formats)
+    record.update(export.write_formats(spec, subject, storage, out, pipe, record["dtype"], items))
+    timeline["export"] += time.perf_counter() - t0
     for key, now, then in zip(("bytes_written", "bytes_read"), io_counts(), io_start):  # this task's part
         timeline[key] = timeline.get(key, 0) + now - then
     record["timeline"] = {k: round(v, 3) for k, v in timeline.items()}
@@ -360,3 +363,39 @@ def _run_sr(spec, subject, storage, out, name, prior_cache, use_gpu, reporter: R
                        export_to=(out, name), reporter=reporter)
     storage.write_json({"run": name, "checkpoint": result.checkpoint.path, "metrics": result.metrics}, *out, "sr.json")
     return result.checkpoint, result.metrics, "ran"
+
+
+def cmd_export(args, console) -> int:
+    """`dreambooth-ray export JOB.yaml`: the UIs' formats, sample images and model card of subjects already
+    trained, written from their exported model (nothing retrains); job.json records them."""
+    from .spec import load_spec
+
+    spec = load_spec(args.job)
+    storage = Storage(spec.storage, spec.s3)
+    asked = tuple(args.format) if args.format else None
+    export.formats_of(models.family(spec.model, spec.s3), spec.train, asked)  # before any model loads
+    unknown = sorted(set(args.subject or ()) - {s.name for s in spec.subjects})
+    if unknown:
+        raise SpecError(f"--subject: {', '.join(unknown)} not in {args.job}")
+    missing = 0
+    for subject in spec.subjects:
+        if args.subject and subject.name not in args.subject:
+            continue
+        out = ("outputs", spec.name, subject.name)
+        record = storage.read_json(*out, "job.json")
+        if not record:
+            console.print(f"{subject.name}: not trained yet (no job.json); run the job first")
+            missing += 1
+            continue
+        trained = "lora" if record.get("lora") else "full"
+        if trained != spec.train.method:
+            raise SpecError(f"{args.job}: train.method is {spec.train.method!r}, but {subject.name} was trained "
+                            f"as {trained!r}; export it with the spec it was trained with")
+        subject = subject.model_copy(update={"identifier": record["identifier"]})
+        pipe = export.load_exported(spec, record)
+        images = None if args.no_samples else samples.render(pipe, subject, spec.samples, spec.train.resolution)
+        made = export.write_formats(spec, subject, storage, out, pipe, record.get("dtype", "fp32"), images, asked)
+        record.update(made)
+        storage.write_json(record, *out, "job.json")
+        console.print(f"{subject.name}: {', '.join(record['formats']) or 'no UI format'}; card {record['card']}")
+    return 1 if missing else 0

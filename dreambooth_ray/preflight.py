@@ -13,7 +13,7 @@ import logging
 
 from . import families
 from .configs import ModelConfigs, PreflightError, model_index
-from .spec import JobSpec
+from .spec import JobSpec, SpecError
 from .storage import Storage
 
 log = logging.getLogger("dreambooth_ray")
@@ -75,6 +75,13 @@ def base_model_problems(spec: JobSpec) -> list[str]:
     hidden, expected = family.text_width(cfgs.read), family.cross_width(den)
     if hidden and expected and hidden != expected:
         problems.append(f"model: text encoder width {hidden} does not match the {family.denoiser}'s text input {expected}")
+    if spec.train.export_formats is not None:
+        from .export import formats_of
+
+        try:
+            formats_of(family, spec.train)
+        except SpecError as e:
+            problems.append(str(e))
     if spec.train.method == "lora" and not problems:
         lc = spec.train.lora
         unet_targets, te_targets = family.lora_targets_of(lc)

@@ -147,6 +147,11 @@ class TrainConfig(_Strict):
     # bf16-weights/fp16 run comes from the final checkpoint instead). Default: the family's (fp16; bf16
     # for SD3 and Flux, whose activations overflow fp16).
     export_dtype: Optional[Literal["fp16", "bf16", "fp32"]] = None
+    # Written beside the diffusers export (which samples and eval load), for ComfyUI, AUTOMATIC1111 and
+    # Forge: kohya's LoRA layout (LoRA runs of SD 1.x/2.x and SDXL), a single-file checkpoint (full runs).
+    export_formats: Optional[tuple[Literal["kohya", "single_file"], ...]] = Field(None, description=(
+        "formats besides diffusers' (default: all that apply to the model and method); "
+        "`dreambooth-ray export` writes them for subjects already trained"))
     max_failures: int = Field(2, ge=0)
     train_text_encoder: bool = False
     method: Literal["full", "lora"] = "full"
@@ -203,6 +208,14 @@ class TrainConfig(_Strict):
         if self.method == "lora" and self.train_text_encoder:
             raise ValueError("train_text_encoder: true fine-tunes the whole text encoder, which a LoRA export "
                              "cannot hold; with method: lora, set lora.text_encoder: true for text-encoder adapters")
+        return self
+
+    @model_validator(mode="after")
+    def _formats_fit_the_method(self):
+        wrong = {"lora": "single_file", "full": "kohya"}[self.method]
+        if wrong in (self.export_formats or ()):
+            raise ValueError(f"export_formats: {wrong!r} is not written for a method {self.method!r} run "
+                             f"({'a full fine-tune' if wrong == 'single_file' else 'a LoRA'} format)")
         return self
 
     @model_validator(mode="after")

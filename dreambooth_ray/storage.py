@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 import uuid
 from dataclasses import dataclass
@@ -110,6 +111,19 @@ class Storage:
         tmp = f"{dest}.{uuid.uuid4().hex}.tmp"
         with open(tmp, "wb") as f:
             f.write(data)
+        os.replace(tmp, dest)
+
+    def put_file(self, local: str, *parts: str) -> None:
+        """A local file into storage without reading it into memory (a multi-GB checkpoint); atomic as
+        write_bytes is."""
+        dest = self.path(*parts)
+        count_io(written=os.path.getsize(local))
+        if self.protocol == "s3":
+            self.fs.put_file(local, dest)
+            return
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        tmp = f"{dest}.{uuid.uuid4().hex}.tmp"
+        shutil.copyfile(local, tmp)
         os.replace(tmp, dest)
 
     def write_json(self, obj: Any, *parts: str) -> None:

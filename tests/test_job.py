@@ -146,6 +146,15 @@ def test_s3_two_subjects_share_one_prior_set_through_a_flaky_store(ray_cluster, 
     assert rec["identifier"] in {"sks", "zwx", "qlt"} and rec["instance_prompt"] == f"a {rec['identifier']} toy"
     assert pipe(rec["instance_prompt"], num_inference_steps=2, height=32, width=32).images[0].size == (32, 32)
     assert fs.exists(f"{bucket}/dreambooth/outputs/t/toy2/samples.png")
+    # The model card travels to the Hub with the folder: no bucket, endpoint or storage path in it.
+    card = fs.cat_file(f"{bucket}/dreambooth/outputs/t/toy2/model/README.md").decode()
+    assert rec["instance_prompt"] in card and "samples/00.png" in card
+    assert not [s for s in (bucket, "s3://", s3_endpoint, proxy.url, "dreambooth/outputs") if s in card]
+    # ... nor in the single-file checkpoint's header (written beside it through the same flaky store)
+    single = fs.cat_file(f"{bucket}/dreambooth/outputs/t/toy2/model/toy2.safetensors")
+    header = single[8:8 + int.from_bytes(single[:8], "little")].decode()
+    assert f'"modelspec.trigger_phrase":"{rec["instance_prompt"]}"' in header
+    assert not [s for s in (bucket, "s3://", s3_endpoint, proxy.url, "dreambooth/outputs") if s in header]
 
 
 def test_own_class_images_open_the_class_set_and_generation_tops_it_up(ray_cluster, tmp_path, toy_images):

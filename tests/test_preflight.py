@@ -140,6 +140,14 @@ def test_flow_transformer_configs_are_checked_before_compute(tmp_path, toy_image
     assert "train.mixed_precision: a FluxPipeline's activations overflow fp16; use bf16 or bf16-weights" in msg
 
 
+def test_an_export_format_the_model_cannot_take_is_named(tmp_path, toy_images):
+    msg = problems(tiny_spec(str(tmp_path / "s"), str(toy_images), model="tiny-flux",
+                             train={"method": "lora", "export_formats": ["kohya"]}))
+    assert "train.export_formats: 'kohya' is not written for a lora run of Flux.1" in msg
+    preflight.check(parse_spec(tiny_spec(str(tmp_path / "s"), str(toy_images), model="tiny-sdxl", train={
+        "method": "lora", "export_formats": ["kohya"]})), Storage(str(tmp_path / "s")))
+
+
 def _new_users_folder(folder):
     """What a new user brings: real JPEGs, one of them cut short, a text file named .jpg, an empty PNG."""
     import io

@@ -137,12 +137,12 @@ def test_lora_job_with_text_encoders_exports_what_load_lora_weights_reads(ray_cl
     from dreambooth_ray.spec import parse_spec
 
     store = tmp_path / "store"
-    spec = parse_spec(tiny_spec(str(store), str(toy_images), model="tiny-sdxl",
-                                subjects=[{"name": "toy", "images": str(toy_images), "class": "toy",
-                                           "identifier": "auto"}],
-                                # fp32 export: the adapter must equal the trained one bit for bit
-                                train={"method": "lora", "lora": {"rank": 4, "text_encoder": True},
-                                       "learning_rate": 1e-2, "export_dtype": "fp32"}))
+    data = tiny_spec(str(store), str(toy_images), model="tiny-sdxl",
+                     subjects=[{"name": "toy", "images": str(toy_images), "class": "toy", "identifier": "auto"}],
+                     # fp32 export: the adapter must equal the trained one bit for bit; alpha != rank
+                     train={"method": "lora", "lora": {"rank": 4, "alpha": 8.0, "text_encoder": True},
+                            "learning_rate": 1e-2, "export_dtype": "fp32"})
+    spec = parse_spec(data)
     [result] = job.run_job(spec)
     assert result.status == "done", result.error
     out = store / "outputs" / "t" / "toy"
@@ -153,3 +153,39 @@ def test_lora_job_with_text_encoders_exports_what_load_lora_weights_reads(ray_cl
 
     pipe = StableDiffusionXLPipeline.from_pretrained(models.resolve("tiny-sdxl"))
     assert_exported_adapter_loads(out, pipe, ("unet", "text_encoder", "text_encoder_2"))
+
+    # Beside it, what the UIs load (tests/test_formats.py checks each in depth): the kohya file, which
+    # diffusers' kohya converter loads to the same adapters, its header, the samples and the model card.
+    import yaml
+    from safetensors import safe_open
+
+    from dreambooth_ray import cli
+
+    folder = out / "lora"
+    kohya, card = folder / "toy.safetensors", folder / "README.md"
+    assert record["formats"] == {"kohya": str(kohya)} and record["card"] == str(card)
+    with safe_open(str(kohya), "pt") as f:
+        md, written = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert md["modelspec.trigger_phrase"] == record["instance_prompt"]
+    assert (md["ss_base_model_version"], md["ss_network_dim"], md["ss_network_alpha"]) == ("sdxl_base_v1-0", "4", "8.0")
+    front = yaml.safe_load(card.read_text().split("---\n")[1])
+    assert front["instance_prompt"] == record["instance_prompt"] and len(front["widget"]) == 2
+    assert all((folder / w["output"]["url"]).is_file() for w in front["widget"])
+    assert str(store) not in card.read_text() and not [v for v in md.values() if str(store) in v]
+    from_kohya = StableDiffusionXLPipeline.from_pretrained(models.resolve("tiny-sdxl"))
+    from_kohya.load_lora_weights(str(kohya))
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        want = {k: v for k, v in getattr(pipe, part).state_dict().items() if "lora_" in k}
+        got = {k: v for k, v in getattr(from_kohya, part).state_dict().items() if "lora_" in k}
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), part
+
+    # `dreambooth-ray export` writes them again for the subject already trained, from its exported adapter.
+    kohya.unlink()
+    card.unlink()
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
+    assert cli.main(["export", str(tmp_path / "job.yaml"), "--no-samples"]) == 0
+    with safe_open(str(kohya), "pt") as f:
+        assert set(f.keys()) == set(written) and all(torch.equal(f.get_tensor(k), written[k]) for k in written)
+        assert f.metadata()["modelspec.trigger_phrase"] == record["instance_prompt"]
+    assert "toy.safetensors" in card.read_text()
+    assert json.loads((out / "job.json").read_text())["formats"] == {"kohya": str(kohya)}

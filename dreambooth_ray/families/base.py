@@ -267,6 +267,36 @@ class Family:
                        for part in self.lora_parts(with_text_encoder)})
         self.pipeline_class().save_lora_weights(folder, safe_serialization=True, **layers)
 
+    # ---- what other tools load (ComfyUI, AUTOMATIC1111/Forge, the Hub): modelcard.py, export.write_formats
+
+    tags: tuple[str, ...] = ()  # the Hub's tags for this architecture
+    comfy_reads_diffusers_lora = False  # ComfyUI maps the UNet keys of no diffusers SD/SDXL LoRA
+
+    def architecture(self, pipe) -> str:
+        """modelspec.architecture (the ids kohya's sai_model_spec writes)."""
+        return self.name
+
+    def kohya_base_version(self, pipe) -> str:
+        """kohya's ss_base_model_version, which A1111 labels a LoRA by (an SDXL one without it shows as SD1)."""
+        return self.name
+
+    def prediction_type(self, pipe) -> str | None:
+        """modelspec.prediction_type: "epsilon" or "v" from the scheduler (None: a flow-matching family,
+        for which kohya writes none either)."""
+        kind = pipe.scheduler.config.get("prediction_type", "epsilon")
+        return {"epsilon": "epsilon", "v_prediction": "v"}.get(kind, kind)
+
+    def kohya_lora_state_dict(self, pipe, with_text_encoder: bool) -> dict[str, torch.Tensor]:
+        """The pipeline's LoRA adapters in kohya's layout (`lora_unet_*`, `lora_te*_`), which A1111 needs
+        and ComfyUI, Forge and diffusers' Civitai loader read."""
+        raise NotImplementedError(f"{self.title}: no kohya LoRA layout (no UI that reads one loads this model)")
+
+    def export_formats(self, method: str) -> tuple[str, ...]:
+        """The formats beside diffusers' this family writes for a `method` run (train.export_formats)."""
+        if method == "lora":
+            return ("kohya",) if type(self).kohya_lora_state_dict is not Family.kohya_lora_state_dict else ()
+        return ("single_file",) if type(self).single_file_state_dict is not Family.single_file_state_dict else ()
+
     # ---- single-file checkpoints ---------------------------------------------------------------
 
     def single_file_state_dict(self, pipe) -> dict[str, torch.Tensor]:
@@ -279,6 +309,13 @@ class Family:
     def single_file_extras(self, pipe) -> dict[str, torch.Tensor]:
         """What a UI reads from a single file beyond the weights (SDXL's `v_pred` marker)."""
         return {}
+
+    single_file_uis = "ComfyUI, AUTOMATIC1111, Forge"  # what loads the single file (the model card says)
+
+    def single_file_howto(self, file: str) -> list[str]:
+        """The model card's lines on loading the single file in the UIs."""
+        return [f"- ComfyUI: copy `{file}` into `ComfyUI/models/checkpoints/` (a *Load Checkpoint* node).",
+                "- AUTOMATIC1111 / Forge: copy it into `models/Stable-diffusion/`."]
 
     # ---- preflight (configs only) ---------------------------------------------------------------
 
@@ -306,3 +343,25 @@ class Family:
         """The width of the text conditioning the UNet's cross-attention gets, from config files."""
         te = read(f"{self.text_encoders[0]}/config.json") or {}
         return te.get("d_model") or te.get("hidden_size")
+
+
+def kohya_lora(module, prefix: str, rename=lambda name: name) -> dict[str, torch.Tensor]:
+    """One model's peft LoRA layers in kohya's layout: `<prefix>_<module path, dots as _>.lora_down.weight`
+    (peft's A), `.lora_up.weight` (B) and `.alpha`, the trained alpha: kohya scales by alpha / rank, and
+    diffusers' convert_state_dict_to_kohya writes alpha = rank, wrong for an adapter trained otherwise.
+    `rename`: the module path in the layout the UIs expect (SDXL's LDM block names)."""
+    out = {}
+    for name, m in module.named_modules():
+        if not hasattr(m, "lora_A") or not m.lora_A:
+            continue
+        if len(m.lora_A) != 1:
+            raise ValueError(f"{name}: {len(m.lora_A)} adapters (one is exported)")
+        (adapter, down), = m.lora_A.items()
+        if adapter in getattr(m, "lora_magnitude_vector", {}) or getattr(m, "use_rslora", {}).get(adapter):
+            raise ValueError(f"{name}: DoRA / rsLoRA adapters have no kohya LoRA equivalent")
+        key = f"{prefix}_{rename(name).replace('.', '_')}"
+        up = m.lora_B[adapter].weight
+        out[f"{key}.lora_down.weight"] = down.weight.detach().cpu().contiguous()
+        out[f"{key}.lora_up.weight"] = up.detach().cpu().contiguous()
+        out[f"{key}.alpha"] = torch.tensor(float(m.lora_alpha[adapter]), dtype=up.dtype)
+    return out

@@ -69,6 +69,13 @@ class FlowMatchingFamily(Family):
     t5 = ""  # the pipeline attribute of the T5 encoder (frozen: its states are computed once)
     max_sequence_length = 256  # T5 tokens, as the pipeline's default
     lora_key_format = "peft"
+    # No kohya LoRA layout here: ComfyUI (and Forge, which shares its loader) maps the diffusers/peft keys
+    # of an SD3 or Flux LoRA (`transformer.<module>.lora_A.weight`, split q/k/v included) onto its own
+    # model, A1111 loads neither architecture, and diffusers reads its own format.
+    comfy_reads_diffusers_lora = True
+
+    def prediction_type(self, pipe) -> str | None:
+        return None
     lora_targets = ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out")
 
     @property

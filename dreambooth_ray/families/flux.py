@@ -47,12 +47,26 @@ class FluxFamily(FlowMatchingFamily):
     clip_encoders = ("text_encoder",)
     t5 = "text_encoder_2"
     max_sequence_length = 512
+    tags = ("flux", "flux-diffusers")
+
+    def architecture(self, pipe) -> str:  # dev is guidance-distilled (embeds a guidance value), schnell is not
+        return "flux-1-dev" if pipe.transformer.config.guidance_embeds else "flux-1-schnell"
+
+    def kohya_base_version(self, pipe) -> str:
+        return "flux1"
 
     def encode(self, encoders: dict, input_ids, input_ids_2=None, t5_states=None) -> dict:
         pooled = encoders["text_encoder"](input_ids, output_hidden_states=False).pooler_output
         if t5_states is None:
             t5_states = self.t5_states(encoders[self.t5], input_ids_2)
         return {"encoder_hidden_states": t5_states.to(pooled.dtype), "pooled_projections": pooled}
+
+    single_file_uis = "ComfyUI, Forge (the transformer; VAE and text encoders are the base model's)"
+
+    def single_file_howto(self, file: str) -> list[str]:
+        return [f"- ComfyUI: copy `{file}` into `ComfyUI/models/diffusion_models/` (a *Load Diffusion Model* node), "
+                "with the base model's VAE (ae) and text encoders (clip_l, t5xxl).",
+                "- Forge: copy it into `models/Stable-diffusion/`, with the same VAE and text encoders."]
 
     def single_file_state_dict(self, pipe) -> dict:
         """The transformer alone in BFL's layout, unprefixed, as flux1-dev.safetensors ships (ComfyUI's

@@ -16,6 +16,10 @@ class IFStageI(Family):
     reads_text_mask = True
     text_length = 77  # IFPipeline.encode_prompt's, not T5's model_max_length (512)
     text_encoder_lora_targets = ("q", "k", "v", "o")  # T5's attention projections
+    tags = ("if", "if-diffusers")
+
+    def architecture(self, pipe) -> str:
+        return "deepfloyd-if-i"
 
 
 class IFStageII(SRFamily):

@@ -53,7 +53,18 @@ def ldm_unet(unet) -> dict:
     """A UNet2DConditionModel as LDM's openaimodel.UNetModel (`model.diffusion_model.` left to the caller).
     Input block k = (down block i, layer j) with k = i * (L + 1) + j + 1 (block 0 is conv_in, each
     downsampler takes a slot); output blocks run L + 1 per up block, the upsampler after its attention."""
-    sd, cfg = unet.state_dict(), unet.config
+    sd = unet.state_dict()
+    return _renamed(sd, _ldm_unet_table(unet, sd), "unet")
+
+
+def ldm_unet_names(unet):
+    """diffusers module path -> LDM's, for this UNet (kohya's SDXL LoRA names its modules so)."""
+    table = _ldm_unet_table(unet, unet.state_dict())
+    return lambda name: next(iter(_renamed({name + ".": None}, table, "unet")))[:-1]
+
+
+def _ldm_unet_table(unet, sd: dict) -> dict:
+    cfg = unet.config
     L = cfg.layers_per_block
     if not isinstance(L, int):
         raise ValueError(f"unet: layers_per_block {L!r} per block has no LDM layout (one number expected)")
@@ -72,7 +83,7 @@ def ldm_unet(unet) -> dict:
             t[f"up_blocks.{i}.attentions.{j}."] = (f"output_blocks.{i * (L + 1) + j}.1.", {})
         attn = any(k.startswith(f"up_blocks.{i}.attentions.") for k in sd)
         t[f"up_blocks.{i}.upsamplers.0."] = (f"output_blocks.{i * (L + 1) + L}.{2 if attn else 1}.", {})
-    return _renamed(sd, t, "unet")
+    return t
 
 
 _VAE_ATTN = {"group_norm.": "norm.", "to_q.": "q.", "to_k.": "k.", "to_v.": "v.", "to_out.0.": "proj_out."}

@@ -8,13 +8,30 @@ level as an integer class label; trained by sr.py.
 from __future__ import annotations
 
 from . import original as og
-from .base import Family
+from .base import Family, kohya_lora
 
 
 class StableDiffusion(Family):
     name = "sd"
     title = "Stable Diffusion 1.x/2.x"
     pipeline = "StableDiffusionPipeline"
+    tags = ("stable-diffusion",)
+
+    def _v2(self, pipe) -> bool:  # OpenCLIP ViT-H (1024 wide) is SD 2's text encoder, CLIP ViT-L (768) SD 1's
+        return pipe.text_encoder.config.hidden_size == 1024
+
+    def architecture(self, pipe) -> str:
+        if not self._v2(pipe):
+            return "stable-diffusion-v1"
+        return "stable-diffusion-v2-768-v" if self.prediction_type(pipe) == "v" else "stable-diffusion-v2-512"
+
+    def kohya_base_version(self, pipe) -> str:
+        return "sd_v2" if self._v2(pipe) else "sd_v1"
+
+    def kohya_lora_state_dict(self, pipe, with_text_encoder: bool):
+        # kohya trains SD 1.x/2.x on diffusers' UNet: its module paths are diffusers' own.
+        return {**kohya_lora(pipe.unet, "lora_unet"),
+                **(kohya_lora(pipe.text_encoder, "lora_te") if with_text_encoder else {})}
 
     def single_file_state_dict(self, pipe) -> dict:
         """LDM's layout, as SD 1.x/2.x shipped: SD1's CLIP in transformers' layout, SD2's OpenCLIP in its own."""

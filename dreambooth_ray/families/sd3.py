@@ -27,6 +27,13 @@ class StableDiffusion3(FlowMatchingFamily):
     clip_encoders = ("text_encoder", "text_encoder_2")
     t5 = "text_encoder_3"
     max_sequence_length = 256
+    tags = ("sd3", "sd3-diffusers")
+
+    def architecture(self, pipe) -> str:
+        return "stable-diffusion-3"  # kohya's id for every SD3 / 3.5 size
+
+    def kohya_base_version(self, pipe) -> str:
+        return "sd3"
 
     def encode(self, encoders: dict, input_ids, input_ids_2, input_ids_3=None, t5_states=None) -> dict:
         states, pooled = [], []
@@ -40,6 +47,12 @@ class StableDiffusion3(FlowMatchingFamily):
         clip = F.pad(clip, (0, t5_states.shape[-1] - clip.shape[-1]))
         return {"encoder_hidden_states": torch.cat([clip, t5_states.to(clip.dtype)], dim=-2),
                 "pooled_projections": torch.cat(pooled, dim=-1)}
+
+    single_file_uis = "ComfyUI (with the base model's text encoders)"
+
+    def single_file_howto(self, file: str) -> list[str]:
+        return [f"- ComfyUI: copy `{file}` into `ComfyUI/models/checkpoints/` (a *Load Checkpoint* node) and load "
+                "the base model's text encoders (clip_l, clip_g, t5xxl) with a *TripleCLIPLoader*."]
 
     def single_file_state_dict(self, pipe) -> dict:
         """As sd3_medium.safetensors: the MMDiT in SD3's own layout under `model.diffusion_model.` and the

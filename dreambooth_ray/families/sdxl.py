@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import original as og
-from .base import Family
+from .base import Family, kohya_lora
 
 
 def time_ids(geometry, resolution: int, flipped: bool = False) -> list[float]:
@@ -38,6 +38,21 @@ class StableDiffusionXL(Family):
     added_conditioning = ("text_time",)
     prompt_keys = ("input_ids", "input_ids_2")
     row_key = "time_ids"
+    tags = ("stable-diffusion-xl",)
+
+    def architecture(self, pipe) -> str:
+        return "stable-diffusion-xl-v1-base"
+
+    def kohya_base_version(self, pipe) -> str:
+        return "sdxl_base_v1-0"
+
+    def kohya_lora_state_dict(self, pipe, with_text_encoder: bool):
+        """kohya's SDXL layout: the UNet under sgm's (LDM) module names, the encoders as lora_te1_ / lora_te2_."""
+        out = kohya_lora(pipe.unet, "lora_unet", og.ldm_unet_names(pipe.unet))
+        if with_text_encoder:
+            out.update(kohya_lora(pipe.text_encoder, "lora_te1"))
+            out.update(kohya_lora(pipe.text_encoder_2, "lora_te2"))
+        return out
 
     def prompt_inputs(self, parts: dict, prompts: list[str]) -> dict:
         return {"input_ids": self.token_ids(parts["tokenizer"], prompts)[0],
