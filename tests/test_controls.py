@@ -197,6 +197,18 @@ def test_n_engine_steps_equal_the_optimizer_stepped_by_hand(group, tiny_parts, o
     # step 1) moves the weights by ~5e-4.
     assert moved > (1e-4 if optimizer == "prodigy" else 1e-3), moved
     assert worst < (1e-5 if (optimizer, zero_stage) == ("adamw", 3) else 1e-6), worst
+    # The memory plan's optimizer column (plan.STATE_BYTES per trained element) against the state held.
+    from dreambooth_ray.plan import STATE_BYTES
+
+    held = sum(t.numel() * t.element_size() for st in inner.state.values() for t in st.values()
+               if torch.is_tensor(t) and t.dim() > 0)
+    P = sum(p.numel() for p in tiny_parts["unet"].parameters())
+    # Measured bytes per element: AdamW 8.0, Prodigy 16.0 (15.99 at ZeRO-0: an all-zero weight's p0 is a
+    # scalar), Adafactor 2.24 (factored; the plan counts its bound, 4).
+    if optimizer == "adafactor":
+        assert 1.5 * P < held <= STATE_BYTES[optimizer] * P, held / P
+    else:
+        assert held == pytest.approx(STATE_BYTES[optimizer] * P, rel=2e-3), held / P
     if optimizer == "prodigy":  # its step size estimate sums over every partition: the whole model's
         d, d_hand = inner.param_groups[0]["d"], hand.param_groups[0]["d"]
         # Measured: d grew from 1e-6 to 1.14e-4 in 8 steps, engine and hand 3e-7 relative apart.
@@ -363,3 +375,14 @@ def test_each_control_names_a_new_run_and_lands_in_job_json(tmp_path):
     b = parse_spec(tiny_spec("/tmp/s", "/tmp/p", train={"snr_gamma": 5.0, "noise_offset": 0.1,
                                                         "lr_scheduler": "cosine"}, **sr))
     assert identity.sr_run_name(a, a.subjects[0], "sr", None) == identity.sr_run_name(b, b.subjects[0], "sr", None)
+
+
+def test_the_memory_plan_offers_only_what_the_optimizer_allows():
+    from dreambooth_ray import plan
+
+    for opt in ("adafactor", "prodigy"):
+        s = plan.Settings.of(TrainConfig(optimizer=opt, zero_stage=0))
+        assert s.optimizer == opt and plan.candidates(s)
+        for c in plan.candidates(s):  # each candidate is a spec the validators accept
+            TrainConfig(optimizer=opt, zero_stage=c.zero_stage, offload=c.offload, mixed_precision=c.mixed_precision)
+    assert {c.zero_stage for c in plan.candidates(plan.Settings(optimizer="prodigy", zero_stage=0))} == {0, 2, 3}
