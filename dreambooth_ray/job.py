@@ -291,7 +291,7 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeli
         metrics, stages["train"] = trained["metrics"], "skipped"
     else:
         t = spec.train
-        reporter.stage("training", f"training {t.steps} steps, {t.method}, lr {t.learning_rate:g}, {t.describe_batch()}, "
+        reporter.stage("training", f"training {t.steps} steps, {t.method}, {t.describe_lr()}, {t.describe_batch()}, "
                      f"ZeRO-{t.zero_stage}, {t.mixed_precision}, {'GPU' if use_gpu else 'CPU'} (run {name})", total=t.steps)
         if stage_needs_encoding(spec, storage, name):
             t1 = time.perf_counter()

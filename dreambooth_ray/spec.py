@@ -202,6 +202,15 @@ class TrainConfig(_Strict):
                 "accumulation": self.gradient_accumulation, "subject_images_per_step": per_step,
                 "subject_images_in_run": per_step * self.steps}
 
+    def describe_lr(self) -> str:
+        """'lr 5e-06', then what differs from the defaults: optimizer, schedule, loss weighting, offset."""
+        extra = [f"{self.optimizer}"] if self.optimizer != "adamw" else []
+        if self.lr_scheduler != "constant_with_warmup" or self.lr_warmup_steps:
+            extra.append(f"{self.lr_scheduler} schedule, {self.lr_warmup_steps} warmup steps")
+        extra += [f"min-SNR gamma {self.snr_gamma:g}"] if self.snr_gamma is not None else []
+        extra += [f"noise offset {self.noise_offset:g}"] if self.noise_offset else []
+        return f"lr {self.learning_rate:g}" + (f" ({', '.join(extra)})" if extra else "")
+
     def describe_batch(self) -> str:
         b = self.global_batch
         return (f"global batch {b['subject_images_per_step']} ({b['per_worker']} per worker x {b['workers']} worker(s) "

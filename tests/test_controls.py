@@ -386,3 +386,10 @@ def test_the_memory_plan_offers_only_what_the_optimizer_allows():
         for c in plan.candidates(s):  # each candidate is a spec the validators accept
             TrainConfig(optimizer=opt, zero_stage=c.zero_stage, offload=c.offload, mixed_precision=c.mixed_precision)
     assert {c.zero_stage for c in plan.candidates(plan.Settings(optimizer="prodigy", zero_stage=0))} == {0, 2, 3}
+
+
+def test_the_training_line_names_the_controls_that_differ_from_the_defaults():
+    assert TrainConfig(learning_rate=2e-4).describe_lr() == "lr 0.0002"  # the line test_console checks, unchanged
+    assert TrainConfig(optimizer="prodigy", lr_scheduler="cosine", lr_warmup_steps=10, snr_gamma=5.0,
+                       noise_offset=0.05).describe_lr() == (
+        "lr 1 (prodigy, cosine schedule, 10 warmup steps, min-SNR gamma 5, noise offset 0.05)")
