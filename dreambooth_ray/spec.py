@@ -319,8 +319,9 @@ class SRConfig(_Strict):
             batch_size=self.batch_size, zero_stage=self.zero_stage, checkpoint_every=self.checkpoint_every,
             num_workers=self.num_workers or base.num_workers, mixed_precision=self.mixed_precision or base.mixed_precision,
             method="full", train_text_encoder=False, cache_latents=False, lr_warmup_steps=0,
-            # the paper's SR objective, at a constant rate (min-SNR and noise offset shape the base stage's)
-            lr_scheduler="constant", snr_gamma=None, noise_offset=0.0,
+            # the paper's SR objective with AdamW at sr.learning_rate, constant: the base stage's optimizer,
+            # schedule, min-SNR and noise offset are its own (Prodigy's rate is a multiplier, Adafactor needs ZeRO-0)
+            optimizer="adamw", lr_scheduler="constant", snr_gamma=None, noise_offset=0.0,
             # what DeepSpeed can offload at the SR stage's own ZeRO stage (the validator sees only `train`'s)
             offload=("none" if self.zero_stage == 0 else
                      "optimizer" if base.offload == "optimizer+params" and self.zero_stage != 3 else base.offload),

@@ -372,8 +372,9 @@ def test_each_control_names_a_new_run_and_lands_in_job_json(tmp_path):
     # The SR stage keeps the paper's objective at a constant rate: base-only settings leave its run alone.
     sr = dict(sr={"enabled": True, "output_resolution": 64})
     a = parse_spec(tiny_spec("/tmp/s", "/tmp/p", **sr))
-    b = parse_spec(tiny_spec("/tmp/s", "/tmp/p", train={"snr_gamma": 5.0, "noise_offset": 0.1,
-                                                        "lr_scheduler": "cosine"}, **sr))
+    b = parse_spec(tiny_spec("/tmp/s", "/tmp/p", train={"snr_gamma": 5.0, "noise_offset": 0.1, "lr_scheduler": "cosine",
+                                                        "optimizer": "adafactor", "zero_stage": 0}, **sr))
+    assert b.stage_train("sr").optimizer == "adamw" and b.stage_train("sr").zero_stage == 2  # Adafactor: ZeRO-0 only
     assert identity.sr_run_name(a, a.subjects[0], "sr", None) == identity.sr_run_name(b, b.subjects[0], "sr", None)
 
 
