@@ -245,10 +245,16 @@ class TrainConfig(_Strict):
         if self.optimizer == "adafactor" and self.zero_stage != 0:
             raise ValueError(f"optimizer 'adafactor' needs zero_stage 0 (got {self.zero_stage}): ZeRO flattens the "
                              "parameters, and Adafactor factors its second moments by each weight's shape")
-        if self.optimizer == "prodigy" and self.zero_stage != 0 and self.num_workers > 1 and self.use_gpu is False:
-            raise ValueError("optimizer 'prodigy' with zero_stage 1-3 on several CPU workers: prodigyopt sums its "
-                             "step size estimate across ZeRO partitions on CUDA only (use zero_stage 0 or one worker)")
+        if self.use_gpu is False and self.cpu_problem():
+            raise ValueError(self.cpu_problem())
         return self
+
+    def cpu_problem(self) -> str | None:
+        """What these settings cannot do on CPU workers (job.py asks once it knows the cluster has no GPUs)."""
+        if self.optimizer == "prodigy" and self.zero_stage != 0 and self.num_workers > 1:
+            return ("optimizer 'prodigy' with zero_stage 1-3 on several CPU workers: prodigyopt sums its step size "
+                    "estimate across ZeRO partitions on CUDA only (use zero_stage 0 or one worker)")
+        return None
 
     @model_validator(mode="after")
     def _lora_trains_adapters_only(self):

@@ -224,6 +224,8 @@ def test_n_engine_steps_equal_the_optimizer_stepped_by_hand(group, tiny_parts, o
     ({"lr_scheduler": "cosine_wobble"}, "train.lr_scheduler"),
     ({"snr_gamma": 0}, "train.snr_gamma"),
     ({"noise_offset": -0.1}, "train.noise_offset"),
+    ({"optimizer": "prodigy", "num_workers": 2, "use_gpu": False}, "CUDA only"),
+    ({"optimizer": "prodigy", "num_workers": 2, "zero_stage": 0, "use_gpu": False}, None),
 ])
 def test_bad_controls_are_refused_naming_the_field(train, field):
     data = tiny_spec("/tmp/s", "/tmp/p", train=train)
@@ -233,6 +235,12 @@ def test_bad_controls_are_refused_naming_the_field(train, field):
     with pytest.raises(SpecError) as e:
         parse_spec(data)
     assert field in str(e.value), str(e.value)
+
+
+def test_prodigy_on_several_cpu_workers_is_refused_before_any_compute_once_the_cluster_is_known():
+    # use_gpu unset: the spec cannot know; job.run_job asks cpu_problem() once the cluster says "no GPUs".
+    cfg = TrainConfig(optimizer="prodigy", num_workers=2)
+    assert "CUDA only" in cfg.cpu_problem() and TrainConfig(optimizer="prodigy").cpu_problem() is None
 
 
 def test_prodigy_defaults_to_a_unit_multiplier():
