@@ -213,14 +213,76 @@ def _local_folder(path: str, subfolder: str):
 
 
 def optimizer(params, cfg: TrainConfig, on_gpu: bool, fused: bool | None = None) -> torch.optim.Optimizer:
+    """`train.optimizer` over `params` at `learning_rate` (the schedule multiplies it)."""
     if cfg.offload != "none":  # the state lives on the host: DeepSpeed's vectorised CPU AdamW updates it there
-        return cpu_adamw(params, cfg.learning_rate)
+        return cpu_adamw(params, cfg.learning_rate, cfg.weight_decay)
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # The run's rate under its lr_scheduler, as every optimizer here: Adafactor's own relative step
+        # (lr=None, 1/sqrt(t)) would ignore both; scale_parameter off, as kohya's fixed-rate recipe.
+        return Adafactor(params, lr=cfg.learning_rate, relative_step=False, scale_parameter=False,
+                         warmup_init=False, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "prodigy":
+        return prodigy(params, cfg, on_gpu)
     # One fused kernel for the whole update on GPU; multi-tensor (foreach) on CPU, where fused is slower.
     kind = {"fused": True} if (on_gpu if fused is None else fused) else {"foreach": True}
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-2, **kind)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **kind)
 
 
-def cpu_adamw(params, lr: float):
+def prodigy(params, cfg: TrainConfig, on_gpu: bool):
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        from .errors import UserError
+
+        raise UserError("train.optimizer 'prodigy' needs the prodigyopt package on the training workers "
+                        "(pip install 'dreambooth-ray[prodigy]', or pip install prodigyopt)") from None
+    import torch.distributed as dist
+
+    # ZeRO on several workers gives each a partition: Prodigy's step size estimate sums over all of them
+    # (its all-reduce, on CUDA only), so every rank takes the same step.
+    sharded = cfg.zero_stage > 0 and dist.is_initialized() and dist.get_world_size() > 1
+    if sharded and not on_gpu:
+        from .errors import UserError
+
+        raise UserError("train.optimizer 'prodigy' with zero_stage 1-3 on several CPU workers: prodigyopt sums "
+                        "its step size estimate across partitions on CUDA only (use zero_stage 0 or one worker)")
+    return Prodigy(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fsdp_in_use=sharded)
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """The multiplier of `learning_rate` at step k (0-based: the k-th optimizer step runs at it), as
+    diffusers' get_scheduler computes it for `lr_scheduler` (warmup k/w, then the decay)."""
+    import math
+
+    from .spec import POLYNOMIAL_LR_END
+
+    w, total, kind = cfg.lr_warmup_steps, cfg.steps, cfg.lr_scheduler
+
+    def f(k: int) -> float:
+        if kind == "constant":
+            return 1.0
+        if k < w:
+            return k / max(1, w)
+        progress = (k - w) / max(1, total - w)
+        if kind == "linear":
+            return max(0.0, (total - k) / max(1, total - w))
+        if kind == "cosine":  # one half-wave (get_scheduler passes no num_cycles to it)
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        if kind == "cosine_with_restarts":
+            return 0.0 if progress >= 1.0 else max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((cfg.lr_num_cycles * progress) % 1.0))))
+        if kind == "polynomial":
+            lr, end = cfg.learning_rate, POLYNOMIAL_LR_END
+            if k > total:
+                return end / lr
+            return ((lr - end) * (1 - (k - w) / max(1, total - w)) ** cfg.lr_power + end) / lr
+        return 1.0  # constant_with_warmup, after the warmup
+
+    return f
+
+
+def cpu_adamw(params, lr: float, weight_decay: float = 1e-2):
     """DeepSpeed's CPU AdamW, with its bias correction a function of the step alone, so a resumed run
     equals an uninterrupted one bit for bit. Its kernel keeps beta^t as a running product and restarts
     it with pow() when the step jumps, as at a resume, which rounds differently (2.4e-7 apart after two
@@ -235,7 +297,7 @@ def cpu_adamw(params, lr: float):
                                          self.adam_w_mode, False)
             return super().step(closure)
 
-    return CPUAdamW(params, lr=lr, weight_decay=1e-2, adamw_mode=True)
+    return CPUAdamW(params, lr=lr, weight_decay=weight_decay, adamw_mode=True)
 
 
 @torch.no_grad()
@@ -293,7 +355,10 @@ def diffusion_inputs(noise_scheduler, rows, g, dtype, device, *, vae=None, scali
                 mean, std = rows.to(device).chunk(2, dim=1)
             eps = torch.randn(mean.shape, generator=g).to(device, mean.dtype)
             latents = ((mean + std * eps - shift_factor) * scaling_factor).float()
-    noise = torch.randn(latents.shape, generator=g).to(device, latents.dtype)
+    noise = torch.randn(latents.shape, generator=g)
+    if cfg is not None and cfg.noise_offset:  # one shift per (row, channel): lets the model move mean brightness
+        noise = noise + cfg.noise_offset * torch.randn(*noise.shape[:2], *[1] * (noise.dim() - 2), generator=g)
+    noise = noise.to(device, latents.dtype)
     t = family.sample_timesteps(noise_scheduler, latents.shape[0], g, cfg, latents.shape).to(device)
     noisy = family.noisy(noise_scheduler, latents, noise, t).to(dtype)
     if channels_last:
@@ -362,9 +427,9 @@ def initialize(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, f
         no_shm_comm()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer(params, cfg, on_gpu=device.type == "cuda", fused=fused)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (cfg.lr_warmup_steps + 1)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     ds, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                   config=config or deepspeed_config(cfg))
+                                       config=config or deepspeed_config(cfg))
     return ds
 
 

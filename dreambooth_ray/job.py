@@ -161,6 +161,8 @@ def run_job(spec: JobSpec, console: Console | None = None) -> list[SubjectResult
     use_gpu = cluster.use_gpu(spec)  # the spec's choice, else GPUs now or GPUs the autoscaler can add
     if spec.train.mixed_precision == "fp16" and not use_gpu:
         raise SpecError("train.mixed_precision: 'fp16' needs GPUs and this cluster has none (use 'bf16' or 'fp32')")
+    if not use_gpu and spec.train.cpu_problem():
+        raise SpecError(f"train: {spec.train.cpu_problem()}; this cluster has no GPUs")
     identity = models.identity(spec.model, spec.s3)
     preflight.check(spec, storage, planned_runs(spec, storage, identity), cluster.gpu_memory() if use_gpu else None)
     tracking.check(spec)  # the MLflow server answers (before any compute)
@@ -291,7 +293,7 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeli
         metrics, stages["train"] = trained["metrics"], "skipped"
     else:
         t = spec.train
-        reporter.stage("training", f"training {t.steps} steps, {t.method}, lr {t.learning_rate:g}, {t.describe_batch()}, "
+        reporter.stage("training", f"training {t.steps} steps, {t.method}, {t.describe_lr()}, {t.describe_batch()}, "
                      f"ZeRO-{t.zero_stage}, {t.mixed_precision}, {'GPU' if use_gpu else 'CPU'} (run {name})", total=t.steps)
         if stage_needs_encoding(spec, storage, name):
             t1 = time.perf_counter()

@@ -44,6 +44,11 @@ def problems(cfg: TrainConfig, family) -> list[str]:
         out.append("train.pack trains denoiser adapters only (no train_text_encoder, no lora.text_encoder)")
     if cfg.offload != "none":
         out.append("train.pack keeps the adapters' optimizer on the device (offload: none): they are small")
+    if cfg.optimizer != "adamw":  # AdamW is elementwise; these look across every subject's adapters at once
+        out.append(f"train.pack needs optimizer adamw, not {cfg.optimizer!r}: "
+                   + ("Prodigy's step size is estimated over all parameters" if cfg.optimizer == "prodigy"
+                      else "Adafactor clips its update over each packed [subjects, ...] tensor")
+                   + ", coupling the subjects")
     return out
 
 

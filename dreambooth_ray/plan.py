@@ -182,6 +182,7 @@ class Settings:
     gradient_checkpointing: bool = False
     offload: str = "none"
     checkpoint_async: bool = True
+    optimizer: str = "adamw"
 
     @classmethod
     def of(cls, cfg, prior: bool = True) -> "Settings":
@@ -200,6 +201,7 @@ class Settings:
             gradient_checkpointing=bool(getattr(cfg, "gradient_checkpointing", False)),
             offload=getattr(cfg, "offload", "none") or "none",
             checkpoint_async=getattr(cfg, "checkpoint_upload", "async") == "async",
+            optimizer=getattr(cfg, "optimizer", "adamw"),
         )
 
     @property
@@ -430,6 +432,13 @@ class MemoryPlan:
         return self.device.total <= HEADROOM * gpu_memory
 
 
+# fp32 optimizer state per trained element: AdamW's two moments; Prodigy's two, its s and its copy of the
+# start point p0; Adafactor (zero_stage 0 only), no moments and a second moment factored over each
+# weight's last two dimensions: at most one fp32 (measured 2.2 bytes on the tiny UNet, whose 3x3 convs
+# factor over the kernel only; a linear layer's is negligible). Counted at its bound.
+STATE_BYTES = {"adamw": 8, "prodigy": 16, "adafactor": 4}
+
+
 def account(counts: Counts, trace: Trace, s: Settings, family=None, gpu: bool = True) -> MemoryPlan:
     """The arithmetic of one worker's memory under DeepSpeed (engine.deepspeed_config: ZeRO `stage`,
     torch AdamW, DeepSpeed's default buckets), from parameter counts and a traced step.
@@ -451,10 +460,10 @@ def account(counts: Counts, trace: Trace, s: Settings, family=None, gpu: bool = 
         vae_fp32 = getattr(family, "vae_fp32", False) or s.mixed_precision == "fp16"
         dev.weights += counts.vae * (4 if vae_fp32 else w)
 
-    # Optimizer: AdamW's two fp32 moments, and DeepSpeed's fp32 master copy (always under ZeRO 1-3,
+    # Optimizer: its fp32 state (STATE_BYTES), and DeepSpeed's fp32 master copy (always under ZeRO 1-3,
     # which copy the partition they update; at stage 0 only for 16-bit weights).
     master = 4 * P if (st >= 1 or w == 2) else 0
-    (host if opt_off else dev).optimizer += (8 * P + master) // part
+    (host if opt_off else dev).optimizer += (STATE_BYTES.get(s.optimizer, 8) * P + master) // part
 
     # Gradients. ZeRO-0 keeps every gradient in .grad through backward; ZeRO 1-3 copy each, as it is
     # produced, into the worker's partition (measured: stage 1 peaks where stage 2 does), through the
@@ -494,7 +503,7 @@ def account(counts: Counts, trace: Trace, s: Settings, family=None, gpu: bool = 
     if s.train_text_encoder or (s.method == "lora" and s.lora_text_encoder):
         host.weights += counts.encoders * te_bytes
     if s.checkpoint_async:
-        host.workspace += P * w // shard + (8 * P + 4 * P) // part
+        host.workspace += P * w // shard + (STATE_BYTES.get(s.optimizer, 8) * P + 4 * P) // part
     notes = []
     if st == 3 and N == 1:
         notes.append("ZeRO-3 on one worker partitions nothing")
@@ -571,9 +580,10 @@ def candidates(s: Settings) -> list[Settings]:
     savings, ordered by the most expensive change each needs, then by how many."""
     out = []
     for ck in sorted({s.gradient_checkpointing, True}):
-        for st in sorted({s.zero_stage, max(s.zero_stage, 2), 3}):
+        # What the optimizer allows (spec.py): Adafactor ZeRO-0 only, offload AdamW only.
+        for st in [0] if s.optimizer == "adafactor" else sorted({s.zero_stage, max(s.zero_stage, 2), 3}):
             for mp in [s.mixed_precision] + (["bf16-weights"] if s.mixed_precision in ("fp32", "bf16") else []):
-                for off in OFFLOADS[OFFLOADS.index(s.offload):]:
+                for off in OFFLOADS[OFFLOADS.index(s.offload):] if s.optimizer == "adamw" else ["none"]:
                     if off == "optimizer+params" and st != 3 or off != "none" and st == 0:
                         continue
                     c = replace(s, gradient_checkpointing=ck, zero_stage=st, mixed_precision=mp, offload=off)

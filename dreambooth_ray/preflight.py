@@ -66,7 +66,7 @@ def base_model_problems(spec: JobSpec) -> list[str]:
         return [f"model: {spec.model!r} is a {kind}; supported base models: {names}"]
     family = families.family_for(index, "base")
     den = cfgs.read(f"{family.denoiser}/config.json") or {}
-    problems = family.config_problems(cfgs.read, den)
+    problems = family.config_problems(cfgs.read, den) + family.objective_problems(spec.train)
     sched = cfgs.read("scheduler/scheduler_config.json") or {}
     if sched.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
         problems.append(f"model: scheduler prediction_type {sched['prediction_type']!r} is not one of {PREDICTION_TYPES}")

@@ -123,6 +123,7 @@ class FlowConfig(_Strict):
 # weight a little; a low-rank adapter starts at (near) zero and needs ~20x more to move in a few hundred
 # steps (diffusers' LoRA recipes use 1e-4 for SD, SDXL, SD3 and Flux alike).
 DEFAULT_LEARNING_RATE = {"full": 5e-6, "lora": 1e-4}
+POLYNOMIAL_LR_END = 1e-7  # diffusers' get_scheduler end value for 'polynomial'
 
 
 class TrainConfig(_Strict):
@@ -130,6 +131,20 @@ class TrainConfig(_Strict):
     steps: int = Field(400, ge=1)
     learning_rate: float = Field(5e-6, gt=0.0, le=1.0, description="default: 5e-6 (full), 1e-4 (lora)")
     lr_warmup_steps: int = Field(0, ge=0)
+    # diffusers' get_scheduler names and formulas (engine.lr_lambda); the lr of step k is theirs at step k.
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                          "polynomial"] = "constant_with_warmup"
+    lr_num_cycles: int = Field(1, ge=1, description="cosine_with_restarts: the number of hard restarts (cosine: one half-wave)")
+    lr_power: float = Field(1.0, gt=0.0, description="polynomial: the decay's power (1: linear down to 1e-7)")
+    # adamw: torch's (DeepSpeed's CPU AdamW under offload); adafactor: transformers', at learning_rate under
+    # lr_scheduler (no relative step); prodigy: the prodigyopt package, learning_rate a multiplier (default 1.0).
+    optimizer: Literal["adamw", "adafactor", "prodigy"] = "adamw"
+    weight_decay: float = Field(1e-2, ge=0.0, le=1.0)
+    # Min-SNR-gamma (Hang et al. 2023): per-row weight min(SNR, gamma)/SNR (epsilon) or /(SNR + 1)
+    # (v-prediction); None: uniform. DDPM families only (families/base.py), 5 is the paper's choice.
+    snr_gamma: Optional[float] = Field(None, gt=0.0)
+    # noise += noise_offset * N(0, 1) per (row, channel): learns overall brightness (DDPM families only).
+    noise_offset: float = Field(0.0, ge=0.0, le=1.0)
     batch_size: int = Field(1, ge=1, description="instance images per worker per micro-step")
     gradient_accumulation: int = Field(1, ge=1)
     # bf16: bf16 autocast over fp32 weights (the fp32 weights are the master copy);
@@ -187,6 +202,15 @@ class TrainConfig(_Strict):
                 "accumulation": self.gradient_accumulation, "subject_images_per_step": per_step,
                 "subject_images_in_run": per_step * self.steps}
 
+    def describe_lr(self) -> str:
+        """'lr 5e-06', then what differs from the defaults: optimizer, schedule, loss weighting, offset."""
+        extra = [f"{self.optimizer}"] if self.optimizer != "adamw" else []
+        if self.lr_scheduler != "constant_with_warmup" or self.lr_warmup_steps:
+            extra.append(f"{self.lr_scheduler} schedule, {self.lr_warmup_steps} warmup steps")
+        extra += [f"min-SNR gamma {self.snr_gamma:g}"] if self.snr_gamma is not None else []
+        extra += [f"noise offset {self.noise_offset:g}"] if self.noise_offset else []
+        return f"lr {self.learning_rate:g}" + (f" ({', '.join(extra)})" if extra else "")
+
     def describe_batch(self) -> str:
         b = self.global_batch
         return (f"global batch {b['subject_images_per_step']} ({b['per_worker']} per worker x {b['workers']} worker(s) "
@@ -198,8 +222,39 @@ class TrainConfig(_Strict):
         # Filled in, not left None: job.json, the run's identity and the console show the rate used.
         if isinstance(data, dict) and data.get("learning_rate") is None:
             method = data.get("method", "full")
-            data = {**data, "learning_rate": DEFAULT_LEARNING_RATE.get(method, DEFAULT_LEARNING_RATE["full"])}
+            lr = 1.0 if data.get("optimizer") == "prodigy" else DEFAULT_LEARNING_RATE.get(method, DEFAULT_LEARNING_RATE["full"])
+            data = {**data, "learning_rate": lr}
         return data
+
+    @model_validator(mode="after")
+    def _schedule_fits(self):
+        if self.lr_scheduler == "constant" and self.lr_warmup_steps:
+            raise ValueError("lr_warmup_steps: lr_scheduler 'constant' has no warmup (use 'constant_with_warmup')")
+        if self.lr_scheduler == "polynomial" and self.learning_rate <= POLYNOMIAL_LR_END:
+            raise ValueError(f"learning_rate: lr_scheduler 'polynomial' decays to {POLYNOMIAL_LR_END}; start above it")
+        return self
+
+    @model_validator(mode="after")
+    def _optimizer_fits(self):
+        if self.offload != "none" and self.optimizer != "adamw":
+            raise ValueError(f"optimizer {self.optimizer!r} cannot run with offload {self.offload!r}: ZeRO-Offload "
+                             "updates the state with DeepSpeed's CPU Adam (set optimizer: adamw, or offload: none)")
+        # ZeRO (1-3) hands the optimizer flat 1-D partitions (measured: a [3,4] and a [2,3] weight arrive as
+        # one [24]): Adafactor could not factor its second moments and would clip its update over a whole
+        # partition, another optimizer whose result would depend on the worker count.
+        if self.optimizer == "adafactor" and self.zero_stage != 0:
+            raise ValueError(f"optimizer 'adafactor' needs zero_stage 0 (got {self.zero_stage}): ZeRO flattens the "
+                             "parameters, and Adafactor factors its second moments by each weight's shape")
+        if self.use_gpu is False and self.cpu_problem():
+            raise ValueError(self.cpu_problem())
+        return self
+
+    def cpu_problem(self) -> str | None:
+        """What these settings cannot do on CPU workers (job.py asks once it knows the cluster has no GPUs)."""
+        if self.optimizer == "prodigy" and self.zero_stage != 0 and self.num_workers > 1:
+            return ("optimizer 'prodigy' with zero_stage 1-3 on several CPU workers: prodigyopt sums its step size "
+                    "estimate across ZeRO partitions on CUDA only (use zero_stage 0 or one worker)")
+        return None
 
     @model_validator(mode="after")
     def _lora_trains_adapters_only(self):
@@ -270,6 +325,9 @@ class SRConfig(_Strict):
             batch_size=self.batch_size, zero_stage=self.zero_stage, checkpoint_every=self.checkpoint_every,
             num_workers=self.num_workers or base.num_workers, mixed_precision=self.mixed_precision or base.mixed_precision,
             method="full", train_text_encoder=False, cache_latents=False, lr_warmup_steps=0,
+            # the paper's SR objective with AdamW at sr.learning_rate, constant: the base stage's optimizer,
+            # schedule, min-SNR and noise offset are its own (Prodigy's rate is a multiplier, Adafactor needs ZeRO-0)
+            optimizer="adamw", lr_scheduler="constant", snr_gamma=None, noise_offset=0.0,
             # what DeepSpeed can offload at the SR stage's own ZeRO stage (the validator sees only `train`'s)
             offload=("none" if self.zero_stage == 0 else
                      "optimizer" if base.offload == "optimizer+params" and self.zero_stage != 3 else base.offload),

@@ -203,8 +203,20 @@ class Family:
         return diffusion_target(noise_scheduler, x0, noise, t)
 
     def loss_weights(self, noise_scheduler, t, cfg=None) -> torch.Tensor | None:
-        """Per-row loss weights (None: uniform, the DreamBooth paper's objective)."""
-        return None
+        """Per-row loss weights: None (uniform, the DreamBooth paper's objective), or with `snr_gamma`
+        min-SNR-gamma's (Hang et al. 2023): min(SNR, gamma) / SNR for an epsilon target, / (SNR + 1) for
+        v, SNR = alpha_bar / (1 - alpha_bar) at the row's timestep. Both are the x0 loss's weight
+        min(SNR, gamma) rescaled by the target's own weight in x0 terms (SNR; SNR + 1)."""
+        if cfg is None or cfg.snr_gamma is None:
+            return None
+        ab = noise_scheduler.alphas_cumprod.to(t.device)[t].double()
+        snr = ab / (1 - ab)
+        w = snr.clamp(max=cfg.snr_gamma)
+        return (w / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else w / snr).float()
+
+    def objective_problems(self, cfg) -> list[str]:
+        """Training settings this family's objective cannot honour (preflight reports them)."""
+        return []
 
     # ---- denoiser -------------------------------------------------------------------------------
 

@@ -159,6 +159,18 @@ class FlowMatchingFamily(Family):
     def loss_weights(self, noise_scheduler, t, cfg=None) -> torch.Tensor | None:
         return loss_weighting(t.float() / 1000, self._scheme(cfg, "weighting", self.default_weighting))
 
+    def objective_problems(self, cfg) -> list[str]:
+        problems = []
+        if cfg.snr_gamma is not None:  # min-SNR-gamma's weights are a function of DDPM's alpha_bar(t)
+            problems.append(f"train.snr_gamma: a {self.pipeline} trains with flow matching, which has no "
+                            "discrete SNR schedule for min-SNR-gamma; weight its noise levels with train.flow.weighting")
+        if cfg.noise_offset:  # no published flow recipe uses it; the noise is also half of the velocity target
+            problems.append(f"train.noise_offset: a {self.pipeline} trains with flow matching, where the noise is "
+                            "both the path's start and part of the target (noise - x0), and no published flow recipe "
+                            "(diffusers' SD3/Flux scripts, the SD3 paper) offsets it; shape the noise levels with "
+                            "train.flow.timestep_sampling")
+        return problems
+
     # ---- denoiser -------------------------------------------------------------------------------
 
     def denoise(self, model, noisy, t, **cond):
