@@ -15,9 +15,22 @@ _NOT_IDENTITY = {"checkpoint_every", "checkpoint_upload", "keep_checkpoints", "m
                  "channels_last", "compile", "export_dtype", "export_formats", "gradient_checkpointing"}
 
 
+# Settings added after runs were named, with the value that trains what runs did before them: left out
+# of the identity at that value, so a run started before the setting existed keeps its name and resumes
+# after an upgrade. (lr_scheduler's default is today's schedule only without warmup: warmup's formula
+# became diffusers' with it, so a run with warmup is another run.)
+_LATER = {"lr_num_cycles": 1, "lr_power": 1.0, "optimizer": "adamw", "weight_decay": 1e-2, "snr_gamma": None,
+          "noise_offset": 0.0}
+
+
 def train_identity(cfg) -> dict:
     """A stage's effective training settings, as far as they shape the run."""
     t = cfg.model_dump(exclude=_NOT_IDENTITY)
+    for k, neutral in _LATER.items():
+        if k in t and t[k] == neutral:
+            del t[k]
+    if t.get("lr_scheduler") == "constant_with_warmup" and not t.get("lr_warmup_steps"):
+        del t["lr_scheduler"]
     if cfg.method != "lora":
         t.pop("lora")
     return t

@@ -386,6 +386,25 @@ def test_each_control_names_a_new_run_and_lands_in_job_json(tmp_path):
     assert identity.sr_run_name(a, a.subjects[0], "sr", None) == identity.sr_run_name(b, b.subjects[0], "sr", None)
 
 
+# train_identity's keys for a default `train:` before these settings existed (main at 74d600b, printed there).
+IDENTITY_BEFORE = {"batch_size", "cache_latents", "deterministic", "flow", "gradient_accumulation", "learning_rate",
+                   "lr_warmup_steps", "method", "mixed_precision", "num_workers", "offload", "random_flip",
+                   "resolution", "seed", "steps", "train_text_encoder", "zero_stage"}
+
+
+def test_a_run_named_before_these_settings_keeps_its_name():
+    """At their defaults the new settings stay out of the identity: a run started before the upgrade
+    resumes after it. Warmup's formula changed, so a warmup run is named anew."""
+    from dreambooth_ray.spec import TrainConfig
+
+    for method in ("full", "lora"):
+        assert set(identity.train_identity(TrainConfig(method=method))) - {"lora"} == IDENTITY_BEFORE
+    explicit = {"lr_scheduler": "constant_with_warmup", "lr_num_cycles": 1, "lr_power": 1.0, "optimizer": "adamw",
+                "weight_decay": 0.01, "snr_gamma": None, "noise_offset": 0.0}
+    assert identity.train_identity(TrainConfig(**explicit)) == identity.train_identity(TrainConfig())
+    assert "lr_scheduler" in identity.train_identity(TrainConfig(lr_warmup_steps=3))
+
+
 def test_the_memory_plan_offers_only_what_the_optimizer_allows():
     from dreambooth_ray import plan
 
