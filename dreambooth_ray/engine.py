@@ -258,14 +258,15 @@ def latent_encoder(vae, device, chunk: int = 8):
 
 def diffusion_step(model, noise_scheduler, rows, n_instance, g, prior_weight, dtype, device, *,
                    vae=None, scaling_factor=None, shift_factor=0.0, channels_last=False, autocast=None, family=None,
-                   cfg: TrainConfig | None = None, **text):
+                   cfg: TrainConfig | None = None, mask=None, **text):
     """One noise-prediction forward pass over [subject rows; class rows] and the DreamBooth loss.
 
     `rows` are pixels (encoded here by `vae`), cached latent distributions (mean || std), or, for a
     pixel-space model (no VAE, `scaling_factor=None`), the pixels that are themselves diffused.
     The family (default: Stable Diffusion's) states the objective: timestep sampling, noising, target,
     weights (`cfg.flow` configures the flow-matching families'). Latents are (z - shift) * scale, the
-    shift being the VAE's `shift_factor` (SD3, Flux; 0 elsewhere).
+    shift being the VAE's `shift_factor` (SD3, Flux; 0 elsewhere). `mask`: the subject rows' masks
+    (loss.masked_mse), area-averaged to the latent grid if they are not on it already.
     """
     from .families import SD
 
@@ -290,10 +291,11 @@ def diffusion_step(model, noise_scheduler, rows, n_instance, g, prior_weight, dt
         noisy = noisy.contiguous(memory_format=torch.channels_last)
     target = family.target(noise_scheduler, latents, noise, t)
     return denoise_loss(model, noisy, t, target, n_instance, prior_weight, device, autocast,
-                        family.loss_weights(noise_scheduler, t, cfg), **text)
+                        family.loss_weights(noise_scheduler, t, cfg), mask=mask, **text)
 
 
-def denoise_loss(model, x, t, target, n_instance, prior_weight, device, autocast=None, weights=None, **cond):
+def denoise_loss(model, x, t, target, n_instance, prior_weight, device, autocast=None, weights=None, mask=None,
+                 **cond):
     """The denoiser's prediction on `x` at timesteps `t` against `target`: the DreamBooth loss over
     [subject rows; class rows]. Shared by the base stage and the SR stage (sr.py)."""
     with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
@@ -303,7 +305,7 @@ def denoise_loss(model, x, t, target, n_instance, prior_weight, device, autocast
     if weights is not None:  # per-row weights w: mean(w * (pred - target)^2) is MSE on sqrt(w)-scaled rows
         w = weights.float().sqrt().view(-1, *[1] * (pred.dim() - 1)).to(pred.device)
         pred, target = pred.float() * w, target.float() * w
-    return prior_preservation_loss(pred, target, n_instance, prior_weight)
+    return prior_preservation_loss(pred, target, n_instance, prior_weight, mask)
 
 
 @dataclass
@@ -325,7 +327,10 @@ class Engine:
             # Dropout (T5's, when it trains) draws from the global generator: seeded per step, a resumed
             # run draws what the uninterrupted one drew.
             torch.manual_seed(g.initial_seed() ^ 0x5DEECE66D)  # not g's own stream (noise, rows)
-            if getattr(self.data, "row_cond", None) is not None:  # per-photo conditioning (SDXL's time ids)
+            if getattr(self.data, "masks", None) is not None:  # masked subject loss
+                rows, n_inst, cond, mask = self.data.batch(cfg.batch_size, g, with_cond=True, with_mask=True)
+                loss, inst, prior = self.loss(self.ds, rows, n_inst, g, cond, mask)
+            elif getattr(self.data, "row_cond", None) is not None:  # per-photo conditioning (SDXL's time ids)
                 rows, n_inst, cond = self.data.batch(cfg.batch_size, g, with_cond=True)
                 loss, inst, prior = self.loss(self.ds, rows, n_inst, g, cond)
             else:
@@ -368,6 +373,7 @@ class FrozenInputs:
     classes: torch.Tensor | None = None
     scaling_factor: float | None = None
     shift_factor: float = 0.0
+    masks: torch.Tensor | None = None  # the photos' masks on the latent grid (DreamBoothData.mask_pool)
 
 
 def trained_encoders(family, cfg: TrainConfig) -> set[str]:
@@ -386,7 +392,7 @@ def prompts_of(instance_text: str, class_text: str, cfg: TrainConfig, with_prior
 
 @torch.no_grad()
 def frozen_inputs(parts: dict, instance, classes, instance_text: str, class_text: str, cfg: TrainConfig,
-                  device: torch.device) -> FrozenInputs:
+                  device: torch.device, masks: list | None = None) -> FrozenInputs:
     from .families import SD
 
     family = parts.get("family") or SD
@@ -398,6 +404,8 @@ def frozen_inputs(parts: dict, instance, classes, instance_text: str, class_text
         out.classes = DreamBoothData.pool(classes, cfg.random_flip, encode) if classes else None
         out.scaling_factor, out.shift_factor = vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0
         vae.to("cpu")
+        out.masks = DreamBoothData.mask_pool(used_masks(masks, cfg, len(instance)), cfg.random_flip,
+                                             out.instance.shape[-2:])
     if family.text_encoders[0] in frozen:  # the prompts' conditioning never changes: computed once
         encoders = {n: te.to(frozen_dtype(cfg)).eval() for n, te in family.encoders(parts).items()}
         inputs = family.prompt_inputs(parts, prompts_of(instance_text, class_text, cfg, bool(classes)))
@@ -405,13 +413,19 @@ def frozen_inputs(parts: dict, instance, classes, instance_text: str, class_text
     return out
 
 
+def used_masks(masks: list | None, cfg: TrainConfig, n: int) -> list:
+    """The photos' masks that weight the loss: none with `train.masked_loss: off`."""
+    return [None] * n if masks is None or cfg.masked_loss == "off" else masks
+
+
 def build(parts: dict, instance, classes, instance_text: str, class_text: str, cfg: TrainConfig,
           prior_weight: float, device: torch.device, fused: bool | None = None, geometry: list | None = None,
-          frozen: FrozenInputs | None = None) -> Engine:
+          frozen: FrozenInputs | None = None, masks: list | None = None) -> Engine:
     """Data, model and DeepSpeed engine for one subject's base stage on this worker. `parts` are the
     family's (models.load_components); `geometry`: each subject photo's (original h, w, crop top,
     left, resized h, w), for a family that conditions on it (SDXL); `frozen`: what the frozen parts
-    make, computed elsewhere (then `parts` need not hold them), else computed here."""
+    make, computed elsewhere (then `parts` need not hold them), else computed here; `masks`: each
+    photo's [H, W] subject mask or None (images.SubjectImage.mask)."""
     from .families import SD
 
     family = parts.get("family") or SD
@@ -423,12 +437,13 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
     class_cond = family.row_conditioning([None] * len(classes), cfg.resolution, cfg.random_flip) if classes else None
     cond = {} if row_cond is None else {"row_cond": row_cond, "class_cond": class_cond}
     if frozen is None:  # computed here, as the encode task computes it elsewhere
-        frozen = frozen_inputs(parts, instance, classes, instance_text, class_text, cfg, device)
+        frozen = frozen_inputs(parts, instance, classes, instance_text, class_text, cfg, device, masks)
     if frozen.instance is not None:  # cached latents (the VAE's distribution, both flips)
-        data = DreamBoothData.of_pools(frozen.instance, frozen.classes, cfg.random_flip, **cond)
+        data = DreamBoothData.of_pools(frozen.instance, frozen.classes, cfg.random_flip, masks=frozen.masks, **cond)
         step_kw.update(scaling_factor=frozen.scaling_factor, shift_factor=frozen.shift_factor)
     else:  # pixels: a pixel-space model (IF stage I) diffuses them, else the VAE encodes them every step
-        data = DreamBoothData(instance, classes, cfg.random_flip, **cond)
+        data = DreamBoothData(instance, classes, cfg.random_flip, masks=DreamBoothData.mask_pool(
+            used_masks(masks, cfg, len(instance)), cfg.random_flip), **cond)
         if family.latent:
             fp32 = family.vae_fp32 or dtype == torch.float16  # SDXL's VAE overflows in fp16
             step_kw["vae"] = parts["vae"].requires_grad_(False).to(device, torch.float32 if fp32 else dtype)
@@ -464,8 +479,10 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
     for name in frozen_parts(family, cfg) | (set(encoders) - trained):  # a frozen T5 beside a trained CLIP too
         parts[name] = None
 
-    def loss(model, rows, n, g, row_cond=None):
+    def loss(model, rows, n, g, row_cond=None, mask=None):
         extra = {} if row_cond is None else {family.row_key: row_cond.to(device)}
+        if mask is not None:
+            extra["mask"] = mask
         return diffusion_step(model, noise_scheduler, rows, n, g, prior_weight, dtype, device, **step_kw, **extra)
 
     return Engine(initialize(model, cfg, device, fused), data, cfg, loss)
