@@ -124,7 +124,7 @@ def _mask(photo: Image.Image, data: bytes | None, name: str, resolution: int) ->
             m = m.resize(photo.size, Image.Resampling.BILINEAR)
     elif photo.mode in ("RGBA", "LA", "PA") or (photo.mode == "P" and "transparency" in photo.info):
         m = photo.convert("RGBA").getchannel("A")
-        if m.getextrema()[0] == 255:  # fully opaque: no mask
+        if m.getextrema()[0] == 255 or m.getextrema()[1] == 0:  # opaque, or all transparent: no cut-out
             return None
         name = f"{name}: alpha channel"
     else:
@@ -183,8 +183,9 @@ def list_images(url: str, s3: S3Settings | None = None, quiet: bool = False) -> 
         raise ImageError(f"{url}: images must be a folder (or prefix), not a file")
     found = [p for p in fs.find(root) if not _hidden(p, root)]
     if not quiet:
+        stems = {_stem(p) for p in found if p.lower().endswith(IMAGE_EXTENSIONS)}
         for p in found:
-            if not p.lower().endswith(IMAGE_EXTENSIONS + (".txt",)):  # .txt: a photo's caption
+            if not p.lower().endswith(IMAGE_EXTENSIONS) and not (p.lower().endswith(".txt") and _stem(p) in stems):
                 log.warning("%s: not an image extension (%s); ignored", _rel(p, root), ", ".join(IMAGE_EXTENSIONS))
     return sorted(p for p in found if p.lower().endswith(IMAGE_EXTENSIONS))
 
@@ -290,6 +291,44 @@ def load_subject_images(
     if len(out) > MAX_IMAGES and not quiet:
         log.warning("%s: %d images; DreamBooth works best with 3-%d", url, len(out), MAX_IMAGES)
     return out
+
+
+def side_files(url: str, s3: S3Settings | None = None) -> dict:
+    """What beside a subject's photos changes its training, without decoding a photo: {"masks": [n,
+    hash], "captions": [n, hash]} over the masks/ files and the photos' alpha channels (a PNG or WebP
+    whose header says it has one: its bytes), and the <stem>.txt captions; each absent where there are
+    none. For the run's identity (a changed mask or caption is a new run) and job.json."""
+    import hashlib
+
+    fs, root = filesystem(url, s3)
+    try:
+        found = sorted(p for p in fs.find(root) if not _rel(p, root).split("/")[-1].startswith("."))
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    photos = {_stem(p) for p in found if p.lower().endswith(IMAGE_EXTENSIONS) and not _hidden(p, root)}
+    out: dict = {}
+
+    def add(kind: str, path: str, data: bytes) -> None:
+        n, h = out.setdefault(kind, [0, hashlib.sha256()])
+        h.update(_rel(path, root).encode() + b"\0" + hashlib.sha256(data).digest())
+        out[kind][0] = n + 1
+
+    for p in found:
+        rel, low = _rel(p, root), p.lower()
+        if rel.startswith(MASKS + "/") and low.endswith(IMAGE_EXTENSIONS):
+            add("masks", p, fs.cat_file(p))
+        elif low.endswith(".txt") and _stem(p) in photos:
+            add("captions", p, fs.cat_file(p))
+        elif low.endswith((".png", ".webp")) and not _hidden(p, root):
+            data = fs.cat_file(p)
+            try:
+                im = Image.open(io.BytesIO(data))  # the header only
+                alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
+            except Exception:  # noqa: BLE001 -- a bad photo: the preflight names it
+                alpha = False
+            if alpha:
+                add("masks", p, data)
+    return {k: [n, h.hexdigest()[:16]] for k, (n, h) in out.items()}
 
 
 def _rel(path: str, root: str) -> str:

@@ -144,3 +144,66 @@ def test_engine_step_weights_the_drawn_rows_masks(group, tiny_parts, tmp_path, c
     # photos 1.1256 (this test then fails); rel 1e-5 is float32 summation-order slack.
     assert idx == [1, 0] and flip == [True, True]
     assert abs(err.mean().item() - inst) > 1e-2
+
+
+def test_masks_and_captions_enter_the_run_identity(tmp_path):
+    """A mask's content (masks/ file or a photo's alpha) and a caption's are the run's identity: editing
+    one is a new run, not a resume; masked_loss off leaves the masks out, auto and on train the same."""
+    from conftest import tiny_spec
+
+    from dreambooth_ray.identity import run_name
+    from dreambooth_ray.spec import parse_spec
+
+    _photos(tmp_path / "s")
+
+    def name(**train):
+        spec = parse_spec(tiny_spec(str(tmp_path / "store"), str(tmp_path / "s"), train={"resolution": 32, **train}))
+        return run_name(spec, spec.subjects[0], "m", None)
+
+    first = name()
+    assert name(masked_loss="on") == first
+    off = name(masked_loss="off")
+    assert off != first
+    Image.new("L", (32, 32), 200).save(tmp_path / "s" / "masks" / "b.png")  # another mask for b.jpg
+    assert name() not in (first, off) and name(masked_loss="off") == off  # off: masks are not trained on
+    second = name()
+    alpha = Image.open(tmp_path / "s" / "a.png")
+    alpha.putalpha(Image.fromarray(255 - np.asarray(alpha.getchannel("A"))))  # the cut-out's alpha inverted
+    alpha.save(tmp_path / "s" / "a.png")
+    assert name() != second
+    third = name()
+    (tmp_path / "s" / "c.txt").write_text("a photo of {identifier} {class_noun} on a table")
+    assert name() != third and name(masked_loss="off") != off
+
+
+def test_masked_loss_on_needs_every_photo_masked(tmp_path):
+    from conftest import tiny_spec
+
+    from dreambooth_ray import preflight
+    from dreambooth_ray.spec import parse_spec
+
+    _photos(tmp_path / "s")
+    spec = parse_spec(tiny_spec(str(tmp_path / "store"), str(tmp_path / "s"), train={"resolution": 32,
+                                                                                    "masked_loss": "on"}))
+    problems = preflight.photo_problems(spec)
+    assert len(problems) == 1 and "masked_loss is on" in problems[0] and problems[0].endswith(": c.jpg")
+    Image.new("L", (32, 32), 255).save(tmp_path / "s" / "masks" / "c.png")
+    assert preflight.photo_problems(spec) == []
+    with pytest.raises(Exception, match="masked_loss"):
+        parse_spec(tiny_spec(str(tmp_path / "store"), str(tmp_path / "s"), train={"masked_loss": "yes"}))
+
+
+def test_encoded_pools_carry_the_masks(tmp_path):
+    """encode.py stores the masks on the latent grid beside the latent pools; a worker reads them back."""
+    from conftest import tiny_spec
+
+    from dreambooth_ray import encode
+    from dreambooth_ray.spec import parse_spec
+    from dreambooth_ray.storage import Storage
+
+    spec = parse_spec(tiny_spec(str(tmp_path / "store"), str(tmp_path / "s")))
+    masks = torch.rand(3, 2, 1, 16, 16)
+    frozen = engine.FrozenInputs(instance=torch.randn(3, 2, 8, 16, 16), scaling_factor=0.18, masks=masks)
+    encode.save(Storage(spec.storage), spec, "run", frozen)
+    back = encode.load(Storage(spec.storage), spec, "run")
+    assert torch.equal(back.masks, masks) and torch.equal(back.instance, frozen.instance)
