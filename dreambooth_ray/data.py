@@ -31,7 +31,7 @@ class DreamBoothData:
 
     def __init__(self, instance: list[Image.Image], classes: list[Image.Image], random_flip: bool = True,
                  encode=None, row_cond: torch.Tensor | None = None, class_cond: torch.Tensor | None = None,
-                 masks: torch.Tensor | None = None):
+                 masks: torch.Tensor | None = None, captions: torch.Tensor | None = None):
         if not instance:
             raise ValueError("no instance images")
         self.random_flip = random_flip
@@ -40,6 +40,7 @@ class DreamBoothData:
         # Per-row conditioning ([N, flip variants, ...], e.g. SDXL's time ids), picked with its row.
         self.row_cond, self.class_cond = row_cond, class_cond
         self.masks = masks  # [N, flip variants, 1, H, W] subject masks (mask_pool), picked with their row
+        self.captions = captions  # [N, flip variants]: each photo's row in the prompt table (per-photo captions)
 
     @staticmethod
     def pool(images: list[Image.Image], random_flip: bool, encode=None) -> torch.Tensor:
@@ -66,11 +67,11 @@ class DreamBoothData:
     @classmethod
     def of_pools(cls, instance: torch.Tensor, classes: torch.Tensor | None, random_flip: bool,
                  row_cond: torch.Tensor | None = None, class_cond: torch.Tensor | None = None,
-                 masks: torch.Tensor | None = None) -> "DreamBoothData":
+                 masks: torch.Tensor | None = None, captions: torch.Tensor | None = None) -> "DreamBoothData":
         """From pools made elsewhere (latents encoded off the training workers, see encode.py)."""
         self = cls.__new__(cls)
         self.random_flip, self.instance, self.classes = random_flip, instance, classes
-        self.row_cond, self.class_cond, self.masks = row_cond, class_cond, masks
+        self.row_cond, self.class_cond, self.masks, self.captions = row_cond, class_cond, masks, captions
         return self
 
     @property
@@ -83,14 +84,20 @@ class DreamBoothData:
         flip = (torch.rand(n, generator=g) < 0.5).long() if self.random_flip else torch.zeros(n, dtype=torch.long)
         return (pool[idx, flip], *(None if p is None else p[idx, flip] for p in per_row))
 
-    def batch(self, batch_size: int, g: torch.Generator, with_cond: bool = False, with_mask: bool = False):
+    @property
+    def per_photo(self) -> bool:
+        """Whether rows carry masks or captions (batch's `with_extras`)."""
+        return getattr(self, "masks", None) is not None or getattr(self, "captions", None) is not None
+
+    def batch(self, batch_size: int, g: torch.Generator, with_cond: bool = False, with_extras: bool = False):
         """(rows, n_instance): the first n_instance rows are the subject, the rest class images.
-        `with_cond`: (rows, n_instance, per-row conditioning) (the same draws from `g`); `with_mask`:
-        and the subject rows' masks last (None without masks)."""
-        x, c, m = self._pick(self.instance, batch_size, g, self.row_cond, getattr(self, "masks", None))
+        `with_cond`: (rows, n_instance, per-row conditioning) (the same draws from `g`); `with_extras`:
+        and last {"mask": the subject rows' masks, "caption": their prompt-table rows}, each None if absent."""
+        x, c, m, cap = self._pick(self.instance, batch_size, g, self.row_cond, getattr(self, "masks", None),
+                                  getattr(self, "captions", None))
         if self.with_prior:
             xc, cc = self._pick(self.classes, batch_size, g, self.class_cond)
             x = torch.cat([x, xc])
             c = None if c is None else torch.cat([c, cc])
         out = (x, batch_size, c) if with_cond else (x, batch_size)
-        return (*out, m) if with_mask else out
+        return (*out, {"mask": m, "caption": cap}) if with_extras else out

@@ -89,7 +89,8 @@ def encode_task(spec: JobSpec, subject: Subject, run: str, prior_key: str | None
     # Only the parts it encodes with (tokenizers aside): not the denoiser, not a text encoder that trains
     parts = models.load_components(spec.model, spec.s3, skip={fam.denoiser, *(set(fam.text_encoders) - needed(spec))})
     frozen = engine.frozen_inputs(parts, [p.image for p in photos], classes, subject.instance_text,
-                                  subject.class_text, cfg, device, [p.mask for p in photos])
+                                  subject.class_text, cfg, device, [p.mask for p in photos],
+                                  [subject.prompt(p.caption) if p.caption else None for p in photos])
     save(storage, spec, run, frozen)
     written, read = (now - then for now, then in zip(io_counts(), io_start))
     return {"seconds": round(time.perf_counter() - t0, 3), "parts": sorted(needed(spec)), "bytes_written": written,

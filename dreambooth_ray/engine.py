@@ -327,9 +327,9 @@ class Engine:
             # Dropout (T5's, when it trains) draws from the global generator: seeded per step, a resumed
             # run draws what the uninterrupted one drew.
             torch.manual_seed(g.initial_seed() ^ 0x5DEECE66D)  # not g's own stream (noise, rows)
-            if getattr(self.data, "masks", None) is not None:  # masked subject loss
-                rows, n_inst, cond, mask = self.data.batch(cfg.batch_size, g, with_cond=True, with_mask=True)
-                loss, inst, prior = self.loss(self.ds, rows, n_inst, g, cond, mask)
+            if getattr(self.data, "per_photo", False):  # masks, captions: picked with each row
+                rows, n_inst, cond, extras = self.data.batch(cfg.batch_size, g, with_cond=True, with_extras=True)
+                loss, inst, prior = self.loss(self.ds, rows, n_inst, g, cond, **extras)
             elif getattr(self.data, "row_cond", None) is not None:  # per-photo conditioning (SDXL's time ids)
                 rows, n_inst, cond = self.data.batch(cfg.batch_size, g, with_cond=True)
                 loss, inst, prior = self.loss(self.ds, rows, n_inst, g, cond)
@@ -390,9 +390,21 @@ def prompts_of(instance_text: str, class_text: str, cfg: TrainConfig, with_prior
     return [instance_text] * cfg.batch_size + ([class_text] * cfg.batch_size if with_prior else [])
 
 
+def prompt_table(instance_text: str, class_text: str, cfg: TrainConfig, with_prior: bool,
+                 captions: list | None = None) -> tuple[list[str], list[int] | None]:
+    """The prompts the text encoders see once, and each photo's row among them (None: no photo has its
+    own caption, and the rows are the step's [instance x batch; class x batch]). With captions: each
+    distinct instance prompt once (the subject's first), then the class prompt."""
+    if not captions or all(c is None for c in captions):
+        return prompts_of(instance_text, class_text, cfg, with_prior), None
+    texts = list(dict.fromkeys([instance_text] + [c for c in captions if c is not None]))
+    rows = [texts.index(c or instance_text) for c in captions]
+    return texts + ([class_text] if with_prior else []), rows
+
+
 @torch.no_grad()
 def frozen_inputs(parts: dict, instance, classes, instance_text: str, class_text: str, cfg: TrainConfig,
-                  device: torch.device, masks: list | None = None) -> FrozenInputs:
+                  device: torch.device, masks: list | None = None, captions: list | None = None) -> FrozenInputs:
     from .families import SD
 
     family = parts.get("family") or SD
@@ -408,7 +420,8 @@ def frozen_inputs(parts: dict, instance, classes, instance_text: str, class_text
                                              out.instance.shape[-2:])
     if family.text_encoders[0] in frozen:  # the prompts' conditioning never changes: computed once
         encoders = {n: te.to(frozen_dtype(cfg)).eval() for n, te in family.encoders(parts).items()}
-        inputs = family.prompt_inputs(parts, prompts_of(instance_text, class_text, cfg, bool(classes)))
+        texts, _ = prompt_table(instance_text, class_text, cfg, bool(classes), captions)
+        inputs = family.prompt_inputs(parts, texts)
         out.conditioning = family.encode_frozen(encoders, inputs, device)
     return out
 
@@ -420,12 +433,13 @@ def used_masks(masks: list | None, cfg: TrainConfig, n: int) -> list:
 
 def build(parts: dict, instance, classes, instance_text: str, class_text: str, cfg: TrainConfig,
           prior_weight: float, device: torch.device, fused: bool | None = None, geometry: list | None = None,
-          frozen: FrozenInputs | None = None, masks: list | None = None) -> Engine:
+          frozen: FrozenInputs | None = None, masks: list | None = None, captions: list | None = None) -> Engine:
     """Data, model and DeepSpeed engine for one subject's base stage on this worker. `parts` are the
     family's (models.load_components); `geometry`: each subject photo's (original h, w, crop top,
     left, resized h, w), for a family that conditions on it (SDXL); `frozen`: what the frozen parts
     make, computed elsewhere (then `parts` need not hold them), else computed here; `masks`: each
-    photo's [H, W] subject mask or None (images.SubjectImage.mask)."""
+    photo's [H, W] subject mask or None (images.SubjectImage.mask); `captions`: each photo's own instance
+    prompt (placeholders substituted) or None."""
     from .families import SD
 
     family = parts.get("family") or SD
@@ -437,7 +451,10 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
     class_cond = family.row_conditioning([None] * len(classes), cfg.resolution, cfg.random_flip) if classes else None
     cond = {} if row_cond is None else {"row_cond": row_cond, "class_cond": class_cond}
     if frozen is None:  # computed here, as the encode task computes it elsewhere
-        frozen = frozen_inputs(parts, instance, classes, instance_text, class_text, cfg, device, masks)
+        frozen = frozen_inputs(parts, instance, classes, instance_text, class_text, cfg, device, masks, captions)
+    texts, caption_rows = prompt_table(instance_text, class_text, cfg, bool(classes), captions)
+    if caption_rows is not None:
+        cond["captions"] = torch.tensor(caption_rows).view(-1, 1).expand(-1, 2 if cfg.random_flip else 1).contiguous()
     if frozen.instance is not None:  # cached latents (the VAE's distribution, both flips)
         data = DreamBoothData.of_pools(frozen.instance, frozen.classes, cfg.random_flip, masks=frozen.masks, **cond)
         step_kw.update(scaling_factor=frozen.scaling_factor, shift_factor=frozen.shift_factor)
@@ -468,10 +485,9 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
     step_kw.update(family.fixed_conditioning(cfg, denoiser))
     if trained:
         model = DreamBoothModel(denoiser, family=family, **{n: encoders[n] for n in family.trainable_encoders})
-        step_kw.update(family.trained_inputs(parts, family.prompt_inputs(parts, prompts_of(
-            instance_text, class_text, cfg, data.with_prior)), device))
+        text = family.trained_inputs(parts, family.prompt_inputs(parts, texts), device)
     else:
-        step_kw.update({k: v.to(device, dtype) for k, v in frozen.conditioning.items()})
+        text = {k: v.to(device, dtype) for k, v in frozen.conditioning.items()}
         model = DreamBoothModel(denoiser, family=family)
     noise_scheduler = parts["noise_scheduler"]
     # What the run no longer needs goes now, from the caller's dict too (a worker holds it for the whole
@@ -479,11 +495,16 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
     for name in frozen_parts(family, cfg) | (set(encoders) - trained):  # a frozen T5 beside a trained CLIP too
         parts[name] = None
 
-    def loss(model, rows, n, g, row_cond=None, mask=None):
+    def loss(model, rows, n, g, row_cond=None, mask=None, caption=None):
         extra = {} if row_cond is None else {family.row_key: row_cond.to(device)}
         if mask is not None:
             extra["mask"] = mask
-        return diffusion_step(model, noise_scheduler, rows, n, g, prior_weight, dtype, device, **step_kw, **extra)
+        rows_text = text
+        if caption is not None:  # each subject row its photo's prompt, each class row the class prompt's
+            pick = torch.cat([caption, torch.full((len(rows) - n,), len(texts) - 1)]).to(device)
+            rows_text = {k: v[pick] for k, v in text.items()}
+        return diffusion_step(model, noise_scheduler, rows, n, g, prior_weight, dtype, device, **step_kw, **extra,
+                              **rows_text)
 
     return Engine(initialize(model, cfg, device, fused), data, cfg, loss)
 
