@@ -30,7 +30,8 @@ class DreamBoothData:
     """
 
     def __init__(self, instance: list[Image.Image], classes: list[Image.Image], random_flip: bool = True,
-                 encode=None, row_cond: torch.Tensor | None = None, class_cond: torch.Tensor | None = None):
+                 encode=None, row_cond: torch.Tensor | None = None, class_cond: torch.Tensor | None = None,
+                 masks: torch.Tensor | None = None, captions: torch.Tensor | None = None):
         if not instance:
             raise ValueError("no instance images")
         self.random_flip = random_flip
@@ -38,6 +39,8 @@ class DreamBoothData:
         self.classes = self.pool(classes, random_flip, encode) if classes else None
         # Per-row conditioning ([N, flip variants, ...], e.g. SDXL's time ids), picked with its row.
         self.row_cond, self.class_cond = row_cond, class_cond
+        self.masks = masks  # [N, flip variants, 1, H, W] subject masks (mask_pool), picked with their row
+        self.captions = captions  # [N, flip variants]: each photo's row in the prompt table (per-photo captions)
 
     @staticmethod
     def pool(images: list[Image.Image], random_flip: bool, encode=None) -> torch.Tensor:
@@ -48,30 +51,53 @@ class DreamBoothData:
         # (another summation order) differently from the same pool read back from storage (encode.py).
         return torch.stack([encode(v) if encode else v for v in variants], dim=1).contiguous()
 
+    @staticmethod
+    def mask_pool(masks: list, random_flip: bool, size=None) -> torch.Tensor | None:
+        """[N, flip variants, 1, h, w]: each photo's [H, W] mask (None: all subject), flipped with it and
+        area-averaged to `size` (the latent grid, when known). None when no photo has a mask."""
+        if all(m is None for m in masks):
+            return None
+        from .loss import to_grid
+
+        shape = next(m for m in masks if m is not None).shape
+        m = torch.stack([torch.ones(shape) if m is None else torch.as_tensor(m, dtype=torch.float32) for m in masks])
+        m = to_grid(m[:, None], size or shape)
+        return torch.stack([m, m.flip(-1)] if random_flip else [m], dim=1).contiguous()
+
     @classmethod
     def of_pools(cls, instance: torch.Tensor, classes: torch.Tensor | None, random_flip: bool,
-                 row_cond: torch.Tensor | None = None, class_cond: torch.Tensor | None = None) -> "DreamBoothData":
+                 row_cond: torch.Tensor | None = None, class_cond: torch.Tensor | None = None,
+                 masks: torch.Tensor | None = None, captions: torch.Tensor | None = None) -> "DreamBoothData":
         """From pools made elsewhere (latents encoded off the training workers, see encode.py)."""
         self = cls.__new__(cls)
         self.random_flip, self.instance, self.classes = random_flip, instance, classes
-        self.row_cond, self.class_cond = row_cond, class_cond
+        self.row_cond, self.class_cond, self.masks, self.captions = row_cond, class_cond, masks, captions
         return self
 
     @property
     def with_prior(self) -> bool:
         return self.classes is not None
 
-    def _pick(self, pool: torch.Tensor, n: int, g: torch.Generator, cond: torch.Tensor | None = None):
+    def _pick(self, pool: torch.Tensor, n: int, g: torch.Generator, *per_row: torch.Tensor | None):
+        """n rows of `pool` (a random photo and flip each), and the same rows of each `per_row` pool."""
         idx = torch.randint(len(pool), (n,), generator=g)
         flip = (torch.rand(n, generator=g) < 0.5).long() if self.random_flip else torch.zeros(n, dtype=torch.long)
-        return pool[idx, flip], None if cond is None else cond[idx, flip]
+        return (pool[idx, flip], *(None if p is None else p[idx, flip] for p in per_row))
 
-    def batch(self, batch_size: int, g: torch.Generator, with_cond: bool = False):
+    @property
+    def per_photo(self) -> bool:
+        """Whether rows carry masks or captions (batch's `with_extras`)."""
+        return getattr(self, "masks", None) is not None or getattr(self, "captions", None) is not None
+
+    def batch(self, batch_size: int, g: torch.Generator, with_cond: bool = False, with_extras: bool = False):
         """(rows, n_instance): the first n_instance rows are the subject, the rest class images.
-        `with_cond`: (rows, n_instance, per-row conditioning) (the same draws from `g`)."""
-        x, c = self._pick(self.instance, batch_size, g, self.row_cond)
+        `with_cond`: (rows, n_instance, per-row conditioning) (the same draws from `g`); `with_extras`:
+        and last {"mask": the subject rows' masks, "caption": their prompt-table rows}, each None if absent."""
+        x, c, m, cap = self._pick(self.instance, batch_size, g, self.row_cond, getattr(self, "masks", None),
+                                  getattr(self, "captions", None))
         if self.with_prior:
             xc, cc = self._pick(self.classes, batch_size, g, self.class_cond)
             x = torch.cat([x, xc])
             c = None if c is None else torch.cat([c, cc])
-        return (x, batch_size, c) if with_cond else (x, batch_size)
+        out = (x, batch_size, c) if with_cond else (x, batch_size)
+        return (*out, {"mask": m, "caption": cap}) if with_extras else out

@@ -39,8 +39,8 @@ def save(storage: Storage, spec: JobSpec, run: str, frozen: engine.FrozenInputs)
 
     tensors = {f"conditioning.{k}": v.contiguous().cpu() for k, v in (frozen.conditioning or {}).items()
                if v is not None}
-    tensors.update({k: v.contiguous() for k, v in (("instance", frozen.instance), ("classes", frozen.classes))
-                    if v is not None})
+    tensors.update({k: v.contiguous() for k, v in (("instance", frozen.instance), ("classes", frozen.classes),
+                                                   ("masks", frozen.masks)) if v is not None})
     meta = {"scaling_factor": frozen.scaling_factor, "shift_factor": frozen.shift_factor,
             "conditioning": frozen.conditioning is not None}
     storage.write_bytes(to_bytes(tensors, metadata={"frozen": json.dumps(meta)}), *where(spec, run))
@@ -56,6 +56,7 @@ def load(storage: Storage, spec: JobSpec, run: str) -> engine.FrozenInputs | Non
     cond = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("conditioning.")}
     return engine.FrozenInputs(conditioning=cond if meta["conditioning"] else None,
                                instance=tensors.get("instance"), classes=tensors.get("classes"),
+                               masks=tensors.get("masks"),
                                scaling_factor=meta["scaling_factor"], shift_factor=meta["shift_factor"])
 
 
@@ -88,7 +89,8 @@ def encode_task(spec: JobSpec, subject: Subject, run: str, prior_key: str | None
     # Only the parts it encodes with (tokenizers aside): not the denoiser, not a text encoder that trains
     parts = models.load_components(spec.model, spec.s3, skip={fam.denoiser, *(set(fam.text_encoders) - needed(spec))})
     frozen = engine.frozen_inputs(parts, [p.image for p in photos], classes, subject.instance_text,
-                                  subject.class_text, cfg, device)
+                                  subject.class_text, cfg, device, [p.mask for p in photos],
+                                  [subject.prompt(p.caption) if p.caption else None for p in photos])
     save(storage, spec, run, frozen)
     written, read = (now - then for now, then in zip(io_counts(), io_start))
     return {"seconds": round(time.perf_counter() - t0, 3), "parts": sorted(needed(spec)), "bytes_written": written,

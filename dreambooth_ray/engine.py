@@ -320,13 +320,15 @@ def latent_encoder(vae, device, chunk: int = 8):
 
 def diffusion_step(model, noise_scheduler, rows, n_instance, g, prior_weight, dtype, device, *,
                    autocast=None, family=None, cfg: TrainConfig | None = None, vae=None, scaling_factor=None,
-                   shift_factor=0.0, channels_last=False, **text):
+                   shift_factor=0.0, channels_last=False, mask=None, **text):
     """One noise-prediction forward pass over [subject rows; class rows] and the DreamBooth loss
-    (the inputs: `diffusion_inputs`)."""
+    (the inputs: `diffusion_inputs`). `mask`: the subject rows' masks (loss.masked_mse), area-averaged
+    to the latent grid if they are not on it already."""
     noisy, t, target, weights = diffusion_inputs(noise_scheduler, rows, g, dtype, device, vae=vae,
                                                  scaling_factor=scaling_factor, shift_factor=shift_factor,
                                                  channels_last=channels_last, family=family, cfg=cfg)
-    return denoise_loss(model, noisy, t, target, n_instance, prior_weight, device, autocast, weights, **text)
+    return denoise_loss(model, noisy, t, target, n_instance, prior_weight, device, autocast, weights, mask=mask,
+                        **text)
 
 
 def diffusion_inputs(noise_scheduler, rows, g, dtype, device, *, vae=None, scaling_factor=None, shift_factor=0.0,
@@ -367,7 +369,8 @@ def diffusion_inputs(noise_scheduler, rows, g, dtype, device, *, vae=None, scali
     return noisy, t, target, family.loss_weights(noise_scheduler, t, cfg)
 
 
-def denoise_loss(model, x, t, target, n_instance, prior_weight, device, autocast=None, weights=None, **cond):
+def denoise_loss(model, x, t, target, n_instance, prior_weight, device, autocast=None, weights=None, mask=None,
+                 **cond):
     """The denoiser's prediction on `x` at timesteps `t` against `target`: the DreamBooth loss over
     [subject rows; class rows]. Shared by the base stage and the SR stage (sr.py)."""
     with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
@@ -377,7 +380,7 @@ def denoise_loss(model, x, t, target, n_instance, prior_weight, device, autocast
     if weights is not None:  # per-row weights w: mean(w * (pred - target)^2) is MSE on sqrt(w)-scaled rows
         w = weights.float().sqrt().view(-1, *[1] * (pred.dim() - 1)).to(pred.device)
         pred, target = pred.float() * w, target.float() * w
-    return prior_preservation_loss(pred, target, n_instance, prior_weight)
+    return prior_preservation_loss(pred, target, n_instance, prior_weight, mask)
 
 
 @dataclass
@@ -399,7 +402,10 @@ class Engine:
             # Dropout (T5's, when it trains) draws from the global generator: seeded per step, a resumed
             # run draws what the uninterrupted one drew.
             torch.manual_seed(g.initial_seed() ^ 0x5DEECE66D)  # not g's own stream (noise, rows)
-            if getattr(self.data, "row_cond", None) is not None:  # per-photo conditioning (SDXL's time ids)
+            if getattr(self.data, "per_photo", False):  # masks, captions: picked with each row
+                rows, n_inst, cond, extras = self.data.batch(cfg.batch_size, g, with_cond=True, with_extras=True)
+                loss, inst, prior = self.loss(self.ds, rows, n_inst, g, cond, **extras)
+            elif getattr(self.data, "row_cond", None) is not None:  # per-photo conditioning (SDXL's time ids)
                 rows, n_inst, cond = self.data.batch(cfg.batch_size, g, with_cond=True)
                 loss, inst, prior = self.loss(self.ds, rows, n_inst, g, cond)
             else:
@@ -445,6 +451,7 @@ class FrozenInputs:
     classes: torch.Tensor | None = None
     scaling_factor: float | None = None
     shift_factor: float = 0.0
+    masks: torch.Tensor | None = None  # the photos' masks on the latent grid (DreamBoothData.mask_pool)
 
 
 def trained_encoders(family, cfg: TrainConfig) -> set[str]:
@@ -461,9 +468,21 @@ def prompts_of(instance_text: str, class_text: str, cfg: TrainConfig, with_prior
     return [instance_text] * cfg.batch_size + ([class_text] * cfg.batch_size if with_prior else [])
 
 
+def prompt_table(instance_text: str, class_text: str, cfg: TrainConfig, with_prior: bool,
+                 captions: list | None = None) -> tuple[list[str], list[int] | None]:
+    """The prompts the text encoders see once, and each photo's row among them (None: no photo has its
+    own caption, and the rows are the step's [instance x batch; class x batch]). With captions: each
+    distinct instance prompt once (the subject's first), then the class prompt."""
+    if not captions or all(c is None for c in captions):
+        return prompts_of(instance_text, class_text, cfg, with_prior), None
+    texts = list(dict.fromkeys([instance_text] + [c for c in captions if c is not None]))
+    rows = [texts.index(c or instance_text) for c in captions]
+    return texts + ([class_text] if with_prior else []), rows
+
+
 @torch.no_grad()
 def frozen_inputs(parts: dict, instance, classes, instance_text: str, class_text: str, cfg: TrainConfig,
-                  device: torch.device) -> FrozenInputs:
+                  device: torch.device, masks: list | None = None, captions: list | None = None) -> FrozenInputs:
     from .families import SD
 
     family = parts.get("family") or SD
@@ -475,20 +494,30 @@ def frozen_inputs(parts: dict, instance, classes, instance_text: str, class_text
         out.classes = DreamBoothData.pool(classes, cfg.random_flip, encode) if classes else None
         out.scaling_factor, out.shift_factor = vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0
         vae.to("cpu")
+        out.masks = DreamBoothData.mask_pool(used_masks(masks, cfg, len(instance)), cfg.random_flip,
+                                             out.instance.shape[-2:])
     if family.text_encoders[0] in frozen:  # the prompts' conditioning never changes: computed once
         encoders = {n: te.to(frozen_dtype(cfg)).eval() for n, te in family.encoders(parts).items()}
-        inputs = family.prompt_inputs(parts, prompts_of(instance_text, class_text, cfg, bool(classes)))
+        texts, _ = prompt_table(instance_text, class_text, cfg, bool(classes), captions)
+        inputs = family.prompt_inputs(parts, texts)
         out.conditioning = family.encode_frozen(encoders, inputs, device)
     return out
 
 
+def used_masks(masks: list | None, cfg: TrainConfig, n: int) -> list:
+    """The photos' masks that weight the loss: none with `train.masked_loss: off`."""
+    return [None] * n if masks is None or cfg.masked_loss == "off" else masks
+
+
 def build(parts: dict, instance, classes, instance_text: str, class_text: str, cfg: TrainConfig,
           prior_weight: float, device: torch.device, fused: bool | None = None, geometry: list | None = None,
-          frozen: FrozenInputs | None = None) -> Engine:
+          frozen: FrozenInputs | None = None, masks: list | None = None, captions: list | None = None) -> Engine:
     """Data, model and DeepSpeed engine for one subject's base stage on this worker. `parts` are the
     family's (models.load_components); `geometry`: each subject photo's (original h, w, crop top,
     left, resized h, w), for a family that conditions on it (SDXL); `frozen`: what the frozen parts
-    make, computed elsewhere (then `parts` need not hold them), else computed here."""
+    make, computed elsewhere (then `parts` need not hold them), else computed here; `masks`: each
+    photo's [H, W] subject mask or None (images.SubjectImage.mask); `captions`: each photo's own instance
+    prompt (placeholders substituted) or None."""
     from .families import SD
 
     family = parts.get("family") or SD
@@ -500,12 +529,16 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
     class_cond = family.row_conditioning([None] * len(classes), cfg.resolution, cfg.random_flip) if classes else None
     cond = {} if row_cond is None else {"row_cond": row_cond, "class_cond": class_cond}
     if frozen is None:  # computed here, as the encode task computes it elsewhere
-        frozen = frozen_inputs(parts, instance, classes, instance_text, class_text, cfg, device)
+        frozen = frozen_inputs(parts, instance, classes, instance_text, class_text, cfg, device, masks, captions)
+    texts, caption_rows = prompt_table(instance_text, class_text, cfg, bool(classes), captions)
+    if caption_rows is not None:
+        cond["captions"] = torch.tensor(caption_rows).view(-1, 1).expand(-1, 2 if cfg.random_flip else 1).contiguous()
     if frozen.instance is not None:  # cached latents (the VAE's distribution, both flips)
-        data = DreamBoothData.of_pools(frozen.instance, frozen.classes, cfg.random_flip, **cond)
+        data = DreamBoothData.of_pools(frozen.instance, frozen.classes, cfg.random_flip, masks=frozen.masks, **cond)
         step_kw.update(scaling_factor=frozen.scaling_factor, shift_factor=frozen.shift_factor)
     else:  # pixels: a pixel-space model (IF stage I) diffuses them, else the VAE encodes them every step
-        data = DreamBoothData(instance, classes, cfg.random_flip, **cond)
+        data = DreamBoothData(instance, classes, cfg.random_flip, masks=DreamBoothData.mask_pool(
+            used_masks(masks, cfg, len(instance)), cfg.random_flip), **cond)
         if family.latent:
             fp32 = family.vae_fp32 or dtype == torch.float16  # SDXL's VAE overflows in fp16
             step_kw["vae"] = parts["vae"].requires_grad_(False).to(device, torch.float32 if fp32 else dtype)
@@ -530,10 +563,9 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
     step_kw.update(family.fixed_conditioning(cfg, denoiser))
     if trained:
         model = DreamBoothModel(denoiser, family=family, **{n: encoders[n] for n in family.trainable_encoders})
-        step_kw.update(family.trained_inputs(parts, family.prompt_inputs(parts, prompts_of(
-            instance_text, class_text, cfg, data.with_prior)), device))
+        text = family.trained_inputs(parts, family.prompt_inputs(parts, texts), device)
     else:
-        step_kw.update({k: v.to(device, dtype) for k, v in frozen.conditioning.items()})
+        text = {k: v.to(device, dtype) for k, v in frozen.conditioning.items()}
         model = DreamBoothModel(denoiser, family=family)
     noise_scheduler = parts["noise_scheduler"]
     # What the run no longer needs goes now, from the caller's dict too (a worker holds it for the whole
@@ -541,9 +573,16 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
     for name in frozen_parts(family, cfg) | (set(encoders) - trained):  # a frozen T5 beside a trained CLIP too
         parts[name] = None
 
-    def loss(model, rows, n, g, row_cond=None):
+    def loss(model, rows, n, g, row_cond=None, mask=None, caption=None):
         extra = {} if row_cond is None else {family.row_key: row_cond.to(device)}
-        return diffusion_step(model, noise_scheduler, rows, n, g, prior_weight, dtype, device, **step_kw, **extra)
+        if mask is not None:
+            extra["mask"] = mask
+        rows_text = text
+        if caption is not None:  # each subject row its photo's prompt, each class row the class prompt's
+            pick = torch.cat([caption, torch.full((len(rows) - n,), len(texts) - 1)]).to(device)
+            rows_text = {k: v[pick] for k, v in text.items()}
+        return diffusion_step(model, noise_scheduler, rows, n, g, prior_weight, dtype, device, **step_kw, **extra,
+                              **rows_text)
 
     return Engine(initialize(model, cfg, device, fused), data, cfg, loss)
 

@@ -5,14 +5,16 @@ SR training runs made from them. Its own small module: naming a run takes the sp
 
 from __future__ import annotations
 
+from . import images
 from .spec import JobSpec, Subject
 
 # Settings that change neither the trained weights nor which checkpoint may resume: cadence, retries,
 # placement, speed switches that compute the same step, and gradient checkpointing (the same step,
 # recomputed: a run that ran out of memory resumes with it on).
 # The export's precision and formats are not either: the trained weights are the same.
-_NOT_IDENTITY = {"checkpoint_every", "checkpoint_upload", "keep_checkpoints", "max_failures", "use_gpu", "attention",
-                 "channels_last", "compile", "export_dtype", "export_formats", "gradient_checkpointing"}
+# masked_loss: what it trains is the masks, which subject_identity names (auto and on train the same).
+_NOT_IDENTITY = {"masked_loss", "checkpoint_every", "checkpoint_upload", "keep_checkpoints", "max_failures", "use_gpu",
+                 "attention", "channels_last", "compile", "export_dtype", "export_formats", "gradient_checkpointing"}
 
 
 # Settings added after runs were named, with the value that trains what runs did before them: left out
@@ -41,6 +43,12 @@ def subject_identity(spec: JobSpec, subject: Subject) -> dict:
     if subject.identifier == "auto":  # resolved from the vocabulary window and the seed
         ident["identifiers"] = spec.identifiers.model_dump()
     ident["skip_bad_images"] = spec.skip_bad_images  # which photos are trained on
+    # Masks and captions beside the photos, by content: adding or editing one is a new run.
+    side = images.side_files(subject.images, spec.s3)
+    if "masks" in side and spec.train.masked_loss != "off":
+        ident["masks"] = side["masks"][1]
+    if "captions" in side:
+        ident["captions"] = side["captions"][1]
     return ident
 
 

@@ -32,6 +32,13 @@ class SubjectImage:
     # size, where the square crop sits in the photo resized to `resolution` on its short side, and
     # that resized size. What SDXL conditions on (its time ids).
     geometry: tuple[int, int, int, int, int, int] | None = None
+    # [resolution, resolution] float32 in [0, 1], 1 = subject: from the photo's alpha channel or
+    # masks/<name>, cropped with the photo. Weights the subject loss (train.masked_loss); None: no mask.
+    mask: np.ndarray | None = None
+    caption: str | None = None  # <stem>.txt beside the photo: its instance prompt template (kohya's convention)
+
+
+MASKS = "masks"  # the folder beside the photos that holds their masks (same names; white = subject)
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -79,7 +86,8 @@ def decode_with_geometry(data: bytes, name: str, resolution: int) -> tuple[Image
         raise ImageError(f"{name}: {why_unreadable(data, e)}") from None
 
 
-def _decode(data: bytes, name: str, resolution: int, warn: bool = True) -> tuple[Image.Image, tuple]:
+def _decode(data: bytes, name: str, resolution: int, warn: bool = True, mask: bytes | None = None,
+            mask_name: str = "") -> tuple[Image.Image, tuple] | tuple[Image.Image, tuple, np.ndarray | None]:
     if not data:
         raise EOFError
     im = Image.open(io.BytesIO(data))
@@ -94,7 +102,42 @@ def _decode(data: bytes, name: str, resolution: int, warn: bool = True) -> tuple
     im.load()
     im = ImageOps.exif_transpose(im)
     nw, nh, left, top = square_box(*im.size, resolution)
-    return square(to_rgb(im), resolution), (full_h, full_w, top, left, nh, nw)
+    geometry = (full_h, full_w, top, left, nh, nw)
+    if mask is None and not mask_name:
+        return square(to_rgb(im), resolution), geometry
+    return square(to_rgb(im), resolution), geometry, _mask(im, mask, mask_name, resolution)
+
+
+def _mask(photo: Image.Image, data: bytes | None, name: str, resolution: int) -> np.ndarray | None:
+    """The photo's subject mask, cropped as the photo is: a masks/ file (any image, white = subject),
+    else the photo's own alpha channel when it has a non-trivial one, else None."""
+    if data is not None:
+        try:
+            m = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+            m = m.convert("RGBA").getchannel("A") if m.mode in ("RGBA", "LA", "PA") and _alpha_only(m) else m.convert("L")
+        except Exception as e:  # noqa: BLE001 -- Pillow raises many types for damaged files
+            raise ImageError(f"{name}: {why_unreadable(data, e)}") from None
+        (w, h), (pw, ph) = m.size, photo.size
+        if abs(w / h - pw / ph) > 0.02 * pw / ph:  # a mask of another photo, or another crop of it
+            raise ImageError(f"{name}: mask is {w}x{h}, its photo {pw}x{ph} (not the same shape)")
+        if m.size != photo.size:
+            m = m.resize(photo.size, Image.Resampling.BILINEAR)
+    elif photo.mode in ("RGBA", "LA", "PA") or (photo.mode == "P" and "transparency" in photo.info):
+        m = photo.convert("RGBA").getchannel("A")
+        if m.getextrema()[0] == 255 or m.getextrema()[1] == 0:  # opaque, or all transparent: no cut-out
+            return None
+        name = f"{name}: alpha channel"
+    else:
+        return None
+    arr = np.asarray(square(m, resolution), dtype=np.float32) / 255.0
+    if arr.max() == 0:
+        raise ImageError(f"{name}: the mask has no subject (all black) in the photo's square crop")
+    return arr
+
+
+def _alpha_only(m: Image.Image) -> bool:
+    """A cut-out saved as the mask (RGBA with transparency): its alpha is the mask, not its colours."""
+    return m.convert("RGBA").getchannel("A").getextrema()[0] < 255
 
 
 # What a file that Pillow cannot open begins with, when it is something else a user may have picked up.
@@ -140,8 +183,9 @@ def list_images(url: str, s3: S3Settings | None = None, quiet: bool = False) -> 
         raise ImageError(f"{url}: images must be a folder (or prefix), not a file")
     found = [p for p in fs.find(root) if not _hidden(p, root)]
     if not quiet:
+        stems = {_stem(p) for p in found if p.lower().endswith(IMAGE_EXTENSIONS)}
         for p in found:
-            if not p.lower().endswith(IMAGE_EXTENSIONS):
+            if not p.lower().endswith(IMAGE_EXTENSIONS) and not (p.lower().endswith(".txt") and _stem(p) in stems):
                 log.warning("%s: not an image extension (%s); ignored", _rel(p, root), ", ".join(IMAGE_EXTENSIONS))
     return sorted(p for p in found if p.lower().endswith(IMAGE_EXTENSIONS))
 
@@ -162,15 +206,70 @@ def read_images(url: str, resolution: int, s3: S3Settings | None = None,
     """Every image under `url` decoded, and (name, reason in words) for each file that is not."""
     fs, root = filesystem(url, s3)
     out, bad = [], []
+    masks = _by_stem(fs, f"{root}/{MASKS}")
     for path in list_images(url, s3, quiet):
         name = _rel(path, root)
         data = fs.cat_file(path)
         count_io(read=len(data))
+        where = f"{url.rstrip('/')}/{name}"
+        mask_path = masks.get(name) or masks.get(_stem(name))
+        mask = fs.cat_file(mask_path) if mask_path else None
+        mask_name = f"{url.rstrip('/')}/{_rel(mask_path, root)}" if mask_path else where
         try:
-            out.append(SubjectImage(name, *_decode(data, f"{url.rstrip('/')}/{name}", resolution, not quiet)))
+            im, geometry, m = _decode(data, where, resolution, not quiet, mask, mask_name)
+        except ImageError as e:  # the mask: named in its message
+            bad.append((name, str(e).split(": ", 1)[1] if str(e).startswith(where + ":") else str(e)))
+            continue
         except Exception as e:  # noqa: BLE001 -- Pillow raises many types for damaged files
             bad.append((name, why_unreadable(data, e)))
+            continue
+        try:
+            caption = read_caption(fs, path, where)
+        except ImageError as e:
+            bad.append((name, str(e)))
+            continue
+        out.append(SubjectImage(name, im, geometry, m, caption))
     return out, bad
+
+
+CAPTION_FIELDS = {"identifier", "class_noun"}
+
+
+def read_caption(fs, photo_path: str, where: str) -> str | None:
+    """<stem>.txt beside a photo: its instance prompt template; an unknown placeholder is an error naming the file."""
+    import string
+
+    txt = photo_path.rsplit(".", 1)[0] + ".txt"
+    if not fs.exists(txt):
+        return None
+    name = where.rsplit(".", 1)[0] + ".txt"
+    try:
+        text = fs.cat_file(txt).decode("utf-8").strip()
+        fields = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ImageError(f"{name}: caption is not a prompt template ({e})") from None
+    if fields - CAPTION_FIELDS or not text:
+        raise ImageError(f"{name}: " + (f"unknown placeholder(s) {sorted(fields - CAPTION_FIELDS)} (use {{identifier}} "
+                                        "and {class_noun})" if text else "empty caption"))
+    return text
+
+
+def _stem(name: str) -> str:
+    return name.rsplit(".", 1)[0]
+
+
+def _by_stem(fs, folder: str) -> dict[str, str]:
+    """{name and stem: path} of the images in a masks/ folder (a JPEG photo's mask is often a PNG)."""
+    try:
+        found = [p for p in fs.find(folder) if p.lower().endswith(IMAGE_EXTENSIONS)]
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    out = {}
+    for p in sorted(found):
+        rel = _rel(p, folder)
+        out[rel] = p
+        out.setdefault(_stem(rel), p)
+    return out
 
 
 def load_subject_images(
@@ -194,9 +293,49 @@ def load_subject_images(
     return out
 
 
+def side_files(url: str, s3: S3Settings | None = None) -> dict:
+    """What beside a subject's photos changes its training, without decoding a photo: {"masks": [n,
+    hash], "captions": [n, hash]} over the masks/ files and the photos' alpha channels (a PNG or WebP
+    whose header says it has one: its bytes), and the <stem>.txt captions; each absent where there are
+    none. For the run's identity (a changed mask or caption is a new run) and job.json."""
+    import hashlib
+
+    fs, root = filesystem(url, s3)
+    try:
+        found = sorted(p for p in fs.find(root) if not _rel(p, root).split("/")[-1].startswith("."))
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    photos = {_stem(p) for p in found if p.lower().endswith(IMAGE_EXTENSIONS) and not _hidden(p, root)}
+    out: dict = {}
+
+    def add(kind: str, path: str, data: bytes) -> None:
+        n, h = out.setdefault(kind, [0, hashlib.sha256()])
+        h.update(_rel(path, root).encode() + b"\0" + hashlib.sha256(data).digest())
+        out[kind][0] = n + 1
+
+    for p in found:
+        rel, low = _rel(p, root), p.lower()
+        if rel.startswith(MASKS + "/") and low.endswith(IMAGE_EXTENSIONS):
+            add("masks", p, fs.cat_file(p))
+        elif low.endswith(".txt") and _stem(p) in photos:
+            add("captions", p, fs.cat_file(p))
+        elif low.endswith((".png", ".webp")) and not _hidden(p, root):
+            data = fs.cat_file(p)
+            try:
+                im = Image.open(io.BytesIO(data))  # the header only
+                alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
+            except Exception:  # noqa: BLE001 -- a bad photo: the preflight names it
+                alpha = False
+            if alpha:
+                add("masks", p, data)
+    return {k: [n, h.hexdigest()[:16]] for k, (n, h) in out.items()}
+
+
 def _rel(path: str, root: str) -> str:
     return path[len(root):].lstrip("/")
 
 
 def _hidden(path: str, root: str) -> bool:
-    return any(seg.startswith(".") for seg in _rel(path, root).split("/"))
+    """Hidden files, and the masks/ folder beside the photos (masks, not photos)."""
+    segs = _rel(path, root).split("/")
+    return any(seg.startswith(".") for seg in segs) or (len(segs) > 1 and segs[0] == MASKS)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import ray
 from rich.console import Console
 
-from . import checkpoint, cluster, encode, export, identifiers, models, preflight, priors, report, samples, tracking, train
+from . import checkpoint, cluster, encode, export, identifiers, images, models, preflight, priors, report, samples, tracking, train
 from .console import RAY_ERRORS, Board, Reporter, View, log_files, save_logs, save_ray_errors
 from .identity import run_name, sr_run_name
 from .spec import JobSpec, SpecError, Subject
@@ -332,6 +332,9 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeli
     reporter.stage("samples", "exporting and rendering samples")
     record = {"run": complete, "subject": subject.name, "sr_metrics": sr_metrics, "identifier": subject.identifier,
               "instance_prompt": subject.instance_text, "metrics": metrics,
+              # Photos with a mask weighting the subject loss, and with their own caption (train.masked_loss).
+              **{k: v[0] for k, v in images.side_files(subject.images, spec.s3).items()
+                 if k != "masks" or spec.train.masked_loss != "off"},
               "priors": {k: prior_counts[k] for k in ("key", "url", "class_images", "own") if k in prior_counts}
               if prior_counts else None,
               "timeline": timeline}

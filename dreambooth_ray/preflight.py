@@ -190,6 +190,10 @@ def photo_problems(spec: JobSpec) -> list[str]:
                 problems.append(f"{who}: {url} holds no JPEG, PNG or WebP image")
         elif len(good) < MIN_IMAGES and (spec.skip_bad_images or not bad):
             problems.append(f"{who}: {url}: {len(good)} usable image(s); DreamBooth needs at least {MIN_IMAGES}")
+        if who != "prior.class_images" and spec.train.masked_loss == "on" and any(p.mask is None for p in good):
+            names = ", ".join(p.name for p in good if p.mask is None)
+            problems.append(f"{who}: train.masked_loss is on and these photos in {where} have no mask (an alpha "
+                            f"channel or masks/<same name>): {names}")
     return problems
 
 

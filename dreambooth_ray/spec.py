@@ -175,6 +175,10 @@ class TrainConfig(_Strict):
     # Off, as in diffusers' recipes: a mirrored subject (text, a logo, a watch on the other wrist) is
     # another subject.
     random_flip: bool = False
+    # The subject loss over the subject alone, where photos have masks (an alpha channel, or masks/<name>
+    # beside them; white = subject): the background is not learned as part of the subject. auto: on
+    # when any photo has a mask (a photo without one is all subject); on: every photo must have one.
+    masked_loss: Literal["auto", "on", "off"] = "auto"
     seed: int = 0
     # GPU kernels (cuBLAS split-K, attention backward, atomics) are not bit-reproducible run to run:
     # measured on an H100, two identical runs differ by ~2e-3 after 4 steps, so a resumed run cannot

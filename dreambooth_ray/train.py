@@ -102,7 +102,8 @@ def train_subject(config: dict, rank: int) -> dict:
     else:
         eng = engine.build(parts, instance, classes, subject.instance_text,
                            subject.class_text, cfg, spec.prior.loss_weight, device,
-                           geometry=[s.geometry for s in photos], frozen=frozen)
+                           geometry=[s.geometry for s in photos], frozen=frozen, masks=[s.mask for s in photos],
+                           captions=[subject.prompt(s.caption) if s.caption else None for s in photos])
     lora = cfg.method == "lora"
     tag = subject.name if stage == "base" else f"{subject.name} {stage}"
     phase("latent_cache_and_engine")  # VAE latents, frozen text embeddings, DeepSpeed set-up
