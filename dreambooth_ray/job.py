@@ -164,7 +164,8 @@ def run_job(spec: JobSpec, console: Console | None = None) -> list[SubjectResult
     if not use_gpu and spec.train.cpu_problem():
         raise SpecError(f"train: {spec.train.cpu_problem()}; this cluster has no GPUs")
     identity = models.identity(spec.model, spec.s3)
-    preflight.check(spec, storage, planned_runs(spec, storage, identity), cluster.gpu_memory() if use_gpu else None)
+    refused = preflight.check(spec, storage, planned_runs(spec, storage, identity),
+                              cluster.gpu_memory() if use_gpu else None)
     tracking.check(spec)  # the MLflow server answers (before any compute)
     # Every concurrent run's workers from the autoscaler at once (nothing asked if the cluster has them).
     cluster.request_workers(use_gpu, min(capacity(spec, use_gpu), len(spec.subjects)) * spec.train.num_workers)
@@ -172,7 +173,7 @@ def run_job(spec: JobSpec, console: Console | None = None) -> list[SubjectResult
     board, logs_before, errors_before = Board.remote(), log_files(), len(RAY_ERRORS)
     try:
         with View(console, board) as view:
-            results, prior_refs = _run_subjects(spec, storage, identity, use_gpu, console, board, view)
+            results, prior_refs = _run_subjects(spec, storage, identity, use_gpu, console, board, view, refused)
     finally:
         cluster.release()  # idle nodes may scale down now
         save_logs(storage, spec.name, skip=logs_before)
@@ -189,13 +190,21 @@ def run_job(spec: JobSpec, console: Console | None = None) -> list[SubjectResult
     return ordered
 
 
-def _run_subjects(spec: JobSpec, storage: Storage, identity: str, use_gpu: bool, console: Console, board, view: View):
+def _run_subjects(spec: JobSpec, storage: Storage, identity: str, use_gpu: bool, console: Console, board, view: View,
+                  refused: dict[str, list[str]] | None = None):
+    """`refused`: subjects the preflight refused for their photos ({name: a line per bad file}): they fail
+    here, before any compute of theirs (no class images for them alone), and the others run."""
     queued_at = time.time()
+    results: dict[str, SubjectResult] = {}
+    for name, lines in (refused or {}).items():
+        results[name] = SubjectResult(name, "failed", "", "", 0, None, 0.0, error="; ".join(lines))
+        console.print(f"{name}: FAILED before any compute:\n  " + "\n  ".join(lines), highlight=False, markup=False)
+    subjects = [s for s in spec.subjects if s.name not in results]
     # Priors: one task per distinct cache key, started now; subjects depend on their class's task,
     # so Ray starts each subject as soon as its own priors are ready (others may still be generating).
     prior_refs: dict[str, ray.ObjectRef] = {}
     subject_priors = []
-    for subject in spec.subjects:
+    for subject in subjects:
         cache = priors.PriorCache.for_subject(spec, subject, storage, identity) if spec.prior.enabled else None
         if cache and cache.key not in prior_refs:
             prior_refs[cache.key] = prior_task.remote(cache, spec, use_gpu, Reporter(f"priors {cache.prompt!r}", board))
@@ -204,14 +213,13 @@ def _run_subjects(spec: JobSpec, storage: Storage, identity: str, use_gpu: bool,
     # Training lanes: up to `capacity` worker groups, each training subject after subject; Ray's
     # scheduler places each lane's workers wherever resources free up. Twice as many subjects in
     # flight, so that one subject's export and samples overlap the next one's training in its lane.
-    window = min(capacity(spec, use_gpu), len(spec.subjects))
+    window = min(capacity(spec, use_gpu), len(subjects))
     lanes = train.TrainingQueue.remote(spec, "base", use_gpu, lanes=window)
-    console.print(f"job {spec.name}: {len(spec.subjects)} subject(s), up to {window} at once, "
+    console.print(f"job {spec.name}: {len(subjects)} subject(s), up to {window} at once, "
                   f"{len(prior_refs)} prior set(s)", highlight=False)
     window *= 2
-    pending = list(zip(spec.subjects, subject_priors))
+    pending = list(zip(subjects, subject_priors))
     running: dict[ray.ObjectRef, str] = {}
-    results: dict[str, SubjectResult] = {}
     while pending or running:
         while pending and len(running) < window:
             subject, pref = pending.pop(0)

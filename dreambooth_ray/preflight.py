@@ -155,9 +155,16 @@ def memory_problems(spec: JobSpec, gpu_memory: int | None) -> list[str]:
 
 
 def photo_problems(spec: JobSpec) -> list[str]:
+    """Every line of `photo_check`: the class images' and every subject's."""
+    job_wide, by_subject = photo_check(spec)
+    return job_wide + [line for lines in by_subject.values() for line in lines]
+
+
+def photo_check(spec: JobSpec) -> tuple[list[str], dict[str, list[str]]]:
     """Every subject's photos and the user's own class images (`prior.class_images`), each file decoded
     as training will decode it: one line per bad file, naming the subject, the file and what is wrong
-    with it. With `skip_bad_images`, a bad photo is a warning here, said once (later readers are quiet)."""
+    with it; (the class images' lines, {subject: its lines}). With `skip_bad_images`, a bad photo is a
+    warning here, said once (later readers are quiet)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from .images import MIN_IMAGES, ImageError, read_images
@@ -173,8 +180,10 @@ def photo_problems(spec: JobSpec) -> list[str]:
         sets.append(("prior.class_images", spec.prior.class_images))
     with ThreadPoolExecutor(max_workers=8) as pool:  # an s3:// listing and read each: overlap the waits
         found = list(pool.map(one, [url for _, url in sets]))
-    problems = []
+    job_wide: list[str] = []
+    by_subject: dict[str, list[str]] = {}
     for (who, url), got in zip(sets, found):
+        problems = job_wide if who == "prior.class_images" else by_subject.setdefault(who[len("subject "):], [])
         if isinstance(got, str):
             problems.append(f"{who}: {got}")
             continue
@@ -194,16 +203,24 @@ def photo_problems(spec: JobSpec) -> list[str]:
             names = ", ".join(p.name for p in good if p.mask is None)
             problems.append(f"{who}: train.masked_loss is on and these photos in {where} have no mask (an alpha "
                             f"channel or masks/<same name>): {names}")
-    return problems
+    return job_wide, {name: lines for name, lines in by_subject.items() if lines}
 
 
-def check(spec: JobSpec, storage: Storage, runs: list[tuple[str, str, int]] = (), gpu_memory: int | None = None) -> None:
+def check(spec: JobSpec, storage: Storage, runs: list[tuple[str, str, int]] = (),
+          gpu_memory: int | None = None) -> dict[str, list[str]]:
+    """Raises PreflightError naming every problem of a job that cannot run. Returns the subjects refused
+    for their photos ({name: one line per bad file}): each fails alone, before any compute, and the
+    others run (a job whose every subject is refused cannot run)."""
     problems = base_model_problems(spec)
     if not problems:
         problems += memory_problems(spec, gpu_memory)
-    problems += photo_problems(spec)
+    job_wide, refused = photo_check(spec)
+    problems += job_wide
+    if len(refused) == len(spec.subjects):
+        problems += [line for lines in refused.values() for line in lines]
     if spec.sr.enabled:
         problems += sr_model_problems(spec)
     problems += checkpoint_problems(storage, spec.name, list(runs))
     if problems:
         raise PreflightError("job cannot run:\n  " + "\n  ".join(problems))
+    return refused

@@ -169,9 +169,10 @@ def _new_users_folder(folder):
 
 def test_every_subjects_bad_photos_are_named_before_any_compute(ray_cluster, tmp_path, s3_endpoint, bucket,
                                                                toy_images, caplog):
-    """Issue #34: one error, before any class image (the priors come first in a job), lists every bad
-    file of every subject, a local and an s3:// one, with the subject and the reason in words; and each
-    bad file is named once, in the error, not again in a log line."""
+    """Issue #34: before any class image (the priors come first in a job), every bad file of every
+    subject, a local and an s3:// one, is named with the subject and the reason in words, once (not
+    again in a log line). A subject refused for its photos fails alone (issue #32), so a good subject
+    beside them would run: here every subject is refused, and the job stops with one error naming all."""
     import boto3
 
     local = _new_users_folder(tmp_path / "rex")
@@ -179,10 +180,13 @@ def test_every_subjects_bad_photos_are_named_before_any_compute(ray_cluster, tmp
     for p in (tmp_path / "rex").iterdir():
         s3.put_object(Bucket=bucket, Key=f"photos/mia/{p.name}", Body=p.read_bytes())
     store = tmp_path / "store"
-    spec = parse_spec({**tiny_spec(str(store), str(toy_images), s3={"endpoint_url": s3_endpoint}), "subjects": [
-        {"name": "rex", "images": str(tmp_path / "rex"), "class": "dog"},
-        {"name": "toy", "images": str(toy_images), "class": "toy"},
-        {"name": "mia", "images": f"s3://{bucket}/photos/mia", "class": "cat"}]})
+    subjects = [{"name": "rex", "images": str(tmp_path / "rex"), "class": "dog"},
+                {"name": "toy", "images": str(toy_images), "class": "toy"},
+                {"name": "mia", "images": f"s3://{bucket}/photos/mia", "class": "cat"}]
+    base = tiny_spec(str(store), str(toy_images), s3={"endpoint_url": s3_endpoint})
+    refused = preflight.check(parse_spec({**base, "subjects": subjects}), Storage(str(store)))
+    assert sorted(refused) == ["mia", "rex"] and all(len(lines) == 3 for lines in refused.values()), refused
+    spec = parse_spec({**base, "subjects": [subjects[0], subjects[2]]})
     caplog.set_level(logging.INFO, logger="dreambooth_ray")
     with pytest.raises(preflight.PreflightError) as e:
         job.run_job(spec)
@@ -192,7 +196,7 @@ def test_every_subjects_bad_photos_are_named_before_any_compute(ray_cluster, tmp
         assert f"  subject rex: {tmp_path / 'rex'}/{name}: {why}" in msg.splitlines(), msg
         assert f"  subject mia: s3://{bucket}/photos/mia/{name}: {why}" in msg.splitlines(), msg
         assert (msg + logged).count(name) == 2, (name, msg, logged)  # rex's and mia's: once each
-    assert "subject toy" not in msg and "object at 0x" not in msg + logged
+    assert "object at 0x" not in msg + logged
     assert len(msg.splitlines()) == 1 + 6
     # Nothing was computed: no class image, no prior cache, no checkpoint, no encoded input.
     assert not (store / "priors").exists() and not (store / "checkpoints").exists() and not (store / "encoded").exists()
