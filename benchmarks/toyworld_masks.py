@@ -124,8 +124,6 @@ def main(argv=None) -> dict:
     photos = city_photos(SUBJECT, args.photos)
     for variant in ("masked", "unmasked"):
         write_photos(work / "photos" / variant, photos, masks=variant == "masked")
-    figure({"photos": {"city photos": [im for _, im, _ in photos]},
-            "masks": {"masks": [m.convert("RGB") for _, _, m in photos]}}, work / "photos.png", per=args.photos)
     judge = tw.load_shipped_judge()
     photo_scenes = [p["scene"] for p in tw.judge_predict(judge, [im for _, im, _ in photos])]
     base = models.load_pipeline("toy")
@@ -136,7 +134,8 @@ def main(argv=None) -> dict:
                   judge="dreambooth_ray/assets/toy/judge.safetensors", runs={})
     m, ims = measure(base, judge, args.n, args.sample_seed, args.sample_steps, identifier=None)
     result["base"] = m
-    grids = {"base": ims}
+    grids = {"photos": {"the photos": [im for _, im, _ in photos]},
+             "masks": {"their masks (masked run)": [m.convert("RGB") for _, _, m in photos]}, "base": ims}
     for seed in args.seeds:
         for variant in ("masked", "unmasked"):
             key = f"{variant}_seed{seed}"
@@ -153,11 +152,20 @@ def main(argv=None) -> dict:
             grids[key] = ims
             print(key, json.dumps({k: {q: v[q] for q in ("beach", "city", "subject", "colour")} for k, v in m.items()}),
                   flush=True)
-    # per variant, pooled over training seeds (each seed samples the same n seeds)
+            write(result, grids, Path(args.out), t_start)  # after every run: a cut-short measurement keeps its runs
+    print(json.dumps(result["summary"], indent=1))
+    return result
+
+
+def write(result: dict, grids: dict, out: Path, t_start: float) -> None:
+    """Per variant, pooled over the finished runs' training seeds (each samples the same n seeds)."""
+    n = result["n"]
     summary = {}
     for variant in ("masked", "unmasked"):
         rows = [r["measures"] for r in result["runs"].values() if r["variant"] == variant]
-        N = args.n * len(rows)
+        if not rows:
+            continue
+        N = n * len(rows)
         pool = lambda k, q: round(sum(r[k][q] for r in rows) / len(rows), 4)  # noqa: E731
         s = {"beach_on_beach": pool("beach", "beach"), "city_on_beach": pool("beach", "city"),
              "city_on_city": pool("city", "city"), "city_on_bare": pool("bare", "city"),
@@ -169,13 +177,10 @@ def main(argv=None) -> dict:
         summary[variant] = s
     result["summary"] = summary
     result["seconds"] = round(time.time() - t_start, 1)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    figure(grids, out.with_suffix(".png"))
+    figure(grids, out.with_suffix(".png"), per=12)
     write_md(result, out.with_suffix(".md"))
-    print(json.dumps(summary, indent=1))
-    return result
 
 
 def write_md(result: dict, path: Path) -> None:
