@@ -176,6 +176,26 @@ def test_masks_and_captions_enter_the_run_identity(tmp_path):
     assert name() != third and name(masked_loss="off") != off
 
 
+def test_masks_beside_a_trained_text_encoder_are_warned_of(tmp_path, caplog):
+    """The mask shields the denoiser, not a trained text encoder (benchmarks/results/toyworld_masks*.md):
+    the preflight says so, once, naming the subject; with the encoder frozen it says nothing."""
+    import logging
+
+    from conftest import tiny_spec
+
+    from dreambooth_ray import preflight
+    from dreambooth_ray.spec import parse_spec
+
+    _photos(tmp_path / "s")
+    caplog.set_level(logging.WARNING, logger="dreambooth_ray")
+    for trained in (True, False):
+        caplog.clear()
+        preflight.photo_check(parse_spec(tiny_spec(str(tmp_path / "store"), str(tmp_path / "s"), train={
+            "resolution": 32, "train_text_encoder": trained})))
+        warned = [r.getMessage() for r in caplog.records if "text encoder" in r.getMessage()]
+        assert len(warned) == (1 if trained else 0) and (not trained or warned[0].startswith("subject(s) toy:")), warned
+
+
 def test_masked_loss_on_needs_every_photo_masked(tmp_path):
     from conftest import tiny_spec
 
