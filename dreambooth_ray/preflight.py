@@ -208,8 +208,8 @@ def photo_check(spec: JobSpec) -> tuple[list[str], dict[str, list[str]]]:
     trains_text = spec.train.train_text_encoder or (spec.train.method == "lora" and spec.train.lora.text_encoder)
     if masked and spec.train.masked_loss != "off" and trains_text:
         # Measured in the toy world (benchmarks/results/toyworld_masks*.md): photos all in one scene, masked,
-        # drew it for the bare prompt 0.72 of the time with the text encoder trained, 0.125 with it frozen
-        # (the base model: 0.14; unmasked 0.95 and 0.78).
+        # drew it for the bare prompt 0.72 of the time with the text encoder trained, 0.32 with it frozen
+        # (3 seeds each; the base model: 0.14; unmasked 0.95 and 0.82).
         log.warning("subject(s) %s: the masks weight the denoiser's loss only; a trained text encoder still learns "
                     "the photos' background with the identifier (set train_text_encoder: false, or lora.text_encoder: "
                     "false, to keep it out)", ", ".join(masked))
