@@ -24,6 +24,7 @@ import torch
 from . import engine, snapshot
 from .data import DreamBoothData, step_generator
 from .errors import UserError
+from .loss import prior_preservation_loss
 from .spec import TrainConfig
 
 
@@ -31,25 +32,9 @@ class PackError(UserError, ValueError):
     """Settings that packing cannot train as the subjects' solo runs would."""
 
 
-def problems(cfg: TrainConfig, family) -> list[str]:
+def problems(cfg: TrainConfig, family=None) -> list[str]:
     """Why these settings cannot be packed (empty: they can)."""
-    out = []
-    if cfg.method != "lora":
-        out.append("train.pack needs train.method: lora (full fine-tuning gives every subject its own base model)")
-    if cfg.mixed_precision in ("fp16", "bf16-weights"):
-        why = ("fp16's one loss scale and skipped steps would couple the subjects" if cfg.mixed_precision == "fp16"
-               else "DeepSpeed's bf16 optimizer clips over all parameters, coupling the subjects")
-        out.append(f"train.pack needs mixed_precision fp32 or bf16, not {cfg.mixed_precision!r}: {why}")
-    if cfg.train_text_encoder or (cfg.method == "lora" and cfg.lora.text_encoder):
-        out.append("train.pack trains denoiser adapters only (no train_text_encoder, no lora.text_encoder)")
-    if cfg.offload != "none":
-        out.append("train.pack keeps the adapters' optimizer on the device (offload: none): they are small")
-    if cfg.optimizer != "adamw":  # AdamW is elementwise; these look across every subject's adapters at once
-        out.append(f"train.pack needs optimizer adamw, not {cfg.optimizer!r}: "
-                   + ("Prodigy's step size is estimated over all parameters" if cfg.optimizer == "prodigy"
-                      else "Adafactor clips its update over each packed [subjects, ...] tensor")
-                   + ", coupling the subjects")
-    return out
+    return [f"train.pack {p}" for p in cfg.pack_problems()]
 
 
 class PackedLoRALinear(torch.nn.Module):
@@ -136,6 +121,8 @@ class Member:
     seed: int  # its solo run's train.seed: its adapter's initialisation and its step generators
     geometry: list | None = None
     frozen: engine.FrozenInputs | None = None
+    masks: list | None = None  # each photo's subject mask or None (masked loss)
+    captions: list | None = None  # each photo's own instance prompt or None
 
 
 @dataclass
@@ -147,7 +134,8 @@ class PackedEngine:
     seeds: list[int]
     cfg: TrainConfig
     inputs: dict  # diffusion_inputs' keyword arguments
-    cond: dict  # the stacked conditioning, rows subject-major
+    texts: list[dict]  # each subject's prompt conditioning: its step rows, or its prompt table with captions
+    fixed: dict  # conditioning every row shares (the family's fixed_conditioning)
     prior_weight: float
     max_norm: float
     family: object
@@ -157,16 +145,23 @@ class PackedEngine:
     def step(self, step: int, rank: int = 0) -> torch.Tensor:
         """One optimizer step; returns [N, (loss, subject loss, prior loss)], averaged over micro-steps."""
         cfg, n = self.cfg, len(self.data)
-        sums = torch.zeros(n, 3, device=self.ds.device)
         device = self.ds.device
+        sums = torch.zeros(n, 3, device=device)
         for micro in range(cfg.gradient_accumulation):
-            xs, ts, targets, weights, rcs = [], [], [], [], []
-            for data, seed in zip(self.data, self.seeds):  # the solo runs' draws, subject by subject
+            xs, ts, targets, weights, rcs, conds, masks = [], [], [], [], [], [], []
+            for data, seed, text in zip(self.data, self.seeds, self.texts):  # the solo runs' draws, subject by subject
                 g = step_generator(seed, step, micro, rank)
-                rows, _, rc = data.batch(cfg.batch_size, g, with_cond=True)
+                rows, n_inst, rc, extras = data.batch(cfg.batch_size, g, with_cond=True, with_extras=True)
                 x, t, target, w = engine.diffusion_inputs(rows=rows, g=g, **self.inputs)
                 xs.append(x), ts.append(t), targets.append(target), weights.append(w), rcs.append(rc)
-            cond = dict(self.cond)
+                masks.append(extras["mask"])
+                if extras["caption"] is not None:  # as engine.build's loss: photo rows their caption, class rows the class prompt
+                    last = len(next(iter(text.values()))) - 1
+                    pick = torch.cat([extras["caption"], torch.full((len(rows) - n_inst,), last)]).to(device)
+                    text = {k: v[pick] for k, v in text.items()}
+                conds.append(text)
+            cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+            cond.update(self.fixed)
             if rcs[0] is not None:
                 cond[self.family.row_key] = torch.cat(rcs).to(device)
             x = torch.cat(xs)
@@ -180,11 +175,17 @@ class PackedEngine:
             if weights[0] is not None:  # as denoise_loss: MSE on sqrt(w)-scaled rows
                 w = torch.cat(weights).float().sqrt().view(-1, *[1] * (pred.dim() - 1)).to(device)
                 pred, target = pred * w, target * w
-            parts = 2 if self.data[0].with_prior else 1
-            err = (pred - target).pow(2).view(n, parts, -1).mean(2)  # [N, subject | prior]
-            inst = err[:, 0]
-            prior = err[:, 1] if parts == 2 else torch.zeros_like(inst)
-            losses = inst + self.prior_weight * prior
+            if any(m is not None for m in masks):  # each subject's loss as its solo run's (loss.py), mask and all
+                r = len(pred) // n
+                out = [prior_preservation_loss(pred[i * r:(i + 1) * r], target[i * r:(i + 1) * r], n_inst,
+                                               self.prior_weight, masks[i]) for i in range(n)]
+                losses, inst, prior = (torch.stack(v) for v in zip(*out))
+            else:  # the same, one reduction for every subject
+                parts = 2 if self.data[0].with_prior else 1
+                err = (pred - target).pow(2).view(n, parts, -1).mean(2)  # [N, subject | prior]
+                inst = err[:, 0]
+                prior = err[:, 1] if parts == 2 else torch.zeros_like(inst)
+                losses = inst + self.prior_weight * prior
             self.ds.backward(losses.sum())  # each adapter's gradient is its own subject's alone
             if self.ds.is_gradient_accumulation_boundary():
                 self.norms = clip_per_subject([p for p in self.ds.module.parameters() if p.requires_grad],
@@ -225,17 +226,23 @@ def build(parts: dict, members: list[Member], cfg: TrainConfig, prior_weight: fl
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     inputs: dict = {"noise_scheduler": parts["noise_scheduler"], "dtype": dtype, "device": device,
                     "channels_last": cfg.channels_last, "family": family, "cfg": cfg}
-    frozen = [m.frozen or engine.frozen_inputs(parts, m.instance, m.classes, m.instance_text, m.class_text, cfg, device)
-              for m in members]
+    frozen = [m.frozen or engine.frozen_inputs(parts, m.instance, m.classes, m.instance_text, m.class_text, cfg, device,
+                                               m.masks, m.captions) for m in members]
     data = []
     for m, f in zip(members, frozen):
         rc = family.row_conditioning(m.geometry or [None] * len(m.instance), cfg.resolution, cfg.random_flip)
         cc = family.row_conditioning([None] * len(m.classes), cfg.resolution, cfg.random_flip) if m.classes else None
+        _, caption_rows = engine.prompt_table(m.instance_text, m.class_text, cfg, bool(m.classes), m.captions)
+        caps = (None if caption_rows is None else
+                torch.tensor(caption_rows).view(-1, 1).expand(-1, 2 if cfg.random_flip else 1).contiguous())
         if f.instance is not None:
-            data.append(DreamBoothData.of_pools(f.instance, f.classes, cfg.random_flip, rc, cc))
+            data.append(DreamBoothData.of_pools(f.instance, f.classes, cfg.random_flip, rc, cc, masks=f.masks,
+                                                captions=caps))
             inputs.update(scaling_factor=f.scaling_factor, shift_factor=f.shift_factor)
         else:
-            data.append(DreamBoothData(m.instance, m.classes, cfg.random_flip, row_cond=rc, class_cond=cc))
+            masks = DreamBoothData.mask_pool(engine.used_masks(m.masks, cfg, len(m.instance)), cfg.random_flip)
+            data.append(DreamBoothData(m.instance, m.classes, cfg.random_flip, row_cond=rc, class_cond=cc,
+                                       masks=masks, captions=caps))
     if frozen[0].instance is None and family.latent:
         inputs["vae"] = parts["vae"].requires_grad_(False).to(device, torch.float32 if family.vae_fp32 else dtype)
     denoiser = parts[family.denoiser].train()
@@ -243,12 +250,11 @@ def build(parts: dict, members: list[Member], cfg: TrainConfig, prior_weight: fl
     if cfg.mixed_precision == "bf16":
         engine.freeze_to(denoiser, torch.bfloat16)
     engine.configure_denoiser(denoiser, cfg, family)
-    # Each subject's prompt conditioning, stacked subject-major as the rows are.
-    cond = {k: torch.cat([f.conditioning[k] for f in frozen]).to(device, dtype) for k in frozen[0].conditioning}
-    cond.update(family.fixed_conditioning(cfg, denoiser))
+    texts = [{k: v.to(device, dtype) for k, v in f.conditioning.items()} for f in frozen]
+    fixed = family.fixed_conditioning(cfg, denoiser)
     for name in engine.frozen_parts(family, cfg) | set(family.text_encoders):
         parts[name] = None
     model = engine.DreamBoothModel(denoiser, family=family)
     ds = engine.initialize(model, cfg, device, fused, config=ds_config(cfg))
-    return PackedEngine(ds, data, [m.seed for m in members], cfg, inputs, cond, prior_weight,
+    return PackedEngine(ds, data, [m.seed for m in members], cfg, inputs, texts, fixed, prior_weight,
                         engine.deepspeed_config(cfg)["gradient_clipping"], family)

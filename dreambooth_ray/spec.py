@@ -180,6 +180,10 @@ class TrainConfig(_Strict):
     # when any photo has a mask (a photo without one is all subject); on: every photo must have one.
     masked_loss: Literal["auto", "on", "off"] = "auto"
     seed: int = 0
+    # LoRA: train this many subjects of the job at once, in one forward and backward over the shared frozen
+    # base (pack.py), each adapter as its solo run trains it. 1: one subject per run.
+    pack: int = Field(1, ge=1, le=256, description=(
+        "method lora: subjects trained together in one run, each exactly as alone (see README, Packed subjects)"))
     # GPU kernels (cuBLAS split-K, attention backward, atomics) are not bit-reproducible run to run:
     # measured on an H100, two identical runs differ by ~2e-3 after 4 steps, so a resumed run cannot
     # equal an uninterrupted one. This trades some speed for identical runs (CPU runs are anyway).
@@ -269,6 +273,32 @@ class TrainConfig(_Strict):
                              "cannot hold; with method: lora, set lora.text_encoder: true for text-encoder adapters")
         return self
 
+    def pack_problems(self) -> list[str]:
+        """Why these settings cannot train a pack as its subjects' solo runs (empty: they can)."""
+        out = []
+        if self.method != "lora":
+            out.append("needs method: lora (full fine-tuning gives every subject its own base model)")
+        if self.mixed_precision in ("fp16", "bf16-weights"):
+            why = ("fp16's one loss scale and skipped steps would couple the subjects" if self.mixed_precision == "fp16"
+                   else "DeepSpeed's bf16 optimizer clips over all parameters, coupling the subjects")
+            out.append(f"needs mixed_precision fp32 or bf16, not {self.mixed_precision!r}: {why}")
+        if self.train_text_encoder or (self.method == "lora" and self.lora.text_encoder):
+            out.append("trains denoiser adapters only (no train_text_encoder, no lora.text_encoder)")
+        if self.offload != "none":
+            out.append("keeps the adapters' optimizer on the device (offload: none): they are small")
+        if self.optimizer != "adamw":  # AdamW is elementwise; these look across every subject's adapters at once
+            out.append(f"needs optimizer adamw, not {self.optimizer!r}: "
+                       + ("Prodigy's step size is estimated over all parameters" if self.optimizer == "prodigy"
+                          else "Adafactor clips its update over each packed [subjects, ...] tensor")
+                       + ", coupling the subjects")
+        return out
+
+    @model_validator(mode="after")
+    def _pack_fits(self):
+        if self.pack > 1 and self.pack_problems():
+            raise ValueError(f"pack {self.pack}: " + "; ".join(self.pack_problems()))
+        return self
+
     @model_validator(mode="after")
     def _formats_fit_the_method(self):
         wrong = {"lora": "single_file", "full": "kohya"}[self.method]
@@ -328,7 +358,7 @@ class SRConfig(_Strict):
             resolution=self.output_resolution, steps=self.steps, learning_rate=self.learning_rate,
             batch_size=self.batch_size, zero_stage=self.zero_stage, checkpoint_every=self.checkpoint_every,
             num_workers=self.num_workers or base.num_workers, mixed_precision=self.mixed_precision or base.mixed_precision,
-            method="full", train_text_encoder=False, cache_latents=False, lr_warmup_steps=0,
+            method="full", train_text_encoder=False, cache_latents=False, lr_warmup_steps=0, pack=1,
             # the paper's SR objective with AdamW at sr.learning_rate, constant: the base stage's optimizer,
             # schedule, min-SNR and noise offset are its own (Prodigy's rate is a multiplier, Adafactor needs ZeRO-0)
             optimizer="adamw", lr_scheduler="constant", snr_gamma=None, noise_offset=0.0,
