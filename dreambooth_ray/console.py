@@ -84,6 +84,18 @@ class Reporter:
 
 
 @dataclass
+class Chorus:
+    """Several subjects' reporters as one (a pack's): each hears what is said to the pack."""
+
+    reporters: list
+
+    def say(self, line: str) -> None:
+        for r in self.reporters:
+            if r is not None:
+                r.say(line)
+
+
+@dataclass
 class View:
     """Draws a board on the driver: live on a terminal, lines elsewhere."""
 

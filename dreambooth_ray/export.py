@@ -30,10 +30,15 @@ def split_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.T
     return out
 
 
-def trained_pipeline(spec: JobSpec, ckpt_dir: str, stage: str = "base"):
+def trained_pipeline(spec: JobSpec, ckpt_dir: str, stage: str = "base", pack_index: int | None = None):
     """The stage's pipeline (base, or the SR one) with the trained weights (or LoRA adapters) from a
-    checkpoint folder. The family loads it through its own pipeline class."""
-    return pipeline_with(spec, checkpoint.consolidated_state_dict(ckpt_dir), stage)
+    checkpoint folder (a pack's: its subject `pack_index`'s). The family loads it through its own pipeline class."""
+    sd = checkpoint.consolidated_state_dict(ckpt_dir)
+    if pack_index is not None:
+        from .pack import unpacked
+
+        sd = unpacked(sd, pack_index)
+    return pipeline_with(spec, sd, stage)
 
 
 def pipeline_with(spec: JobSpec, state_dict: dict[str, torch.Tensor], stage: str = "base",
@@ -140,13 +145,25 @@ def from_engine(ds, spec: JobSpec, storage: Storage, out: tuple[str, ...], run: 
     name = export_dtype(spec, stage)
     if name == "fp32" and cfg.mixed_precision in ("bf16-weights", "fp16"):
         return None
-    dtype = EXPORT_DTYPES[name]
     written = io_counts()[0]
-    sd = live_state_dict(ds, cfg, rank, dtype)
+    sd = live_state_dict(ds, cfg, rank, EXPORT_DTYPES[name])
     if rank != 0:
         return None
-    pipe = pipeline_with(spec, sd, stage, dtype=dtype)
-    record = {"run": run, "dtype": name, "timeline": timeline or {},
+    return from_state_dict(spec, storage, out, run, sd, timeline, stage, t0, written)
+
+
+def from_state_dict(spec: JobSpec, storage: Storage, out: tuple[str, ...], run: str, sd: dict[str, torch.Tensor],
+                    timeline: dict | None = None, stage: str = "base", t0: float | None = None,
+                    written: int | None = None) -> dict:
+    """`from_engine`'s model and record, from trained weights already on this rank ({'unet.x': ..}, in the
+    stage's export precision): one subject of a pack (pack.PackedEngine.subject_state_dict) exports so."""
+    import time
+
+    t0 = time.perf_counter() if t0 is None else t0
+    written = io_counts()[0] if written is None else written
+    name = export_dtype(spec, stage)
+    pipe = pipeline_with(spec, sd, stage, dtype=EXPORT_DTYPES[name])
+    record = {"run": run, "dtype": name, "timeline": dict(timeline or {}),
               **write_model(spec, storage, pipe, out, stage)}
     record["seconds"] = round(time.perf_counter() - t0, 3)
     record["timeline"]["bytes_written"] = record["timeline"].get("bytes_written", 0) + io_counts()[0] - written

@@ -13,7 +13,9 @@ from .spec import JobSpec, Subject
 # recomputed: a run that ran out of memory resumes with it on).
 # The export's precision and formats are not either: the trained weights are the same.
 # masked_loss: what it trains is the masks, which subject_identity names (auto and on train the same).
-_NOT_IDENTITY = {"masked_loss", "checkpoint_every", "checkpoint_upload", "keep_checkpoints", "max_failures", "use_gpu",
+# pack: a packed subject trains what its solo run trains (tests/test_pack.py); the pack's checkpoints are
+# under a run of its own (job.pack_name), so packing or not never resumes the other's checkpoint.
+_NOT_IDENTITY = {"masked_loss", "pack", "checkpoint_every", "checkpoint_upload", "keep_checkpoints", "max_failures", "use_gpu",
                  "attention", "channels_last", "compile", "export_dtype", "export_formats", "gradient_checkpointing"}
 
 

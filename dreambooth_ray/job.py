@@ -88,8 +88,9 @@ def _stage_model(spec: JobSpec, storage: Storage, out: tuple[str, ...], stage: s
     exported = storage.read_json(*out, export.FOLDERS[stage][1])
     if exported and exported.get("run") == run:  # no checkpoint round trip
         return export.load_exported(spec, exported), {**exported, "exported_by": "training workers"}
+    packed = (storage.read_json(*out, "train.json") or {}).get("pack") if stage == "base" else None
     with checkpoint.local_copy(ckpt) as ckpt_dir:
-        pipe = export.trained_pipeline(spec, ckpt_dir, stage)
+        pipe = export.trained_pipeline(spec, ckpt_dir, stage, packed["index"] if packed else None)
     made = export.write_model(spec, storage, pipe, out, stage)
     return pipe, {**made, "exported_by": "final checkpoint", "dtype": "fp32", "seconds": 0.0}
 
@@ -108,14 +109,14 @@ def prior_task(cache: priors.PriorCache, spec: JobSpec, use_gpu: bool, reporter:
 
 @ray.remote(num_cpus=0)
 def subject_task(spec, subject, identity, use_gpu, prior_counts, queued_at: float, submitted_at: float,
-                 reporter: Reporter, lanes) -> SubjectResult:
+                 reporter: Reporter, lanes, packed: dict | None = None) -> SubjectResult:
     """One subject, start to finish; its failure is its own result, never the batch's."""
     t0 = time.perf_counter()
     # Ray starts this task once its class images exist (a dependency) and a slot was free (the window).
     timeline = {"waiting_for_a_slot": submitted_at - queued_at, "waiting_for_class_images": time.time() - submitted_at}
     try:
         return _run_subject(spec, subject, Storage(spec.storage, spec.s3), identity, use_gpu, prior_counts, timeline,
-                            reporter, lanes)
+                            reporter, lanes, packed)
     except Exception as e:  # isolation: whatever went wrong is recorded, the other subjects go on
         msg = _first_line(e)
         reporter.stage("failed", f"FAILED: {msg}")
@@ -210,43 +211,86 @@ def _run_subjects(spec: JobSpec, storage: Storage, identity: str, use_gpu: bool,
             prior_refs[cache.key] = prior_task.remote(cache, spec, use_gpu, Reporter(f"priors {cache.prompt!r}", board))
         subject_priors.append(prior_refs[cache.key] if cache else None)
 
-    # Training lanes: up to `capacity` worker groups, each training subject after subject; Ray's
-    # scheduler places each lane's workers wherever resources free up. Twice as many subjects in
+    # With train.pack, the subjects still to train go in packs of that many (one run each, pack_task); a
+    # subject already trained goes on alone (export, samples), as without packing.
+    pending: list[tuple[str, object]] = []
+    fresh = []
+    for subject, pref in zip(subjects, subject_priors):
+        if spec.train.pack > 1 and _needs_training(storage, spec, subject, run_name(
+                spec, subject, identity, _prior_key(spec, subject, storage, identity))):
+            fresh.append((subject, pref))
+        else:
+            pending.append(("subject", (subject, pref, None)))
+    pending += [("pack", fresh[i : i + spec.train.pack]) for i in range(0, len(fresh), spec.train.pack)]
+
+    # Training lanes: up to `capacity` worker groups, each training subject after subject (or pack after
+    # pack); Ray's scheduler places each lane's workers wherever resources free up. Twice as many in
     # flight, so that one subject's export and samples overlap the next one's training in its lane.
-    window = min(capacity(spec, use_gpu), len(subjects))
+    window = min(capacity(spec, use_gpu), max(len(pending), 1))
     lanes = train.TrainingQueue.remote(spec, "base", use_gpu, lanes=window)
-    console.print(f"job {spec.name}: {len(subjects)} subject(s), up to {window} at once, "
-                  f"{len(prior_refs)} prior set(s)", highlight=False)
+    packs = sum(kind == "pack" for kind, _ in pending)
+    console.print(f"job {spec.name}: {len(subjects)} subject(s)" + (f", {len(fresh)} in {packs} pack(s)" if packs else "")
+                  + f", up to {window} at once, {len(prior_refs)} prior set(s)", highlight=False)
     window *= 2
-    pending = list(zip(subjects, subject_priors))
-    running: dict[ray.ObjectRef, str] = {}
+    running: dict[ray.ObjectRef, tuple] = {}
     while pending or running:
         while pending and len(running) < window:
-            subject, pref = pending.pop(0)
-            ref = subject_task.remote(spec, subject, identity, use_gpu, pref, queued_at, time.time(),
-                                      Reporter(subject.name, board), lanes)
-            running[ref] = subject.name
+            kind, what = pending.pop(0)
+            if kind == "pack":
+                ref = pack_task.remote(spec, [s for s, _ in what], identity, use_gpu, [p for _, p in what],
+                                       [Reporter(s.name, board) for s, _ in what], lanes)
+            else:
+                subject, pref, packed = what
+                ref = subject_task.remote(spec, subject, identity, use_gpu, pref, queued_at, time.time(),
+                                          Reporter(subject.name, board), lanes, packed)
+            running[ref] = (kind, what)
         ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
         view.refresh()
         if not ready:
             continue
-        name = running.pop(ready[0])
+        kind, what = running.pop(ready[0])
+        if kind == "pack":  # its subjects go on alone: export was the workers', samples and the rest are theirs
+            try:
+                trained = ray.get(ready[0])
+            except Exception as e:  # noqa: BLE001 -- the pack task itself died
+                trained = {s.name: {"error": _first_line(e)} for s, _ in what}
+            for subject, pref in reversed(what):
+                got = trained.get(subject.name, {"error": "not trained by its pack"})
+                if "error" in got:
+                    _finish(spec, storage, results, console, SubjectResult(subject.name, "failed", "", "", 0, None, 0.0,
+                                                                           error=got["error"]), announce=True)
+                else:
+                    pending.insert(0, ("subject", (subject, pref, got["packed"])))
+            continue
+        name = what[0].name
         try:
             r = ray.get(ready[0])
         except Exception as e:  # its class's prior task failed, so the subject never started
             r = SubjectResult(name, "failed", "", "", 0, None, 0.0, error=_first_line(e))
             console.print(f"{name}: FAILED: {r.error}", highlight=False, markup=False)
-        results[name] = r
-        if spec.tracking.mlflow is not None:
-            try:
-                rid = tracking.log_subject(spec, next(s for s in spec.subjects if s.name == name), storage, r)
-                if rid:
-                    console.print(f"{name}: MLflow run {rid}", highlight=False, markup=False)
-            except Exception as e:  # noqa: BLE001 -- the subject is trained and stored; only its tracking failed
-                console.print(f"{name}: warning: not logged to MLflow ({type(e).__name__}: {e})",
-                              highlight=False, markup=False)
+        _finish(spec, storage, results, console, r)
     ray.get(lanes.close.remote())  # idle lanes end now
     return results, prior_refs
+
+
+def _prior_key(spec: JobSpec, subject: Subject, storage: Storage, identity: str) -> str | None:
+    return priors.PriorCache.for_subject(spec, subject, storage, identity).key if spec.prior.enabled else None
+
+
+def _finish(spec: JobSpec, storage: Storage, results: dict, console: Console, r: SubjectResult,
+            announce: bool = False) -> None:
+    """A subject's result recorded (and logged to MLflow when the spec asks)."""
+    if announce:
+        console.print(f"{r.name}: FAILED: {r.error}", highlight=False, markup=False)
+    results[r.name] = r
+    if spec.tracking.mlflow is not None:
+        try:
+            rid = tracking.log_subject(spec, next(s for s in spec.subjects if s.name == r.name), storage, r)
+            if rid:
+                console.print(f"{r.name}: MLflow run {rid}", highlight=False, markup=False)
+        except Exception as e:  # noqa: BLE001 -- the subject is trained and stored; only its tracking failed
+            console.print(f"{r.name}: warning: not logged to MLflow ({type(e).__name__}: {e})",
+                          highlight=False, markup=False)
 
 
 def planned_runs(spec: JobSpec, storage: Storage, identity: str) -> list[tuple[str, str, int]]:
@@ -265,7 +309,8 @@ def planned_runs(spec: JobSpec, storage: Storage, identity: str) -> list[tuple[s
 
 
 def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeline: dict, reporter: Reporter,
-                 lanes=None) -> SubjectResult:
+                 lanes=None, packed: dict | None = None) -> SubjectResult:
+    """`packed`: this subject was just trained in a pack (pack_task): its train.json is the pack's work."""
     t0 = time.perf_counter()
     say = reporter.say
     out = ("outputs", spec.name, subject.name)
@@ -286,19 +331,19 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeli
         return SubjectResult(subject.name, "skipped", record["model"], record["samples"], record["step"],
                              record.get("metrics", {}).get("loss"), time.perf_counter() - t0,
                              {s: "skipped" for s in ("train", "export", "samples")})
-    tokenizer = models.load_tokenizer(spec.model, spec.s3)
-    if subject.identifier == "auto":
-        subject = identifiers.resolve(subject, tokenizer, spec.train.seed, spec.identifiers)
-        say(f"identifier: auto -> {subject.identifier!r} ({subject.instance_text!r})")
-    for w in models.identifier_warnings(tokenizer, subject.identifier, subject.class_noun):
-        say(f"warning: {w}")
+    subject = _resolve_identifier(spec, subject, None if packed else say)  # a pack said it before training
     stages: dict[str, str] = {}
     train_start = train_end = None
     trained = storage.read_json(*out, "train.json")
     if trained and trained.get("run") == name:
-        say(f"training already finished ({trained['checkpoint']})")
         ckpt = ray.train.Checkpoint(trained["checkpoint"], storage.ray_storage()[1])
-        metrics, stages["train"] = trained["metrics"], "skipped"
+        metrics = trained["metrics"]
+        if packed:
+            stages["train"], train_start, train_end = "ran", packed["train_start"], packed["train_end"]
+            timeline.update(packed["timeline"])
+        else:
+            say(f"training already finished ({trained['checkpoint']})")
+            stages["train"] = "skipped"
     else:
         t = spec.train
         reporter.stage("training", f"training {t.steps} steps, {t.method}, {t.describe_lr()}, {t.describe_batch()}, "
@@ -353,6 +398,99 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeli
     return SubjectResult(subject.name, "done", model_url, samples_url, int(metrics.get("step", spec.train.steps)),
                          metrics.get("loss"), time.perf_counter() - t0, stages, train_start=train_start,
                          train_end=train_end, timeline=timeline)
+
+
+def _resolve_identifier(spec: JobSpec, subject: Subject, say=None) -> Subject:
+    """`identifier: auto` resolved (deterministic: model, seed, vocabulary window); `say`s it and the
+    identifier's warnings when given."""
+    tokenizer = models.load_tokenizer(spec.model, spec.s3)
+    if subject.identifier == "auto":
+        subject = identifiers.resolve(subject, tokenizer, spec.train.seed, spec.identifiers)
+        if say:
+            say(f"identifier: auto -> {subject.identifier!r} ({subject.instance_text!r})")
+    for w in models.identifier_warnings(tokenizer, subject.identifier, subject.class_noun) if say else ():
+        say(f"warning: {w}")
+    return subject
+
+
+def pack_name(spec: JobSpec, runs: list[str]) -> str:
+    """A pack's run: named by its subjects' runs, in order (each subject's adapter is its row of the pack)."""
+    return f"pack-{spec.fingerprint(runs)}"
+
+
+def _needs_training(storage: Storage, spec: JobSpec, subject: Subject, run: str) -> bool:
+    out = ("outputs", spec.name, subject.name)
+    done = [(storage.read_json(*out, f) or {}).get("run", "") for f in ("job.json", "train.json")]
+    return not any(r == run or r.startswith(f"{run}+") for r in done)
+
+
+@ray.remote(num_cpus=0)
+def pack_task(spec: JobSpec, subjects: list[Subject], identity: str, use_gpu: bool, prior_refs: list,
+              reporters: list[Reporter], lanes) -> dict[str, dict]:
+    """A pack's training: each subject's class images, identifier and frozen inputs, then one run for
+    all of them (train.fit_pack), whose workers export each subject's adapter. Returns {subject name:
+    {"packed": ...} for its subject task, or {"error": why}}: a subject whose class images failed fails
+    alone and the others train without it."""
+    storage, results, members = Storage(spec.storage, spec.s3), {}, []
+    timeline = {}
+    for subject, ref, reporter in zip(subjects, prior_refs, reporters):
+        try:
+            counts = ray.get(ref) if ref is not None else None
+        except Exception as e:  # noqa: BLE001 -- its class images failed: it fails alone
+            results[subject.name] = {"error": _first_line(e)}
+            continue
+        key = counts["key"] if counts else None
+        name = run_name(spec, subject, identity, key)
+        resolved = _resolve_identifier(spec, subject, reporter.say)
+        members.append({"subject": resolved, "run_name": name, "prior_key": key, "reporter": reporter,
+                        "export_to": (("outputs", spec.name, subject.name), name), "validator": None})
+    if not members:
+        return results
+    pack = pack_name(spec, [m["run_name"] for m in members])
+    t = spec.train
+    for m in members:
+        m["reporter"].stage("training", f"training {t.steps} steps in a pack of {len(members)} "
+                            f"({', '.join(x['subject'].name for x in members)}), {t.method}, {t.describe_lr()}, "
+                            f"{t.describe_batch()}, {t.mixed_precision}, {'GPU' if use_gpu else 'CPU'} "
+                            f"(run {m['run_name']}, pack {pack})", total=t.steps)
+    t1 = time.perf_counter()
+    todo = [m for m in members if stage_needs_encoding(spec, storage, m["run_name"])]
+    if todo:
+        for m in todo:
+            m["reporter"].say(f"encoding the prompts and images with the frozen {', '.join(sorted(encode.needed(spec)))}")
+        ray.get([encode.encode_task.options(num_gpus=1 if use_gpu else 0).remote(
+            spec, m["subject"], m["run_name"], m["prior_key"]) for m in todo])
+        timeline["encode"] = (time.perf_counter() - t1) / len(members)  # each subject's share
+    train_start = time.time()
+    if spec.samples.validation_every:
+        for m in members:
+            m["validator"] = (samples.Validator.options(num_gpus=spec.samples.validation_gpus if use_gpu else 0)
+                              .remote(spec, m["subject"], m["run_name"]))
+    try:
+        trained = train.fit_pack(spec, members, storage, pack, use_gpu, queue=lanes)
+        for m in members:
+            if m["validator"] is not None:
+                for e in ray.get(m["validator"].drain.remote())["errors"]:
+                    m["reporter"].say(f"warning: validation images of {e}")
+    except Exception as e:  # noqa: BLE001 -- the pack's subjects fail together; the job goes on
+        return {**results, **{m["subject"].name: {"error": _first_line(e)} for m in members}}
+    finally:
+        for m in members:
+            if m["validator"] is not None:
+                ray.kill(m["validator"])
+    train_end = time.time()
+    for i, m in enumerate(members):
+        result = trained[m["run_name"]]
+        out = m["export_to"][0]
+        storage.write_json({"run": m["run_name"], "checkpoint": result.checkpoint.path, "metrics": result.metrics,
+                            "pack": {"run": pack, "index": i, "subjects": [x["subject"].name for x in members]}},
+                           *out, "train.json")
+        encode.discard(storage, spec, m["run_name"])
+        started = (result.metrics.get("timeline") or {}).get("worker_started_at")
+        results[m["subject"].name] = {"packed": {
+            "train_start": train_start, "train_end": train_end,
+            "timeline": {**timeline, **({"worker_start": started - train_start} if started else {})}}}
+    return results
 
 
 def stage_needs_encoding(spec: JobSpec, storage: Storage, run: str) -> bool:

@@ -99,6 +99,12 @@ def subject_state_dict(module: torch.nn.Module, i: int, prefix: str = "", dtype=
     return out
 
 
+def unpacked(state_dict: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    """Subject i's adapter from a pack's checkpoint ({'unet.<layer>.lora_A': [N, r, in], ..}), in its solo
+    run's keys: what the job exports from when the workers' own export is missing."""
+    return {f"{k}.default.weight": v[i] for k, v in state_dict.items() if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
+
+
 def clip_per_subject(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Scales each subject's gradients (slice i of every packed parameter) as DeepSpeed scales a solo
     run's: by max_norm / (norm + 1e-6) when that is below 1. Returns the subjects' norms."""

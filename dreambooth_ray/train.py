@@ -24,7 +24,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from . import checkpoint, encode, engine, export, models, samples, snapshot, sr
+from . import checkpoint, encode, engine, export, models, pack, samples, snapshot, sr
 from .images import load_subject_images
 from .priors import PriorCache
 from .spec import JobSpec, Subject
@@ -43,7 +43,8 @@ def train_loop(config: dict) -> None:
     n = 0
     while (item := ray.get(queue.take.remote(lane, rank, n))) is not None:
         n += 1
-        result = train_subject({**item, "lane": lane}, rank)
+        run = train_pack if "members" in item else train_subject
+        result = run({**item, "lane": lane}, rank)
         if rank == 0:
             ray.get(queue.finish.remote(lane, result))
         gc.collect()  # the subject's engine and model go before the next one loads
@@ -193,6 +194,115 @@ def train_subject(config: dict, rank: int) -> dict:
     return {"checkpoint": final.path if final else None, "metrics": metrics or {}}
 
 
+def train_pack(config: dict, rank: int) -> dict:
+    """A pack's run (pack.py) on every rank of the lane: its subjects' adapters in one engine and one
+    checkpointed run; each subject gets its solo run's history, progress, validation images and export.
+    Rank 0 returns {checkpoint, metrics, members: {run name: that subject's metrics}}."""
+    spec: JobSpec = config["spec"]
+    cfg, members, run_root = spec.train, config["members"], config["run_root"]
+    storage = Storage(spec.storage, spec.s3)
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    deterministic_kernels(cfg.deterministic)
+    torch.manual_seed(cfg.seed)
+    timeline = {"worker_started_at": time.time(), "checkpoint_stalls": 0.0, "validation_handover": 0.0}
+    mark = time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        timeline[name] = timeline.get(name, 0.0) + now - mark
+        mark = now
+
+    built = []
+    for m in members:
+        subject = m["subject"]
+        photos = load_subject_images(subject.images, cfg.resolution, spec.s3, spec.skip_bad_images, quiet=True)
+        classes = (PriorCache(storage, m["prior_key"], subject.class_text, cfg.resolution, spec.prior)
+                   .load(spec.prior.num_class_images) if m["prior_key"] else [])
+        built.append(pack.Member([s.image for s in photos], classes, subject.instance_text, subject.class_text,
+                                 cfg.seed, geometry=[s.geometry for s in photos],
+                                 frozen=encode.load(storage, spec, m["run_name"]), masks=[s.mask for s in photos],
+                                 captions=[subject.prompt(s.caption) if s.caption else None for s in photos]))
+    phase("photos_and_class_images")
+    skipped = sorted(encode.needed(spec)) if all(b.frozen is not None for b in built) else []
+    parts = models.load_components(spec.model, spec.s3, skip=skipped)  # the frozen base, whole: adapters are ZeRO-0
+    phase("model_load")
+    eng = pack.build(parts, built, cfg, spec.prior.loss_weight, device)
+    phase("latent_cache_and_engine")
+    start = checkpoint.restore(eng.ds, run_root, lora=True)
+    phase("restore")
+    reporters = [m.get("reporter") for m in members]
+    if start and rank == 0:
+        print(f"[{config['run_name']}] resumed from checkpoint at step {start}", flush=True)
+        for r in filter(None, reporters):
+            r.say(f"resumed the pack from its checkpoint at step {start}")
+    histories = [History(spec, m["subject"], m["run_name"]) for m in members] if rank == 0 else []
+    handovers, t0, last, saved, metrics = [], time.perf_counter(), start, None, None
+    for step in range(start, cfg.steps):
+        mark = time.perf_counter()
+        sums = eng.step(step, rank)  # [subjects, (loss, subject loss, prior loss)]
+        torch.distributed.all_reduce(sums)
+        sums /= ctx.get_world_size()
+        done = step + 1
+        rate = (done - last) / max(time.perf_counter() - t0, 1e-9)
+        each = {m["run_name"]: {"step": done, "loss": v[0], "instance_loss": v[1], "prior_loss": v[2], "lr": eng.lr(),
+                                "steps_per_s": rate, "lane": config["lane"], "pack": config["run_name"],
+                                "pack_size": len(members), "parts_not_loaded": skipped,
+                                "node_id": ray.get_runtime_context().get_node_id()}
+                for m, v in zip(members, sums.tolist())}
+        metrics = {"step": done, "loss": float(sums[:, 0].sum()), "lr": eng.lr(), "steps_per_s": rate,
+                   "node_id": ray.get_runtime_context().get_node_id(), "lane": config["lane"], "members": each}
+        phase("steps")
+        waited, eng.checkpoint_wait = eng.checkpoint_wait, 0.0
+        timeline["steps"] -= waited
+        timeline["checkpoint_stalls"] += waited
+        if done == start + 1:
+            checkpoint.prepare(eng.ds, done, run_root, True, cfg.checkpoint_upload)
+            phase("checkpoint_buffers")
+        if rank == 0:
+            for m, h, r in zip(members, histories, reporters):
+                h.add(each[m["run_name"]])
+                if r:
+                    r.progress(done, cfg.steps, each[m["run_name"]]["loss"])
+            print(f"[{config['run_name']}] step {done}/{cfg.steps} "
+                  + " ".join(f"{m['subject'].name} {each[m['run_name']]['loss']:.4f}" for m in members)
+                  + f" lr {metrics['lr']:.2e} {rate:.2f} steps/s", flush=True)
+        if spec.samples.validation_every and done % spec.samples.validation_every == 0:
+            for i, m in enumerate(members):  # each subject's adapter, as its solo run hands its own over
+                if rank == 0 and m.get("validator") is not None:
+                    handovers.append(m["validator"].receive.remote(done, samples.to_wire(eng.subject_state_dict(i))))
+            phase("validation_handover")
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            metrics["timeline"] = {k: round(v, 3) for k, v in timeline.items()}
+            checkpoint.save(eng.ds, done, metrics, started_at=start, run_root=run_root, lora=True,
+                            upload=cfg.checkpoint_upload, keep=cfg.keep_checkpoints)
+            previous, saved = saved, done
+            phase("checkpoint_stalls")
+            for h in histories:
+                h.flush()
+            _maybe_inject_fault(config.get("fault"), done, previous, rank, run_root)
+    ray.get(handovers)
+    if saved is not None:
+        checkpoint.wait_uploaded(checkpoint.step_dir(run_root, saved))
+    snapshot.release(eng.ds)
+    if rank != 0:  # the adapters are replicated (ZeRO-0): rank 0 holds every subject's
+        return {}
+    dtype = export.EXPORT_DTYPES[export.export_dtype(spec)]
+    # Each subject's share of the pack's time: what its record's timeline sums to is what it cost.
+    share = {k: round(v / len(members), 3) for k, v in timeline.items() if k != "worker_started_at"}
+    for i, m in enumerate(members):  # also after a resume at the last step: a failed export is redone
+        record = export.from_state_dict(spec, storage, m["export_to"][0], m["run_name"],
+                                        eng.subject_state_dict(i, dtype), timeline=dict(share))
+        print(f"[{m['subject'].name}] exported {record['model']} ({record['dtype']}, {record['seconds']:.1f} s)",
+              flush=True)
+    checkpoint.prune(run_root, cfg.keep_checkpoints)
+    final = checkpoint.latest(run_root)
+    if metrics is None and final is not None:
+        metrics = checkpoint.read_metrics(final)
+    return {"checkpoint": final.path if final else None, "metrics": metrics or {}}
+
+
 def _maybe_inject_fault(fault: tuple[str, int] | None, step: int, previous: int | None, rank: int,
                         run_root) -> None:
     """Test hook (the queue passes it to a subject's first attempt only): ("raise", N) fails every
@@ -248,6 +358,35 @@ def fit(spec: JobSpec, subject: Subject, storage: Storage, run_name: str, prior_
     if out["checkpoint"] is None:
         raise RuntimeError(f"training of {subject.name!r} finished without a checkpoint")
     return TrainResult(ray.train.Checkpoint(out["checkpoint"], item["run_root"][1]), out["metrics"])
+
+
+def fit_pack(spec: JobSpec, members: list[dict], storage: Storage, run_name: str, use_gpu: bool,
+             fault: tuple[str, int] | None = None, queue=None) -> dict[str, TrainResult]:
+    """Run (or resume) a pack's training (pack.py) in a lane of `queue`, as `fit` does one subject's.
+    `members`: {subject, run_name, prior_key, export_to, reporter, validator} each, in the pack's order
+    (each subject's adapter is its row of the pack). Returns each member's result by its run name; the
+    checkpoint is the pack's."""
+    from .console import Chorus
+
+    own = queue is None
+    if own:
+        queue = TrainingQueue.remote(spec, "base", use_gpu, lanes=1)
+    storage_path, storage_fs = storage.ray_storage("checkpoints", spec.name)
+    item = {"id": f"{run_name}/{uuid.uuid4().hex[:8]}", "spec": spec, "members": members, "stage": "base",
+            "fault": fault, "reporter": Chorus([m.get("reporter") for m in members]), "run_name": run_name,
+            "run_root": (f"{storage_path}/{run_name}", storage_fs), "max_failures": spec.train.max_failures}
+    try:
+        out = ray.get(queue.train.remote(item))
+    finally:
+        if own:
+            ray.get(queue.close.remote())
+    if "error" in out:
+        raise TrainingError(out["error"])
+    if out["checkpoint"] is None:
+        raise RuntimeError(f"training of pack {run_name!r} finished without a checkpoint")
+    ckpt, metrics = ray.train.Checkpoint(out["checkpoint"], storage_fs), out["metrics"]
+    return {m["run_name"]: TrainResult(ckpt, {**metrics["members"][m["run_name"]], "timeline": metrics.get("timeline")})
+            for m in members}
 
 
 def work_item(spec: JobSpec, subject: Subject, storage: Storage, run_name: str, prior_key: str | None,
