@@ -295,16 +295,22 @@ def _finish(spec: JobSpec, storage: Storage, results: dict, console: Console, r:
 
 def planned_runs(spec: JobSpec, storage: Storage, identity: str) -> list[tuple[str, str, int]]:
     """(what, run name, workers) of every training run the job may resume, for the preflight."""
-    runs = []
+    runs, fresh = [], []
     sr_identity = models.identity(spec.sr.model, spec.s3) if spec.sr.enabled else None
     for s in spec.subjects:
         key = priors.PriorCache.for_subject(spec, s, storage, identity).key if spec.prior.enabled else None
         runs.append((f"subject {s.name}", run_name(spec, s, identity, key), spec.train.num_workers))
+        if spec.train.pack > 1 and _needs_training(storage, spec, s, runs[-1][1]):
+            fresh.append((s.name, runs[-1][1]))
         if sr_identity:
             sr_key = (priors.PriorCache.for_sr(spec, s, storage, identity, sr_identity).key
                       if spec.sr.prior_preservation else None)
             runs.append((f"subject {s.name} (SR)", sr_run_name(spec, s, sr_identity, sr_key),
                          spec.stage_train("sr").num_workers))
+    for i in range(0, len(fresh), spec.train.pack):  # the packs _run_subjects will make (when no subject is refused)
+        group = fresh[i : i + spec.train.pack]
+        runs.append((f"the pack of {', '.join(n for n, _ in group)}", pack_name(spec, [r for _, r in group]),
+                     spec.train.num_workers))
     return runs
 
 

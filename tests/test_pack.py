@@ -163,6 +163,14 @@ def test_a_pack_resumed_from_its_checkpoint_ends_bit_identical(group, tmp_path):
                                            ({"optimizer": "adafactor", "zero_stage": 0}, "optimizer adamw"),
                                            ({"optimizer": "prodigy"}, "optimizer adamw")])
 def test_settings_a_pack_cannot_train_alone_are_refused_before_any_compute(setting, named):
+    """By the spec (the job spec's error names train.pack and why), and by pack.build for a caller past it."""
+    from conftest import tiny_spec
+
+    from dreambooth_ray.spec import SpecError, parse_spec
+
+    with pytest.raises(SpecError, match=rf"train: pack 2: .*{named}"):
+        parse_spec(tiny_spec("/nowhere", "/nowhere", train={"method": "lora", "pack": 2, **setting}))
+    parse_spec(tiny_spec("/nowhere", "/nowhere", train={"method": "lora", "pack": 1, **setting}))  # alone: fine
     parts = models.load_components("tiny")
     with pytest.raises(pack.PackError, match=named):
         pack.build(parts, _subjects(), _cfg(**setting), 1.0, CPU)
