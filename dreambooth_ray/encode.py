@@ -75,6 +75,17 @@ def _metadata(blob: bytes) -> dict:
 @ray.remote(num_cpus=0)
 def encode_task(spec: JobSpec, subject: Subject, run: str, prior_key: str | None) -> dict:
     """Compute and store the base run's frozen inputs (GPU when the task is given one)."""
+    return encode_runs(spec, [(subject, run, prior_key)])
+
+
+@ray.remote(num_cpus=0)
+def encode_pack_task(spec: JobSpec, runs: list[tuple[Subject, str, str | None]]) -> dict:
+    """A pack's subjects' frozen inputs, the frozen parts loaded once for all of them."""
+    return encode_runs(spec, runs)
+
+
+def encode_runs(spec: JobSpec, runs: list[tuple[Subject, str, str | None]]) -> dict:
+    """Each (subject, run, prior key)'s frozen inputs, computed and stored; the parts loaded once."""
     import time
 
     from .storage import io_counts
@@ -82,16 +93,17 @@ def encode_task(spec: JobSpec, subject: Subject, run: str, prior_key: str | None
     t0, cfg, io_start = time.perf_counter(), spec.train, io_counts()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     storage = Storage(spec.storage, spec.s3)
-    photos = load_subject_images(subject.images, cfg.resolution, spec.s3, spec.skip_bad_images, quiet=True)
-    classes = (PriorCache(storage, prior_key, subject.class_text, cfg.resolution, spec.prior)
-               .load(spec.prior.num_class_images) if prior_key else [])
     fam = models.family(spec.model, spec.s3)
     # Only the parts it encodes with (tokenizers aside): not the denoiser, not a text encoder that trains
     parts = models.load_components(spec.model, spec.s3, skip={fam.denoiser, *(set(fam.text_encoders) - needed(spec))})
-    frozen = engine.frozen_inputs(parts, [p.image for p in photos], classes, subject.instance_text,
-                                  subject.class_text, cfg, device, [p.mask for p in photos],
-                                  [subject.prompt(p.caption) if p.caption else None for p in photos])
-    save(storage, spec, run, frozen)
+    for subject, run, prior_key in runs:
+        photos = load_subject_images(subject.images, cfg.resolution, spec.s3, spec.skip_bad_images, quiet=True)
+        classes = (PriorCache(storage, prior_key, subject.class_text, cfg.resolution, spec.prior)
+                   .load(spec.prior.num_class_images) if prior_key else [])
+        frozen = engine.frozen_inputs(parts, [p.image for p in photos], classes, subject.instance_text,
+                                      subject.class_text, cfg, device, [p.mask for p in photos],
+                                      [subject.prompt(p.caption) if p.caption else None for p in photos])
+        save(storage, spec, run, frozen)
     written, read = (now - then for now, then in zip(io_counts(), io_start))
     return {"seconds": round(time.perf_counter() - t0, 3), "parts": sorted(needed(spec)), "bytes_written": written,
             "bytes_read": read}

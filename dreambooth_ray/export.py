@@ -42,16 +42,19 @@ def trained_pipeline(spec: JobSpec, ckpt_dir: str, stage: str = "base", pack_ind
 
 
 def pipeline_with(spec: JobSpec, state_dict: dict[str, torch.Tensor], stage: str = "base",
-                  dtype: torch.dtype = torch.float32):
+                  dtype: torch.dtype = torch.float32, pipe=None):
     """The stage's pipeline with trained weights {'unet.x': .., 'text_encoder.y': ..} loaded, all in
-    `dtype` (the base model is loaded in it: an export never holds an fp32 copy of a 16-bit one)."""
+    `dtype` (the base model is loaded in it: an export never holds an fp32 copy of a 16-bit one).
+    `pipe`: one this made before for the same spec, stage and dtype, whose trained weights (every one of
+    them: the checks below) are replaced: a pack's subjects export through one pipeline."""
     ref = spec.model if stage == "base" else spec.sr.model
     family = models.family(ref, spec.s3, role="base" if stage == "base" else "sr")
-    pipe = models.load_pipeline(ref, spec.s3, torch_dtype=dtype)
     lora = stage == "base" and spec.train.method == "lora"
-    if lora:
-        family.add_lora(pipe, spec.train)
-        pipe.to(dtype=dtype)  # the adapters too
+    if pipe is None:
+        pipe = models.load_pipeline(ref, spec.s3, torch_dtype=dtype)
+        if lora:
+            family.add_lora(pipe, spec.train)
+            pipe.to(dtype=dtype)  # the adapters too
     parts = split_state_dict({k: v.to(dtype) for k, v in state_dict.items()})
     for part, sd in parts.items():
         result = getattr(pipe, part).load_state_dict(sd, strict=not lora)
@@ -149,26 +152,27 @@ def from_engine(ds, spec: JobSpec, storage: Storage, out: tuple[str, ...], run: 
     sd = live_state_dict(ds, cfg, rank, EXPORT_DTYPES[name])
     if rank != 0:
         return None
-    return from_state_dict(spec, storage, out, run, sd, timeline, stage, t0, written)
+    return from_state_dict(spec, storage, out, run, sd, timeline, stage, t0, written)[0]
 
 
 def from_state_dict(spec: JobSpec, storage: Storage, out: tuple[str, ...], run: str, sd: dict[str, torch.Tensor],
                     timeline: dict | None = None, stage: str = "base", t0: float | None = None,
-                    written: int | None = None) -> dict:
+                    written: int | None = None, pipe=None) -> tuple[dict, object]:
     """`from_engine`'s model and record, from trained weights already on this rank ({'unet.x': ..}, in the
-    stage's export precision): one subject of a pack (pack.PackedEngine.subject_state_dict) exports so."""
+    stage's export precision): one subject of a pack (pack.PackedEngine.subject_state_dict) exports so.
+    Returns (record, the pipeline, for `pipe` of the next subject's export)."""
     import time
 
     t0 = time.perf_counter() if t0 is None else t0
     written = io_counts()[0] if written is None else written
     name = export_dtype(spec, stage)
-    pipe = pipeline_with(spec, sd, stage, dtype=EXPORT_DTYPES[name])
+    pipe = pipeline_with(spec, sd, stage, dtype=EXPORT_DTYPES[name], pipe=pipe)
     record = {"run": run, "dtype": name, "timeline": dict(timeline or {}),
               **write_model(spec, storage, pipe, out, stage)}
     record["seconds"] = round(time.perf_counter() - t0, 3)
     record["timeline"]["bytes_written"] = record["timeline"].get("bytes_written", 0) + io_counts()[0] - written
     storage.write_json(record, *out, FOLDERS[stage][1])
-    return record
+    return record, pipe
 
 
 def write_model(spec: JobSpec, storage: Storage, pipe, out: tuple[str, ...], stage: str = "base") -> dict:

@@ -464,8 +464,8 @@ def pack_task(spec: JobSpec, subjects: list[Subject], identity: str, use_gpu: bo
     if todo:
         for m in todo:
             m["reporter"].say(f"encoding the prompts and images with the frozen {', '.join(sorted(encode.needed(spec)))}")
-        ray.get([encode.encode_task.options(num_gpus=1 if use_gpu else 0).remote(
-            spec, m["subject"], m["run_name"], m["prior_key"]) for m in todo])
+        ray.get(encode.encode_pack_task.options(num_gpus=1 if use_gpu else 0).remote(
+            spec, [(m["subject"], m["run_name"], m["prior_key"]) for m in todo]))
         timeline["encode"] = (time.perf_counter() - t1) / len(members)  # each subject's share
     train_start = time.time()
     if spec.samples.validation_every:
@@ -495,7 +495,7 @@ def pack_task(spec: JobSpec, subjects: list[Subject], identity: str, use_gpu: bo
         started = (result.metrics.get("timeline") or {}).get("worker_started_at")
         results[m["subject"].name] = {"packed": {
             "train_start": train_start, "train_end": train_end,
-            "timeline": {**timeline, **({"worker_start": started - train_start} if started else {})}}}
+            "timeline": {**timeline, **({"worker_start": (started - train_start) / len(members)} if started else {})}}}
     return results
 
 

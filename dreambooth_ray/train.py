@@ -291,9 +291,10 @@ def train_pack(config: dict, rank: int) -> dict:
     dtype = export.EXPORT_DTYPES[export.export_dtype(spec)]
     # Each subject's share of the pack's time: what its record's timeline sums to is what it cost.
     share = {k: round(v / len(members), 3) for k, v in timeline.items() if k != "worker_started_at"}
+    pipe = None  # one pipeline, each subject's adapter loaded in turn
     for i, m in enumerate(members):  # also after a resume at the last step: a failed export is redone
-        record = export.from_state_dict(spec, storage, m["export_to"][0], m["run_name"],
-                                        eng.subject_state_dict(i, dtype), timeline=dict(share))
+        record, pipe = export.from_state_dict(spec, storage, m["export_to"][0], m["run_name"],
+                                              eng.subject_state_dict(i, dtype), timeline=dict(share), pipe=pipe)
         print(f"[{m['subject'].name}] exported {record['model']} ({record['dtype']}, {record['seconds']:.1f} s)",
               flush=True)
     checkpoint.prune(run_root, cfg.keep_checkpoints)
