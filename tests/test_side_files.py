@@ -137,3 +137,48 @@ def test_side_files_on_s3_read_once_and_see_an_edit(s3_endpoint, bucket, tmp_pat
     caption = (root / "b.txt").read_bytes()
     client.put_object(Bucket=bucket, Key="photos/b.txt", Body=caption.replace(b"photo", b"snap!"))  # same size
     assert side_files(url, s3)["captions"][1] != first["captions"][1]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_own_class_images_key_their_cache_by_content(tmp_path, where, request):
+    """prior.class_images: an image edited in place (same name, same size, other pixels) is another cache;
+    an untouched folder keeps its key."""
+    from conftest import tiny_spec
+
+    from dreambooth_ray.priors import PriorCache
+    from dreambooth_ray.spec import parse_spec
+    from dreambooth_ray.storage import Storage
+
+    rng = np.random.default_rng(1)
+    own = tmp_path / "reg"
+    own.mkdir()
+    for i in range(3):  # uncompressed: the same size whatever the pixels
+        Image.fromarray(rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8)).save(own / f"reg_{i}.png", compress_level=0)
+    url, s3 = str(own), {}
+    if where == "s3":
+        import boto3
+
+        endpoint, bucket = request.getfixturevalue("s3_endpoint"), request.getfixturevalue("bucket")
+        client = boto3.client("s3", endpoint_url=endpoint)
+        put = lambda p: client.put_object(Bucket=bucket, Key=f"reg/{p.name}", Body=p.read_bytes())  # noqa: E731
+        for p in sorted(own.iterdir()):
+            put(p)
+        url, s3 = f"s3://{bucket}/reg", {"s3": {"endpoint_url": endpoint}}
+    base = tiny_spec(str(tmp_path / "store"), str(tmp_path / "photos"), **s3)
+    spec = parse_spec({**base, "prior": {**base["prior"], "class_images": url}})
+    storage, subject = Storage(spec.storage, spec.s3), spec.subjects[0]
+
+    def key():
+        return PriorCache.for_subject(spec, subject, storage, "m").key
+
+    first = key()
+    assert key() == first  # untouched
+    size = os.path.getsize(own / "reg_1.png")
+    px = np.asarray(Image.open(own / "reg_1.png")).copy()
+    px[5, 5] = 255 - px[5, 5]
+    Image.fromarray(px).save(own / "reg_1.png", compress_level=0)
+    assert os.path.getsize(own / "reg_1.png") == size
+    if where == "s3":
+        put(own / "reg_1.png")
+    # Measured before the fix (names and sizes only): the same key; this test fails.
+    assert key() != first
