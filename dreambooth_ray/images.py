@@ -122,17 +122,26 @@ def _mask(photo: Image.Image, data: bytes | None, name: str, resolution: int) ->
             raise ImageError(f"{name}: mask is {w}x{h}, its photo {pw}x{ph} (not the same shape)")
         if m.size != photo.size:
             m = m.resize(photo.size, Image.Resampling.BILINEAR)
-    elif photo.mode in ("RGBA", "LA", "PA") or (photo.mode == "P" and "transparency" in photo.info):
-        m = photo.convert("RGBA").getchannel("A")
-        if m.getextrema()[0] == 255 or m.getextrema()[1] == 0:  # opaque, or all transparent: no cut-out
+    else:
+        m = cutout_alpha(photo)
+        if m is None:
             return None
         name = f"{name}: alpha channel"
-    else:
-        return None
     arr = np.asarray(square(m, resolution), dtype=np.float32) / 255.0
     if arr.max() == 0:
         raise ImageError(f"{name}: the mask has no subject (all black) in the photo's square crop")
     return arr
+
+
+def cutout_alpha(photo: Image.Image) -> Image.Image | None:
+    """A photo's alpha channel where it cuts the subject out; None where there is none, or it is opaque
+    (a mask of ones: the same loss as no mask) or all transparent (no cut-out either). Training
+    (`_mask`) and the run's identity (`side_files`) both ask this, so they agree on what is masked."""
+    if not (photo.mode in ("RGBA", "LA", "PA") or (photo.mode == "P" and "transparency" in photo.info)):
+        return None  # (an RGB/L PNG's colour-key transparency: to_rgb does not composite it either)
+    a = photo.convert("RGBA").getchannel("A")
+    lo, hi = a.getextrema()
+    return None if lo == 255 or hi == 0 else a
 
 
 def _alpha_only(m: Image.Image) -> bool:
@@ -258,10 +267,11 @@ def _stem(name: str) -> str:
     return name.rsplit(".", 1)[0]
 
 
-def _by_stem(fs, folder: str) -> dict[str, str]:
-    """{name and stem: path} of the images in a masks/ folder (a JPEG photo's mask is often a PNG)."""
+def _by_stem(fs, folder: str, found: list[str] | None = None) -> dict[str, str]:
+    """{name and stem: path} of the images in a masks/ folder (a JPEG photo's mask is often a PNG);
+    `found`: its files, already listed."""
     try:
-        found = [p for p in fs.find(folder) if p.lower().endswith(IMAGE_EXTENSIONS)]
+        found = [p for p in (fs.find(folder) if found is None else found) if p.lower().endswith(IMAGE_EXTENSIONS)]
     except (FileNotFoundError, NotADirectoryError):
         return {}
     out = {}
@@ -294,41 +304,113 @@ def load_subject_images(
 
 
 def side_files(url: str, s3: S3Settings | None = None) -> dict:
-    """What beside a subject's photos changes its training, without decoding a photo: {"masks": [n,
-    hash], "captions": [n, hash]} over the masks/ files and the photos' alpha channels (a PNG or WebP
-    whose header says it has one: its bytes), and the <stem>.txt captions; each absent where there are
-    none. For the run's identity (a changed mask or caption is a new run) and job.json."""
+    """What beside a subject's photos changes its training: {"masks": [n, hash], "captions": [n, hash]},
+    n the photos with a mask (`SubjectImage.mask` not None: a masks/ file, else a cut-out alpha channel,
+    not an opaque one) or with a <stem>.txt caption, hash over each photo's mask or caption bytes; each
+    absent where there are none. For the run's identity (a changed mask or caption is a new run) and
+    job.json. Asked several times per subject per job: memoised on the folder's listing (`_memoised`)."""
+    return _memoised("side_files", url, s3, _side_files)
+
+
+def _side_files(fs, root: str, found: list[str]) -> dict:
     import hashlib
 
-    fs, root = filesystem(url, s3)
-    try:
-        found = sorted(p for p in fs.find(root) if not _rel(p, root).split("/")[-1].startswith("."))
-    except (FileNotFoundError, NotADirectoryError):
-        return {}
-    photos = {_stem(p) for p in found if p.lower().endswith(IMAGE_EXTENSIONS) and not _hidden(p, root)}
+    names = set(found)
+    masks = _by_stem(fs, f"{root}/{MASKS}", [p for p in found if _rel(p, root).startswith(MASKS + "/")])
     out: dict = {}
 
-    def add(kind: str, path: str, data: bytes) -> None:
+    def add(kind: str, photo: str, data: bytes) -> None:
+        count_io(read=len(data))
         n, h = out.setdefault(kind, [0, hashlib.sha256()])
-        h.update(_rel(path, root).encode() + b"\0" + hashlib.sha256(data).digest())
+        h.update(_rel(photo, root).encode() + b"\0" + hashlib.sha256(data).digest())
         out[kind][0] = n + 1
 
-    for p in found:
-        rel, low = _rel(p, root), p.lower()
-        if rel.startswith(MASKS + "/") and low.endswith(IMAGE_EXTENSIONS):
-            add("masks", p, fs.cat_file(p))
-        elif low.endswith(".txt") and _stem(p) in photos:
-            add("captions", p, fs.cat_file(p))
-        elif low.endswith((".png", ".webp")) and not _hidden(p, root):
+    for p in found:  # as read_images pairs each photo with its mask and caption
+        if not p.lower().endswith(IMAGE_EXTENSIONS) or _hidden(p, root):
+            continue
+        name = _rel(p, root)
+        mask = masks.get(name) or masks.get(_stem(name))
+        if mask:
+            add("masks", p, fs.cat_file(mask))
+        elif _has_alpha(fs, p):  # the header says so: then the pixels decide (cutout_alpha)
             data = fs.cat_file(p)
             try:
-                im = Image.open(io.BytesIO(data))  # the header only
-                alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
+                cut = cutout_alpha(Image.open(io.BytesIO(data))) is not None
             except Exception:  # noqa: BLE001 -- a bad photo: the preflight names it
-                alpha = False
-            if alpha:
+                cut = False
+            if cut:
                 add("masks", p, data)
+        if _stem(p) + ".txt" in names:
+            add("captions", p, fs.cat_file(_stem(p) + ".txt"))
     return {k: [n, h.hexdigest()[:16]] for k, (n, h) in out.items()}
+
+
+def _has_alpha(fs, path: str) -> bool:
+    """Whether an image's header gives it an alpha channel (read by content, as training decodes it:
+    not by its extension); only the header is read."""
+    try:
+        with fs.open(path, "rb", block_size=1 << 16) as f:
+            im = Image.open(f)
+            return im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+    except Exception:  # noqa: BLE001 -- a bad photo: the preflight names it
+        return False
+
+
+def content_digest(url: str, s3: S3Settings | None = None) -> list:
+    """[[name, size, sha256 of its bytes]] of the images under `url` (as `listing` lists them): what a set of
+    images is, an edit in place at the same size included. Memoised on the folder's listing."""
+    return _memoised("content_digest", url, s3, _content_digest)
+
+
+def _content_digest(fs, root: str, found: list[str]) -> list:
+    import hashlib
+
+    out = []
+    for p in found:
+        if p.lower().endswith(IMAGE_EXTENSIONS) and not _hidden(p, root):
+            data = fs.cat_file(p)
+            count_io(read=len(data))
+            out.append([_rel(p, root), len(data), hashlib.sha256(data).hexdigest()[:16]])
+    return out
+
+
+# (what, url, S3 endpoint) -> (the folder's listing signature, the answer). A local file's mtime ticks
+# coarsely (a jiffy; seconds on some filesystems), so an answer over a file changed within RACY_S of the
+# listing is not kept: a second same-size edit in that tick would keep its mtime (git's "racily clean").
+_MEMO: dict = {}
+RACY_S = 2.0
+
+
+def _memoised(what: str, url: str, s3: S3Settings | None, compute):
+    """compute(fs, root, sorted paths) for the folder at `url`, recomputed only when its listing (names,
+    sizes, and S3 ETags, which change with the bytes, or local mtimes) differs from the last answer's:
+    one listing per call, the files read once per change. {} / [] where the folder does not exist."""
+    import copy
+    import time
+
+    fs, root = filesystem(url, s3)
+    listed_at = time.time()
+    try:
+        found = {p: info for p, info in fs.find(root, detail=True).items()
+                 if not any(seg.startswith(".") for seg in _rel(p, root).split("/"))}
+    except (FileNotFoundError, NotADirectoryError):
+        found = {}
+    if not found:
+        return compute(fs, root, [])
+    sig = sorted((_rel(p, root), info.get("size"), info.get("ETag") or info.get("etag") or info.get("mtime"))
+                 for p, info in found.items())
+    key = (what, url, s3 and s3.endpoint_url)
+    hit = _MEMO.get(key)
+    if hit is not None and hit[0] == sig:
+        return copy.deepcopy(hit[1])
+    answer = compute(fs, root, sorted(found))
+    racy = any(not (info.get("ETag") or info.get("etag")) and float(info.get("mtime") or listed_at) > listed_at - RACY_S
+               for info in found.values())
+    if racy:
+        _MEMO.pop(key, None)
+    else:
+        _MEMO[key] = (sig, copy.deepcopy(answer))
+    return answer
 
 
 def _rel(path: str, root: str) -> str:

@@ -5,8 +5,9 @@ a re-run or a retried shard produces only what is missing, and sharding never ch
 
 With `prior.class_images` (kohya's regularisation images) the user's own images are images 0..u-1 of
 the set, read from their folder (sorted by name) and preprocessed as photos are; generation tops the
-set up from image u. The folder and its listing (names, sizes) are part of the cache key, so another
-folder, or a file added, is another cache (and another run); meta.json records which files they were.
+set up from image u. The folder and its images' names and contents are part of the cache key, so another
+folder, a file added or one edited in place is another cache (and another run); meta.json records which
+files they were.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class PriorCache:
     def for_subject(cls, spec: JobSpec, subject: Subject, storage: Storage, model_identity: str,
                     resolution: int | None = None) -> "PriorCache":
         p, resolution = spec.prior, resolution or spec.train.resolution
-        own = [p.class_images, images.listing(p.class_images, spec.s3)] if p.class_images else []
+        own = [p.class_images, images.content_digest(p.class_images, spec.s3)] if p.class_images else []
         key = spec.fingerprint(
             model_identity, subject.class_text, resolution,
             p.inference_steps, p.guidance_scale, p.seed, *([] if p.scheduler == "model" else [p.scheduler]), *own,
