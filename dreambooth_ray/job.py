@@ -238,7 +238,7 @@ def _run_subjects(spec: JobSpec, storage: Storage, identity: str, use_gpu: bool,
             kind, what = pending.pop(0)
             if kind == "pack":
                 ref = pack_task.remote(spec, [s for s, _ in what], identity, use_gpu, [p for _, p in what],
-                                       [Reporter(s.name, board) for s, _ in what], lanes)
+                                       [Reporter(s.name, board) for s, _ in what], lanes, queued_at, time.time())
             else:
                 subject, pref, packed = what
                 ref = subject_task.remote(spec, subject, identity, use_gpu, pref, queued_at, time.time(),
@@ -432,13 +432,12 @@ def _needs_training(storage: Storage, spec: JobSpec, subject: Subject, run: str)
 
 @ray.remote(num_cpus=0)
 def pack_task(spec: JobSpec, subjects: list[Subject], identity: str, use_gpu: bool, prior_refs: list,
-              reporters: list[Reporter], lanes) -> dict[str, dict]:
+              reporters: list[Reporter], lanes, queued_at: float, submitted_at: float) -> dict[str, dict]:
     """A pack's training: each subject's class images, identifier and frozen inputs, then one run for
     all of them (train.fit_pack), whose workers export each subject's adapter. Returns {subject name:
     {"packed": ...} for its subject task, or {"error": why}}: a subject whose class images failed fails
     alone and the others train without it."""
     storage, results, members = Storage(spec.storage, spec.s3), {}, []
-    timeline = {}
     for subject, ref, reporter in zip(subjects, prior_refs, reporters):
         try:
             counts = ray.get(ref) if ref is not None else None
@@ -452,6 +451,8 @@ def pack_task(spec: JobSpec, subjects: list[Subject], identity: str, use_gpu: bo
                         "export_to": (("outputs", spec.name, subject.name), name), "validator": None})
     if not members:
         return results
+    # As a subject task's: the time before a slot, then before its class images (here: every member's).
+    timeline = {"waiting_for_a_slot": submitted_at - queued_at, "waiting_for_class_images": time.time() - submitted_at}
     pack = pack_name(spec, [m["run_name"] for m in members])
     t = spec.train
     for m in members:
