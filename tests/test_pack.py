@@ -92,7 +92,7 @@ def test_a_pack_of_three_trains_each_adapter_as_its_solo_run(group, model, train
     assert _worst(eng, solos) < 5e-6
 
 
-@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
+@pytest.mark.parametrize("model", ["tiny-sdxl"])  # SDXL: per-row pooled embeddings and time ids too (tiny: 5.4e-7)
 def test_masks_and_captions_in_a_pack_train_as_in_the_solo_run(group, model):
     """Subject 0 has a mask on one photo and its own caption on the other, subject 1 neither, subject 2 a
     caption only: each adapter still ends where its solo run (masked loss, caption rows) ends."""
