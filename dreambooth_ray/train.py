@@ -63,6 +63,23 @@ def deterministic_kernels(on: bool) -> None:
     torch.use_deterministic_algorithms(on)
 
 
+class Phases:
+    """Where an attempt's time goes (rank 0's view), for the job's per-subject timeline: each call adds
+    the seconds since the last one to a phase."""
+
+    def __init__(self):
+        self.seconds = {"worker_started_at": time.time(), "checkpoint_stalls": 0.0, "validation_handover": 0.0}
+        self.restart()
+
+    def restart(self) -> None:
+        self.mark = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.mark
+        self.mark = now
+
+
 def train_subject(config: dict, rank: int) -> dict:
     """One subject's run (one stage), on every rank of the lane; rank 0 returns {checkpoint, metrics}."""
     spec: JobSpec = config["spec"]
@@ -74,15 +91,9 @@ def train_subject(config: dict, rank: int) -> dict:
     deterministic_kernels(cfg.deterministic)
     torch.manual_seed(cfg.seed)
     # Where this attempt's time goes (rank 0's view), for the job's per-subject timeline.
-    timeline = {"worker_started_at": time.time(), "checkpoint_stalls": 0.0, "validation_handover": 0.0}
     io_start = storage_io_counts()
-    mark = time.perf_counter()
-
-    def phase(name: str) -> None:
-        nonlocal mark
-        now = time.perf_counter()
-        timeline[name] = timeline.get(name, 0.0) + now - mark
-        mark = now
+    phase = Phases()
+    timeline = phase.seconds
 
     photos = load_subject_images(subject.images, cfg.resolution, spec.s3, spec.skip_bad_images, quiet=True)
     instance = [s.image for s in photos]
@@ -121,7 +132,7 @@ def train_subject(config: dict, rank: int) -> dict:
     history = History(spec, subject, config["run_name"], stage) if rank == 0 else None
     t0, last, metrics, saved = time.perf_counter(), start, None, None
     for step in range(start, cfg.steps):
-        mark = time.perf_counter()
+        phase.restart()
         sums = eng.step(step, rank)  # on the training device: NCCL reduces no CPU tensors
         torch.distributed.all_reduce(sums)  # report the mean over all ranks, not rank 0's sample
         sums /= ctx.get_world_size()
@@ -205,14 +216,8 @@ def train_pack(config: dict, rank: int) -> dict:
     device = ray.train.torch.get_device()
     deterministic_kernels(cfg.deterministic)
     torch.manual_seed(cfg.seed)
-    timeline = {"worker_started_at": time.time(), "checkpoint_stalls": 0.0, "validation_handover": 0.0}
-    mark = time.perf_counter()
-
-    def phase(name: str) -> None:
-        nonlocal mark
-        now = time.perf_counter()
-        timeline[name] = timeline.get(name, 0.0) + now - mark
-        mark = now
+    phase = Phases()
+    timeline = phase.seconds
 
     built = []
     for m in members:
@@ -240,7 +245,7 @@ def train_pack(config: dict, rank: int) -> dict:
     histories = [History(spec, m["subject"], m["run_name"]) for m in members] if rank == 0 else []
     handovers, t0, last, saved, metrics = [], time.perf_counter(), start, None, None
     for step in range(start, cfg.steps):
-        mark = time.perf_counter()
+        phase.restart()
         sums = eng.step(step, rank)  # [subjects, (loss, subject loss, prior loss)]
         torch.distributed.all_reduce(sums)
         sums /= ctx.get_world_size()
@@ -345,10 +350,16 @@ def fit(spec: JobSpec, subject: Subject, storage: Storage, run_name: str, prior_
     error) are retried. An error that recurs every time (a TypeError from a model the code cannot
     drive, a bad setting) fails at once, under its own name, instead of reloading the model
     `max_failures` more times and ending as "Training failed due to worker errors"."""
+    item = work_item(spec, subject, storage, run_name, prior_key, fault, stage, export_to, reporter, validator)
+    out = _train(spec, item, stage, use_gpu, queue, repr(subject.name))
+    return TrainResult(ray.train.Checkpoint(out["checkpoint"], item["run_root"][1]), out["metrics"])
+
+
+def _train(spec: JobSpec, item: dict, stage: str, use_gpu: bool, queue, what: str) -> dict:
+    """`item` trained in a lane of `queue` (of its own, one lane, when None): rank 0's {checkpoint, metrics}."""
     own = queue is None
     if own:
         queue = TrainingQueue.remote(spec, stage, use_gpu, lanes=1)
-    item = work_item(spec, subject, storage, run_name, prior_key, fault, stage, export_to, reporter, validator)
     try:
         out = ray.get(queue.train.remote(item))
     finally:
@@ -357,8 +368,8 @@ def fit(spec: JobSpec, subject: Subject, storage: Storage, run_name: str, prior_
     if "error" in out:
         raise TrainingError(out["error"])
     if out["checkpoint"] is None:
-        raise RuntimeError(f"training of {subject.name!r} finished without a checkpoint")
-    return TrainResult(ray.train.Checkpoint(out["checkpoint"], item["run_root"][1]), out["metrics"])
+        raise RuntimeError(f"training of {what} finished without a checkpoint")
+    return out
 
 
 def fit_pack(spec: JobSpec, members: list[dict], storage: Storage, run_name: str, use_gpu: bool,
@@ -369,22 +380,11 @@ def fit_pack(spec: JobSpec, members: list[dict], storage: Storage, run_name: str
     checkpoint is the pack's."""
     from .console import Chorus
 
-    own = queue is None
-    if own:
-        queue = TrainingQueue.remote(spec, "base", use_gpu, lanes=1)
     storage_path, storage_fs = storage.ray_storage("checkpoints", spec.name)
     item = {"id": f"{run_name}/{uuid.uuid4().hex[:8]}", "spec": spec, "members": members, "stage": "base",
             "fault": fault, "reporter": Chorus([m.get("reporter") for m in members]), "run_name": run_name,
             "run_root": (f"{storage_path}/{run_name}", storage_fs), "max_failures": spec.train.max_failures}
-    try:
-        out = ray.get(queue.train.remote(item))
-    finally:
-        if own:
-            ray.get(queue.close.remote())
-    if "error" in out:
-        raise TrainingError(out["error"])
-    if out["checkpoint"] is None:
-        raise RuntimeError(f"training of pack {run_name!r} finished without a checkpoint")
+    out = _train(spec, item, "base", use_gpu, queue, f"pack {run_name!r}")
     ckpt, metrics = ray.train.Checkpoint(out["checkpoint"], storage_fs), out["metrics"]
     return {m["run_name"]: TrainResult(ckpt, {**metrics["members"][m["run_name"]], "timeline": metrics.get("timeline")})
             for m in members}
