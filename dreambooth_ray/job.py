@@ -354,7 +354,13 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeli
         t = spec.train
         reporter.stage("training", f"training {t.steps} steps, {t.method}, {t.describe_lr()}, {t.describe_batch()}, "
                      f"ZeRO-{t.zero_stage}, {t.mixed_precision}, {'GPU' if use_gpu else 'CPU'} (run {name})", total=t.steps)
-        if stage_needs_encoding(spec, storage, name):
+        # On GPUs the lane encodes before it loads the model (train.encode_first): the lanes hold the GPUs
+        # an encode task would wait for. On CPUs a task does it, beside the lane's previous subject.
+        in_lane = use_gpu and stage_needs_encoding(spec, storage, name)
+        if in_lane:
+            reporter.say(f"the training lane encodes the prompts and images with the frozen "
+                         f"{', '.join(sorted(encode.needed(spec)))} first")
+        elif stage_needs_encoding(spec, storage, name):
             t1 = time.perf_counter()
             reporter.say(f"encoding the prompts and images with the frozen {', '.join(sorted(encode.needed(spec)))}")
             done = ray.get(encode.encode_task.options(num_gpus=1 if use_gpu else 0).remote(spec, subject, name, prior_key))
@@ -365,7 +371,7 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeli
                      .remote(spec, subject, name) if spec.samples.validation_every else None)
         try:
             result = train.fit(spec, subject, storage, name, prior_key, use_gpu, export_to=(out, name),
-                               reporter=reporter, validator=validator, queue=lanes)
+                               reporter=reporter, validator=validator, queue=lanes, encode_here=in_lane)
             if validator is not None:
                 reporter.stage("validation", "rendering the last validation images")
                 for e in ray.get(validator.drain.remote())["errors"]:
@@ -462,7 +468,8 @@ def pack_task(spec: JobSpec, subjects: list[Subject], identity: str, use_gpu: bo
                             f"(run {m['run_name']}, pack {pack})", total=t.steps)
     t1 = time.perf_counter()
     todo = [m for m in members if stage_needs_encoding(spec, storage, m["run_name"])]
-    if todo:
+    in_lane = use_gpu and bool(todo)  # as _run_subject: on GPUs the lane encodes first
+    if todo and not in_lane:
         for m in todo:
             m["reporter"].say(f"encoding the prompts and images with the frozen {', '.join(sorted(encode.needed(spec)))}")
         ray.get(encode.encode_pack_task.options(num_gpus=1 if use_gpu else 0).remote(
@@ -474,7 +481,7 @@ def pack_task(spec: JobSpec, subjects: list[Subject], identity: str, use_gpu: bo
             m["validator"] = (samples.Validator.options(num_gpus=spec.samples.validation_gpus if use_gpu else 0)
                               .remote(spec, m["subject"], m["run_name"]))
     try:
-        trained = train.fit_pack(spec, members, storage, pack, use_gpu, queue=lanes)
+        trained = train.fit_pack(spec, members, storage, pack, use_gpu, queue=lanes, encode_here=in_lane)
         for m in members:
             if m["validator"] is not None:
                 for e in ray.get(m["validator"].drain.remote())["errors"]:

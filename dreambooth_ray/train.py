@@ -103,6 +103,9 @@ def train_subject(config: dict, rank: int) -> dict:
                              cfg.resolution, spec.prior).load(spec.prior.num_class_images)
     phase("photos_and_class_images")
     # The frozen parts' outputs, computed off the workers (encode.py): those parts are not loaded here.
+    if stage == "base" and config.get("encode_here"):
+        encode_first(spec, [(subject, config["run_name"], config["prior_key"])], rank)
+        phase("encode")
     frozen = encode.load(Storage(spec.storage, spec.s3), spec, config["run_name"]) if stage == "base" else None
     skipped = sorted(encode.needed(spec)) if frozen is not None else []
     parts = (models.load_sr_components(spec.sr.model, spec.s3) if stage == "sr"
@@ -205,6 +208,21 @@ def train_subject(config: dict, rank: int) -> dict:
     return {"checkpoint": final.path if final else None, "metrics": metrics or {}}
 
 
+def encode_first(spec: JobSpec, runs: list[tuple[Subject, str, str | None]], rank: int) -> None:
+    """A GPU job's frozen inputs (encode.py), computed by the lane's rank 0 on its own GPU before any
+    model loads: an encode task would wait for a GPU that the lanes hold. The frozen parts are loaded,
+    used and gone before the denoiser loads, so the worker never holds both. The other ranks wait."""
+    storage = Storage(spec.storage, spec.s3)
+    if rank == 0:
+        todo = [r for r in runs if not storage.exists(*encode.where(spec, r[1]))]
+        if todo:
+            encode.encode_runs(spec, todo)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    torch.distributed.barrier()
+
+
 def train_pack(config: dict, rank: int) -> dict:
     """A pack's run (pack.py) on every rank of the lane: its subjects' adapters in one engine and one
     checkpointed run; each subject gets its solo run's history, progress, validation images and export.
@@ -219,6 +237,9 @@ def train_pack(config: dict, rank: int) -> dict:
     phase = Phases()
     timeline = phase.seconds
 
+    if config.get("encode_here"):
+        encode_first(spec, [(m["subject"], m["run_name"], m["prior_key"]) for m in members], rank)
+        phase("encode")
     built = []
     for m in members:
         subject = m["subject"]
@@ -341,7 +362,7 @@ class TrainResult:
 def fit(spec: JobSpec, subject: Subject, storage: Storage, run_name: str, prior_key: str | None,
         use_gpu: bool, fault: tuple[str, int] | None = None, stage: str = "base",
         export_to: tuple[tuple[str, ...], str] | None = None, reporter=None, validator=None,
-        queue=None) -> TrainResult:
+        queue=None, encode_here: bool = False) -> TrainResult:
     """Run (or resume) one subject's training stage ('base' or 'sr') in a lane of `queue` (a queue of
     its own, one lane, when none is given). Same `run_name` + storage = resume from the last checkpoint.
 
@@ -349,8 +370,10 @@ def fit(spec: JobSpec, subject: Subject, storage: Storage, run_name: str, prior_
     checkpoint, but only failures that can pass (a dead worker or node, an I/O or communication
     error) are retried. An error that recurs every time (a TypeError from a model the code cannot
     drive, a bad setting) fails at once, under its own name, instead of reloading the model
-    `max_failures` more times and ending as "Training failed due to worker errors"."""
-    item = work_item(spec, subject, storage, run_name, prior_key, fault, stage, export_to, reporter, validator)
+    `max_failures` more times and ending as "Training failed due to worker errors".
+    `encode_here`: the lane computes the run's frozen inputs first (`encode_first`), not an encode task."""
+    item = {**work_item(spec, subject, storage, run_name, prior_key, fault, stage, export_to, reporter, validator),
+            "encode_here": encode_here}
     out = _train(spec, item, stage, use_gpu, queue, repr(subject.name))
     return TrainResult(ray.train.Checkpoint(out["checkpoint"], item["run_root"][1]), out["metrics"])
 
@@ -373,7 +396,7 @@ def _train(spec: JobSpec, item: dict, stage: str, use_gpu: bool, queue, what: st
 
 
 def fit_pack(spec: JobSpec, members: list[dict], storage: Storage, run_name: str, use_gpu: bool,
-             fault: tuple[str, int] | None = None, queue=None) -> dict[str, TrainResult]:
+             fault: tuple[str, int] | None = None, queue=None, encode_here: bool = False) -> dict[str, TrainResult]:
     """Run (or resume) a pack's training (pack.py) in a lane of `queue`, as `fit` does one subject's.
     `members`: {subject, run_name, prior_key, export_to, reporter, validator} each, in the pack's order
     (each subject's adapter is its row of the pack). Returns each member's result by its run name; the
@@ -383,7 +406,8 @@ def fit_pack(spec: JobSpec, members: list[dict], storage: Storage, run_name: str
     storage_path, storage_fs = storage.ray_storage("checkpoints", spec.name)
     item = {"id": f"{run_name}/{uuid.uuid4().hex[:8]}", "spec": spec, "members": members, "stage": "base",
             "fault": fault, "reporter": Chorus([m.get("reporter") for m in members]), "run_name": run_name,
-            "run_root": (f"{storage_path}/{run_name}", storage_fs), "max_failures": spec.train.max_failures}
+            "run_root": (f"{storage_path}/{run_name}", storage_fs), "max_failures": spec.train.max_failures,
+            "encode_here": encode_here}
     out = _train(spec, item, "base", use_gpu, queue, f"pack {run_name!r}")
     ckpt, metrics = ray.train.Checkpoint(out["checkpoint"], storage_fs), out["metrics"]
     return {m["run_name"]: TrainResult(ckpt, {**metrics["members"][m["run_name"]], "timeline": metrics.get("timeline")})

@@ -54,3 +54,29 @@ def test_a_worker_given_the_frozen_inputs_builds_no_frozen_part_and_trains_as_be
         assert a.step(step).tolist() == b.step(step).tolist(), step
     wa, wb = a.ds.module.state_dict(), b.ds.module.state_dict()
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_lane_that_encodes_first_trains_as_with_the_encode_task(ray_cluster, tmp_path, toy_images):
+    """A GPU job's lane computes the frozen inputs itself before it loads the model (train.encode_first:
+    an encode task would wait for a GPU the lanes hold): forced here on CPU workers. The lane wrote them
+    where the task writes, loaded the model without the frozen parts, and ends bit-identical to a run
+    whose inputs an encode task stored first."""
+    import ray
+
+    from conftest import final_weights
+
+    from dreambooth_ray import train
+
+    spec = parse_spec(tiny_spec(str(tmp_path / "store"), str(toy_images), prior={"enabled": False},
+                                train={"steps": 2, "checkpoint_every": 2}))
+    storage, subject = Storage(spec.storage), spec.subjects[0]
+    ray.get(encode.encode_task.remote(spec, subject, "by-task", None))
+    by_task = train.fit(spec, subject, storage, "by-task", None, False)
+    assert not storage.exists(*encode.where(spec, "in-lane"))
+    in_lane = train.fit(spec, subject, storage, "in-lane", None, False, encode_here=True)
+    assert storage.exists(*encode.where(spec, "in-lane"))
+    assert in_lane.metrics["parts_not_loaded"] == sorted(encode.needed(spec)) == ["text_encoder", "vae"]
+    assert by_task.metrics["loss"] == in_lane.metrics["loss"]
+    a, _ = final_weights(by_task.checkpoint)
+    b, _ = final_weights(in_lane.checkpoint)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
