@@ -7,6 +7,7 @@ VAE latents cached once (both flip variants), SDPA attention, channels_last, tor
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -41,6 +42,21 @@ def freeze_to(module: torch.nn.Module, dtype: torch.dtype) -> None:
     for p in module.parameters():
         if not p.requires_grad and p.is_floating_point():
             p.data = p.data.to(dtype)
+
+
+@contextmanager
+def fp32_view(module: torch.nn.Module):
+    """The module's 16-bit parameters shown as fp32 (their storage set aside) for the duration: peft
+    makes each adapter in its base layer's dtype, and would round the adapters' fp32 init to a base
+    loaded in bf16 (partitioned_loader); over this view they are made as over today's fp32 base."""
+    kept = [(p, p.data) for p in module.parameters() if p.is_floating_point() and p.dtype != torch.float32]
+    for p, _ in kept:
+        p.data = torch.empty(0, device=p.device)
+    try:
+        yield
+    finally:
+        for p, data in kept:
+            p.data = data
 
 
 class DreamBoothModel(torch.nn.Module):
@@ -114,18 +130,22 @@ def no_shm_comm() -> None:
 
 
 def partitioned_loader(cfg: TrainConfig):
-    """For full fine-tuning under ZeRO-3: a loader that builds the denoiser already sharded, so no
-    worker ever holds all of it (a 12B Flux transformer is 48 GB in fp32). None otherwise."""
-    if cfg.zero_stage != 3 or cfg.method != "full":
-        return None  # LoRA's frozen base is not sharded by a partitioned init: peft wraps whole layers
-    return lambda cls, path, subfolder: load_partitioned(cls, path, subfolder, deepspeed_config(cfg))
+    """Under ZeRO-3: a loader that builds the denoiser already sharded, so no worker ever holds all of
+    it (a 12B Flux transformer is 48 GB in fp32). LoRA's frozen base too, its shards in the dtype it
+    trains in (bf16 under `mixed_precision: bf16`), never an fp32 copy. None otherwise."""
+    if cfg.zero_stage != 3:
+        return None
+    dtype = torch.bfloat16 if cfg.method == "lora" and cfg.mixed_precision == "bf16" else None  # freeze_to's cast, at load
+    return lambda cls, path, subfolder: load_partitioned(cls, path, subfolder, deepspeed_config(cfg), dtype=dtype)
 
 
-def load_partitioned(cls, path: str, subfolder: str, ds_config: dict, chunk: int = 1 << 24):
+def load_partitioned(cls, path: str, subfolder: str, ds_config: dict, chunk: int = 1 << 24,
+                     dtype: torch.dtype | None = None):
     """A diffusers model built under deepspeed.zero.Init (each rank allocates only its shard), then
     filled from its safetensors files: rank 0 reads up to `chunk` elements at a time (memory-mapped)
     into parameters gathered for that moment, and the shards are scattered back. Peak host memory per
-    worker: its shard plus one chunk, falling with the worker count."""
+    worker: its shard plus one chunk, falling with the worker count. `dtype`: the parameters' (a frozen
+    base's: made in it, each chunk cast as it is read); default the config's."""
     import deepspeed
     import torch.distributed as dist
     from safetensors import safe_open
@@ -134,7 +154,7 @@ def load_partitioned(cls, path: str, subfolder: str, ds_config: dict, chunk: int
         no_shm_comm()
     folder = _local_folder(path, subfolder)
     where = weight_files(folder)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):  # dtype None: the config's
         model = cls.from_config(cls.load_config(str(folder))).eval()  # as from_pretrained returns it
     named = list(model.named_parameters())
     missing = [n for n, _ in named if n not in where]
@@ -553,7 +573,8 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
         if name in trained and cfg.gradient_checkpointing:
             te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:
-        family.add_lora(parts, cfg)
+        with fp32_view(parts[family.denoiser]):
+            family.add_lora(parts, cfg)
     denoiser = parts[family.denoiser].train()
     if lora and cfg.mixed_precision == "bf16":  # bf16-weights/fp16: DeepSpeed casts the whole module
         freeze_to(denoiser, torch.bfloat16)
