@@ -479,8 +479,10 @@ def trained_encoders(family, cfg: TrainConfig) -> set[str]:
 
 
 def frozen_parts(family, cfg: TrainConfig) -> set[str]:
-    """The parts whose outputs FrozenInputs carries: a worker given them needs none of these."""
-    out = set() if trained_encoders(family, cfg) else set(family.text_encoders)
+    """The parts whose outputs FrozenInputs carries: a worker given them needs none of these. The text
+    encoders that do not train (all, or SD3's and Flux's T5 beside trained CLIPs: family.frozen_states)
+    and a VAE whose latents are cached."""
+    out = set(family.text_encoders) - trained_encoders(family, cfg)
     return out | ({"vae"} if cfg.cache_latents and family.latent else set())
 
 
@@ -521,6 +523,11 @@ def frozen_inputs(parts: dict, instance, classes, instance_text: str, class_text
         texts, _ = prompt_table(instance_text, class_text, cfg, bool(classes), captions)
         inputs = family.prompt_inputs(parts, texts)
         out.conditioning = family.encode_frozen(encoders, inputs, device)
+    elif frozen & set(family.text_encoders):  # frozen beside trained ones (T5 beside CLIPs): their share
+        for name in frozen & set(family.text_encoders):
+            parts[name].to(frozen_dtype(cfg)).eval()
+        texts, _ = prompt_table(instance_text, class_text, cfg, bool(classes), captions)
+        out.conditioning = family.frozen_states(parts, family.prompt_inputs(parts, texts), device)
     return out
 
 
@@ -584,7 +591,7 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
     step_kw.update(family.fixed_conditioning(cfg, denoiser))
     if trained:
         model = DreamBoothModel(denoiser, family=family, **{n: encoders[n] for n in family.trainable_encoders})
-        text = family.trained_inputs(parts, family.prompt_inputs(parts, texts), device)
+        text = family.trained_inputs(parts, family.prompt_inputs(parts, texts), device, frozen.conditioning)
     else:
         text = {k: v.to(device, dtype) for k, v in frozen.conditioning.items()}
         model = DreamBoothModel(denoiser, family=family)

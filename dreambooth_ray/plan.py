@@ -519,12 +519,9 @@ def account(counts: Counts, trace: Trace, s: Settings, family=None, gpu: bool = 
     if gpu:
         dev.workspace += CUDA_CONTEXT
 
-    # Host: a frozen text encoder only beside a trained one (a T5 beside a trained CLIP: loaded, used once,
-    # dropped); otherwise the encode task computes the frozen parts' outputs off the workers (encode.py),
-    # the cached-latents VAE's too. And async checkpoints' host buffers (weights and optimizer partition).
-    te_bytes = 2 if s.mixed_precision in ("bf16", "bf16-weights") else 4
-    if s.train_text_encoder or (s.method == "lora" and s.lora_text_encoder):
-        host.weights += counts.encoders * te_bytes
+    # Host: no frozen text encoder (a T5 beside trained CLIPs included) nor a cached-latents VAE: the encode
+    # task computes their outputs off the workers (encode.py). Async checkpoints' host buffers (weights and
+    # optimizer partition).
     if s.checkpoint_async:
         host.workspace += P * w // shard + (STATE_BYTES.get(s.optimizer, 8) * P + 4 * P) // part
     notes = []
