@@ -3,7 +3,8 @@ partitioned load (engine.load_partitioned: deepspeed.zero.Init, filled chunkwise
 whole model on every worker and letting deepspeed.initialize partition it (the old path).
 `--method lora` (mixed_precision bf16): LoRA's frozen base loaded partitioned with its shards in bf16
 (engine.partitioned_loader) against the old LoRA path, the whole base loaded in fp32, the adapters
-added, then the base cast to bf16 (engine.freeze_to).
+added, then the base cast to bf16 (engine.freeze_to). `--stage 2 --modes whole dtype`: the same
+LoRA under ZeRO-2, the base loaded whole straight into bf16 (engine.load_whole) against the old path.
 
 The model is Flux's transformer architecture with random weights, ~110M parameters, saved once as
 a diffusers folder. Each worker is a process in a gloo group (as Ray Train's CPU workers are) that
@@ -40,7 +41,7 @@ def rss_mb(field: str = "VmRSS") -> float:
 
 
 def worker(rank: int, world: int, port: int, folder: str, mode: str, out: str, chunk: int, step: bool,
-           method: str = "full") -> None:
+           method: str = "full", stage: int = 3) -> None:
     """One rank: load (whole, or partitioned), then (unless load-only) engine + one step; writes its RSS."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -58,11 +59,13 @@ def worker(rank: int, world: int, port: int, folder: str, mode: str, out: str, c
     engine.no_shm_comm()
     after_imports = rss_mb()
     lora = method == "lora"
-    cfg = TrainConfig(zero_stage=3, mixed_precision="bf16" if lora else "fp32", learning_rate=1e-4, method=method)
+    cfg = TrainConfig(zero_stage=stage, mixed_precision="bf16" if lora else "fp32", learning_rate=1e-4, method=method)
     t0 = time.perf_counter()
     if mode == "partitioned":
         model = engine.load_partitioned(FluxTransformer2DModel, folder, "transformer", engine.deepspeed_config(cfg),
                                         chunk=chunk, dtype=torch.bfloat16 if lora else None)
+    elif mode == "dtype":
+        model = engine.load_whole(FluxTransformer2DModel, folder, "transformer", torch.bfloat16)
     else:
         model = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer")
         with torch.no_grad():  # weights are memory-mapped until read: read them, as deepspeed.initialize does
@@ -111,6 +114,7 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["whole", "partitioned"])
     ap.add_argument("--method", choices=["full", "lora"], default="full",
                     help="lora: rank-4 adapters (Flux's default targets) over a bf16 frozen base")
+    ap.add_argument("--stage", type=int, default=3, help="ZeRO stage of the engine (partitioned: 3 only)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "zero3_memory.json"))
     args = ap.parse_args()
 
@@ -132,7 +136,7 @@ def main() -> None:
             for mode in args.modes:
                 t0 = time.perf_counter()
                 mp.start_processes(worker, args=(world, free_port(), tmp, mode, tmp, args.chunk, not args.load_only,
-                                                        args.method), nprocs=world,
+                                                        args.method, args.stage), nprocs=world,
                                    start_method="spawn")
                 ranks = [json.loads(Path(tmp, f"{mode}-{world}-{r}.json").read_text()) for r in range(world)]
                 row = {"workers": world, "load": mode, "seconds": round(time.perf_counter() - t0, 1),
@@ -147,7 +151,7 @@ def main() -> None:
                       f"training step {row['model_mb_above_imports_max']:6.0f} MB per worker above the "
                       f"{row['rss_after_imports_mb']:.0f} MB after imports (peak RSS {row['peak_rss_mb_max']:.0f} MB), "
                       f"{row['seconds']:.0f} s")
-    result = {"parameters": n, "config": CONFIG, "method": args.method,
+    result = {"parameters": n, "config": CONFIG, "method": args.method, "zero_stage": args.stage,
               "dtype": "bf16 frozen base, fp32 adapters" if args.method == "lora" else "fp32", "optimizer": "AdamW", "rows": rows,
               "load_only": args.load_only, "chunk": args.chunk, "command": "python " + " ".join(sys.argv)}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -130,13 +130,44 @@ def no_shm_comm() -> None:
 
 
 def partitioned_loader(cfg: TrainConfig):
-    """Under ZeRO-3: a loader that builds the denoiser already sharded, so no worker ever holds all of
-    it (a 12B Flux transformer is 48 GB in fp32). LoRA's frozen base too, its shards in the dtype it
-    trains in (bf16 under `mixed_precision: bf16`), never an fp32 copy. None otherwise."""
-    if cfg.zero_stage != 3:
-        return None
+    """The denoiser's loader (None: from_pretrained). Under ZeRO-3 it builds the denoiser already
+    sharded, so no worker ever holds all of it (a 12B Flux transformer is 48 GB in fp32). LoRA's
+    frozen base is loaded in the dtype it trains in (bf16 under `mixed_precision: bf16`), never as an
+    fp32 copy: sharded under ZeRO-3, whole otherwise."""
     dtype = torch.bfloat16 if cfg.method == "lora" and cfg.mixed_precision == "bf16" else None  # freeze_to's cast, at load
-    return lambda cls, path, subfolder: load_partitioned(cls, path, subfolder, deepspeed_config(cfg), dtype=dtype)
+    if cfg.zero_stage == 3:
+        return lambda cls, path, subfolder: load_partitioned(cls, path, subfolder, deepspeed_config(cfg), dtype=dtype)
+    if dtype is not None:
+        return lambda cls, path, subfolder: load_whole(cls, path, subfolder, dtype)
+    return None
+
+
+def load_whole(cls, path: str, subfolder: str, dtype: torch.dtype):
+    """A diffusers model with its parameters read straight into `dtype`, one tensor at a time (peak: the
+    model in `dtype` plus its largest tensor in the file's dtype). Buffers stay as the constructor makes them
+    (from_pretrained(torch_dtype=...) would cast those too, e.g. SD3's positional table)."""
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+
+    folder = _local_folder(path, subfolder)
+    where = weight_files(folder)
+    with init_empty_weights(include_buffers=False):  # parameters on the meta device, buffers real
+        model = cls.from_config(cls.load_config(str(folder))).eval()
+    named = dict(model.named_parameters())
+    missing = [n for n in named if n not in where]
+    if missing:
+        raise KeyError(f"{folder}: no weights for {missing[:3]} ({len(missing)} parameters)")
+    buffers = dict(model.named_buffers())
+    for name, file in where.items():
+        # The file opened (memory-mapped) per tensor: kept open, each page read stays mapped in this
+        # process, and its peak RSS would hold the whole file beside the converted model.
+        with safe_open(str(file), "pt") as sf:
+            if name in named:
+                owner, _, leaf = name.rpartition(".")
+                model.get_submodule(owner)._parameters[leaf] = torch.nn.Parameter(sf.get_tensor(name).to(dtype))
+            elif name in buffers:
+                buffers[name].copy_(sf.get_tensor(name))
+    return model
 
 
 def load_partitioned(cls, path: str, subfolder: str, ds_config: dict, chunk: int = 1 << 24,
