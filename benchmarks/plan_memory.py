@@ -10,7 +10,9 @@ imports. glibc's malloc is told to map every block over 64 KB (MALLOC_MMAP_THRES
 tensor leaves RSS at once instead of staying in the heap; what is left is kernel scratch the trace does
 not see, Python objects and DeepSpeed's own small buffers.
 
-    .venv/bin/python benchmarks/plan_memory.py [--out benchmarks/results/plan_memory.json]
+    .venv/bin/python benchmarks/plan_memory.py [--stages 3] [--out benchmarks/results/plan_memory.json]
+
+`--stages`: only those ZeRO stages' cases, their rows replacing the same cases' in the results file.
 """
 
 from __future__ import annotations
@@ -199,6 +201,7 @@ CASES = [  # (zero stage, workers, mixed precision, gradient checkpointing, meth
     (2, 2, "fp32", False, "full"), (3, 2, "fp32", False, "full"),
     (2, 1, "bf16", False, "full"), (2, 1, "bf16", True, "full"),
     (2, 1, "bf16", False, "lora"),
+    (3, 2, "bf16", False, "lora"),
 ]
 
 
@@ -206,12 +209,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "plan_memory.json"))
     ap.add_argument("--resolution", type=int, default=512)
+    ap.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
     args = ap.parse_args()
     from dreambooth_ray import plan
 
     planner = plan.Planner(layout(), cache_dir=tempfile.mkdtemp())
     rows = []
     for stage, world, mp_, ck, method in CASES:
+        if stage not in args.stages:
+            continue
         s = plan.Settings(resolution=args.resolution, zero_stage=stage, num_workers=world, mixed_precision=mp_,
                           gradient_checkpointing=ck, method=method, checkpoint_async=False)
         p = planner.plan(s, gpu=False)
@@ -224,6 +230,11 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     c = planner.counts(plan.Settings())
+    case = ("zero_stage", "workers", "mixed_precision", "gradient_checkpointing", "method")
+    if set(args.stages) != {0, 1, 2, 3} and Path(args.out).exists():  # merge: other stages' rows as they were
+        new = {tuple(r[k] for k in case): r for r in rows}
+        old = json.loads(Path(args.out).read_text())["rows"]
+        rows = [new.pop(tuple(r[k] for k in case), r) for r in old] + list(new.values())
     Path(args.out).write_text(json.dumps({"layout": {"unet": UNET}, "trained_parameters": c.trained,
                                           "resolution": args.resolution, "rows": rows}, indent=2) + "\n")
     print(f"-> {args.out}")

@@ -1,6 +1,10 @@
 """Peak host memory per worker for full fine-tuning under ZeRO-3, at 1, 2 and 4 workers: the
 partitioned load (engine.load_partitioned: deepspeed.zero.Init, filled chunkwise) against loading the
 whole model on every worker and letting deepspeed.initialize partition it (the old path).
+`--method lora` (mixed_precision bf16): LoRA's frozen base loaded partitioned with its shards in bf16
+(engine.partitioned_loader) against the old LoRA path, the whole base loaded in fp32, the adapters
+added, then the base cast to bf16 (engine.freeze_to). `--stage 2 --modes whole dtype`: the same
+LoRA under ZeRO-2, the base loaded whole straight into bf16 (engine.load_whole) against the old path.
 
 The model is Flux's transformer architecture with random weights, ~110M parameters, saved once as
 a diffusers folder. Each worker is a process in a gloo group (as Ray Train's CPU workers are) that
@@ -36,7 +40,8 @@ def rss_mb(field: str = "VmRSS") -> float:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
-def worker(rank: int, world: int, port: int, folder: str, mode: str, out: str, chunk: int, step: bool) -> None:
+def worker(rank: int, world: int, port: int, folder: str, mode: str, out: str, chunk: int, step: bool,
+           method: str = "full", stage: int = 3) -> None:
     """One rank: load (whole, or partitioned), then (unless load-only) engine + one step; writes its RSS."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -53,16 +58,23 @@ def worker(rank: int, world: int, port: int, folder: str, mode: str, out: str, c
 
     engine.no_shm_comm()
     after_imports = rss_mb()
-    cfg = TrainConfig(zero_stage=3, mixed_precision="fp32", learning_rate=1e-4)
+    lora = method == "lora"
+    cfg = TrainConfig(zero_stage=stage, mixed_precision="bf16" if lora else "fp32", learning_rate=1e-4, method=method)
     t0 = time.perf_counter()
     if mode == "partitioned":
         model = engine.load_partitioned(FluxTransformer2DModel, folder, "transformer", engine.deepspeed_config(cfg),
-                                        chunk=chunk)
+                                        chunk=chunk, dtype=torch.bfloat16 if lora else None)
+    elif mode == "dtype":
+        model = engine.load_whole(FluxTransformer2DModel, folder, "transformer", torch.bfloat16)
     else:
         model = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer")
         with torch.no_grad():  # weights are memory-mapped until read: read them, as deepspeed.initialize does
             for q in model.parameters():
                 q.sum()
+    if lora:  # as engine.build: adapters over an fp32 view of the base, then the base in bf16
+        with engine.fp32_view(model):
+            families.FLUX.add_lora({"transformer": model}, cfg)
+        engine.freeze_to(model, torch.bfloat16)
     loaded = time.perf_counter() - t0
     load_peak = rss_mb("VmHWM")
     if not step:
@@ -75,7 +87,8 @@ def worker(rank: int, world: int, port: int, folder: str, mode: str, out: str, c
     x = torch.randn(1, 16, 16, 16, generator=g)  # 16 latent channels, 8 x 8 packed tokens
     cond = dict(encoder_hidden_states=torch.randn(1, 32, 256, generator=g),
                 pooled_projections=torch.randn(1, 128, generator=g), guidance=torch.tensor(3.5))
-    loss = ds(x, torch.tensor([500.0]), **cond).float().pow(2).mean()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=lora):
+        loss = ds(x, torch.tensor([500.0]), **cond).float().pow(2).mean()
     ds.backward(loss)
     ds.step()
     peak = rss_mb("VmHWM")
@@ -99,6 +112,9 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=1 << 22, help="elements rank 0 fills per gather")
     ap.add_argument("--load-only", action="store_true", help="stop after loading (no engine, no step)")
     ap.add_argument("--modes", nargs="+", default=["whole", "partitioned"])
+    ap.add_argument("--method", choices=["full", "lora"], default="full",
+                    help="lora: rank-4 adapters (Flux's default targets) over a bf16 frozen base")
+    ap.add_argument("--stage", type=int, default=3, help="ZeRO stage of the engine (partitioned: 3 only)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "zero3_memory.json"))
     args = ap.parse_args()
 
@@ -119,7 +135,8 @@ def main() -> None:
         for world in args.workers:
             for mode in args.modes:
                 t0 = time.perf_counter()
-                mp.start_processes(worker, args=(world, free_port(), tmp, mode, tmp, args.chunk, not args.load_only), nprocs=world,
+                mp.start_processes(worker, args=(world, free_port(), tmp, mode, tmp, args.chunk, not args.load_only,
+                                                        args.method, args.stage), nprocs=world,
                                    start_method="spawn")
                 ranks = [json.loads(Path(tmp, f"{mode}-{world}-{r}.json").read_text()) for r in range(world)]
                 row = {"workers": world, "load": mode, "seconds": round(time.perf_counter() - t0, 1),
@@ -134,7 +151,8 @@ def main() -> None:
                       f"training step {row['model_mb_above_imports_max']:6.0f} MB per worker above the "
                       f"{row['rss_after_imports_mb']:.0f} MB after imports (peak RSS {row['peak_rss_mb_max']:.0f} MB), "
                       f"{row['seconds']:.0f} s")
-    result = {"parameters": n, "config": CONFIG, "dtype": "fp32", "optimizer": "AdamW", "rows": rows,
+    result = {"parameters": n, "config": CONFIG, "method": args.method, "zero_stage": args.stage,
+              "dtype": "bf16 frozen base, fp32 adapters" if args.method == "lora" else "fp32", "optimizer": "AdamW", "rows": rows,
               "load_only": args.load_only, "chunk": args.chunk, "command": "python " + " ".join(sys.argv)}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"-> {args.out}")

@@ -7,6 +7,7 @@ VAE latents cached once (both flip variants), SDPA attention, channels_last, tor
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -41,6 +42,21 @@ def freeze_to(module: torch.nn.Module, dtype: torch.dtype) -> None:
     for p in module.parameters():
         if not p.requires_grad and p.is_floating_point():
             p.data = p.data.to(dtype)
+
+
+@contextmanager
+def fp32_view(module: torch.nn.Module):
+    """The module's 16-bit parameters shown as fp32 (their storage set aside) for the duration: peft
+    makes each adapter in its base layer's dtype, and would round the adapters' fp32 init to a base
+    loaded in bf16 (partitioned_loader); over this view they are made as over today's fp32 base."""
+    kept = [(p, p.data) for p in module.parameters() if p.is_floating_point() and p.dtype != torch.float32]
+    for p, _ in kept:
+        p.data = torch.empty(0, device=p.device)
+    try:
+        yield
+    finally:
+        for p, data in kept:
+            p.data = data
 
 
 class DreamBoothModel(torch.nn.Module):
@@ -114,18 +130,53 @@ def no_shm_comm() -> None:
 
 
 def partitioned_loader(cfg: TrainConfig):
-    """For full fine-tuning under ZeRO-3: a loader that builds the denoiser already sharded, so no
-    worker ever holds all of it (a 12B Flux transformer is 48 GB in fp32). None otherwise."""
-    if cfg.zero_stage != 3 or cfg.method != "full":
-        return None  # LoRA's frozen base is not sharded by a partitioned init: peft wraps whole layers
-    return lambda cls, path, subfolder: load_partitioned(cls, path, subfolder, deepspeed_config(cfg))
+    """The denoiser's loader (None: from_pretrained). Under ZeRO-3 it builds the denoiser already
+    sharded, so no worker ever holds all of it (a 12B Flux transformer is 48 GB in fp32). LoRA's
+    frozen base is loaded in the dtype it trains in (bf16 under `mixed_precision: bf16`), never as an
+    fp32 copy: sharded under ZeRO-3, whole otherwise."""
+    dtype = torch.bfloat16 if cfg.method == "lora" and cfg.mixed_precision == "bf16" else None  # freeze_to's cast, at load
+    if cfg.zero_stage == 3:
+        return lambda cls, path, subfolder: load_partitioned(cls, path, subfolder, deepspeed_config(cfg), dtype=dtype)
+    if dtype is not None:
+        return lambda cls, path, subfolder: load_whole(cls, path, subfolder, dtype)
+    return None
 
 
-def load_partitioned(cls, path: str, subfolder: str, ds_config: dict, chunk: int = 1 << 24):
+def load_whole(cls, path: str, subfolder: str, dtype: torch.dtype):
+    """A diffusers model with its parameters read straight into `dtype`, one tensor at a time (peak: the
+    model in `dtype` plus its largest tensor in the file's dtype). Buffers stay as the constructor makes them
+    (from_pretrained(torch_dtype=...) would cast those too, e.g. SD3's positional table)."""
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+
+    folder = _local_folder(path, subfolder)
+    where = weight_files(folder)
+    with init_empty_weights(include_buffers=False):  # parameters on the meta device, buffers real
+        model = cls.from_config(cls.load_config(str(folder))).eval()
+    named = dict(model.named_parameters())
+    missing = [n for n in named if n not in where]
+    if missing:
+        raise KeyError(f"{folder}: no weights for {missing[:3]} ({len(missing)} parameters)")
+    buffers = dict(model.named_buffers())
+    for name, file in where.items():
+        # The file opened (memory-mapped) per tensor: kept open, each page read stays mapped in this
+        # process, and its peak RSS would hold the whole file beside the converted model.
+        with safe_open(str(file), "pt") as sf:
+            if name in named:
+                owner, _, leaf = name.rpartition(".")
+                model.get_submodule(owner)._parameters[leaf] = torch.nn.Parameter(sf.get_tensor(name).to(dtype))
+            elif name in buffers:
+                buffers[name].copy_(sf.get_tensor(name))
+    return model
+
+
+def load_partitioned(cls, path: str, subfolder: str, ds_config: dict, chunk: int = 1 << 24,
+                     dtype: torch.dtype | None = None):
     """A diffusers model built under deepspeed.zero.Init (each rank allocates only its shard), then
     filled from its safetensors files: rank 0 reads up to `chunk` elements at a time (memory-mapped)
     into parameters gathered for that moment, and the shards are scattered back. Peak host memory per
-    worker: its shard plus one chunk, falling with the worker count."""
+    worker: its shard plus one chunk, falling with the worker count. `dtype`: the parameters' (a frozen
+    base's: made in it, each chunk cast as it is read); default the config's."""
     import deepspeed
     import torch.distributed as dist
     from safetensors import safe_open
@@ -134,7 +185,7 @@ def load_partitioned(cls, path: str, subfolder: str, ds_config: dict, chunk: int
         no_shm_comm()
     folder = _local_folder(path, subfolder)
     where = weight_files(folder)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):  # dtype None: the config's
         model = cls.from_config(cls.load_config(str(folder))).eval()  # as from_pretrained returns it
     named = list(model.named_parameters())
     missing = [n for n, _ in named if n not in where]
@@ -459,8 +510,10 @@ def trained_encoders(family, cfg: TrainConfig) -> set[str]:
 
 
 def frozen_parts(family, cfg: TrainConfig) -> set[str]:
-    """The parts whose outputs FrozenInputs carries: a worker given them needs none of these."""
-    out = set() if trained_encoders(family, cfg) else set(family.text_encoders)
+    """The parts whose outputs FrozenInputs carries: a worker given them needs none of these. The text
+    encoders that do not train (all, or SD3's and Flux's T5 beside trained CLIPs: family.frozen_states)
+    and a VAE whose latents are cached."""
+    out = set(family.text_encoders) - trained_encoders(family, cfg)
     return out | ({"vae"} if cfg.cache_latents and family.latent else set())
 
 
@@ -501,6 +554,11 @@ def frozen_inputs(parts: dict, instance, classes, instance_text: str, class_text
         texts, _ = prompt_table(instance_text, class_text, cfg, bool(classes), captions)
         inputs = family.prompt_inputs(parts, texts)
         out.conditioning = family.encode_frozen(encoders, inputs, device)
+    elif frozen & set(family.text_encoders):  # frozen beside trained ones (T5 beside CLIPs): their share
+        for name in frozen & set(family.text_encoders):
+            parts[name].to(frozen_dtype(cfg)).eval()
+        texts, _ = prompt_table(instance_text, class_text, cfg, bool(classes), captions)
+        out.conditioning = family.frozen_states(parts, family.prompt_inputs(parts, texts), device)
     return out
 
 
@@ -553,7 +611,8 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
         if name in trained and cfg.gradient_checkpointing:
             te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:
-        family.add_lora(parts, cfg)
+        with fp32_view(parts[family.denoiser]):
+            family.add_lora(parts, cfg)
     denoiser = parts[family.denoiser].train()
     if lora and cfg.mixed_precision == "bf16":  # bf16-weights/fp16: DeepSpeed casts the whole module
         freeze_to(denoiser, torch.bfloat16)
@@ -563,7 +622,7 @@ def build(parts: dict, instance, classes, instance_text: str, class_text: str, c
     step_kw.update(family.fixed_conditioning(cfg, denoiser))
     if trained:
         model = DreamBoothModel(denoiser, family=family, **{n: encoders[n] for n in family.trainable_encoders})
-        text = family.trained_inputs(parts, family.prompt_inputs(parts, texts), device)
+        text = family.trained_inputs(parts, family.prompt_inputs(parts, texts), device, frozen.conditioning)
     else:
         text = {k: v.to(device, dtype) for k, v in frozen.conditioning.items()}
         model = DreamBoothModel(denoiser, family=family)

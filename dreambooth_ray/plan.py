@@ -26,7 +26,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 GiB = 1 << 30
 # DeepSpeed's defaults, which engine.deepspeed_config leaves as they are.
 REDUCE_BUCKET = 500_000_000  # elements: the contiguous gradient bucket (stage 1-3), allocated whole on a GPU
-PREFETCH_BUCKET = 50_000_000  # elements: ZeRO-3's parameter prefetch
+PREFETCH_BUCKET = 50_000_000  # elements: ZeRO-3's parameter prefetch (stage3_prefetch_bucket_size)
+MAX_REUSE = 1_000_000_000  # elements: stage3_max_reuse_distance, a gathered layer used again within it stays
+PERSISTENCE = 100_000  # elements: stage3_param_persistence_threshold, smaller parameters stay gathered
 CUDA_CONTEXT = GiB // 2  # the CUDA context and cuBLAS/cuDNN workspaces, outside the caching allocator
 HEADROOM = 0.9  # a plan fits a GPU when it needs at most this share of it (allocator fragmentation)
 # Published configs of models the plan knows without the hub (assets/configs/<name>/, config.json only).
@@ -370,13 +372,15 @@ def _trace(layout: Layout, s: Settings) -> tuple[list, int]:
 class Counts:
     """Parameter counts of what a worker holds: trained (the denoiser, or its LoRA adapters, and
     trained text encoders), frozen on the device (a LoRA base), frozen text encoders (host, after
-    their states are computed once), the VAE, and the largest single layer (ZeRO-3 gathers layers)."""
+    their states are computed once), the VAE, the largest single layer (ZeRO-3 gathers layers), and
+    what ZeRO-3 keeps gathered for good: the parameters of at most PERSISTENCE elements."""
 
     trained: int
     frozen: int
     encoders: int
     vae: int
     largest_layer: int
+    persistent: int = 0
 
 
 def count(layout: Layout, s: Settings) -> Counts:
@@ -392,13 +396,14 @@ def count(layout: Layout, s: Settings) -> Counts:
         params = [p for m in on_device for p in m.parameters()]
         trained = sum(p.numel() for p in params if p.requires_grad) if s.method == "lora" else sum(p.numel() for p in params)
         largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in den.modules())
+        persistent = sum(p.numel() for p in params if p.numel() <= PERSISTENCE)
         vae = 0
         if layout.vae is not None:
             from diffusers import AutoencoderKL
 
             vae = sum(p.numel() for p in AutoencoderKL.from_config(dict(layout.vae)).parameters())
     hosted = sum(p.numel() for n, m in encs.items() if n not in trained_names for p in m.parameters())
-    return Counts(trained, sum(p.numel() for p in params) - trained, hosted, vae, largest)
+    return Counts(trained, sum(p.numel() for p in params) - trained, hosted, vae, largest, persistent)
 
 
 # ---- the plan -----------------------------------------------------------------------------------
@@ -490,18 +495,33 @@ def account(counts: Counts, trace: Trace, s: Settings, family=None, gpu: bool = 
     step = 0 if opt_off else (4 * P // N if w == 2 and st >= 1 else 0) + (0 if gpu else 4 * P // part)
     dev.activations = max(0, backward, step)
 
-    # Workspace: ZeRO-3's gathered layers and prefetch, the CUDA context.
-    if st == 3:
-        dev.workspace += (min(PREFETCH_BUCKET, P) + counts.largest_layer) * w
+    if st == 3:  # what stage 3 holds beyond its partitions (read phase by phase off benchmarks/zero3_phases.py)
+        # Gathered parameters, in workspace. A worker that gathers (several workers, or parameters on the
+        # host) keeps the persistent ones whole beside their partition, and at the end of the forward every
+        # layer whose backward comes within stage3_max_reuse_distance: with the default, all of a model
+        # under 0.5G elements (DeepSpeed's coordinator releases a layer only if not used again within it).
+        # One worker without offload uses its shard, which is the whole parameter, in place.
+        gathers = N > 1 or params_off
+        per = (P * w + F * fz) / max(P + F, 1)  # bytes per gathered element: trained w, frozen fz
+        rest = max(0, P + F - counts.persistent)
+        gathered = int(min(rest, MAX_REUSE // 2 + PREFETCH_BUCKET + counts.largest_layer) * per) if gathers else 0
+        dev.workspace += (int(counts.persistent * per) if gathers else 0) + gathered
+        # Activations at the forward's end beside the gathered layers (their own peak: trace.peak(0));
+        # at backward's end the gradient bucket is reduce-scattered through a flat copy of it plus this
+        # rank's reduced share; at the step the partition's gradients are flattened into a new fp32
+        # tensor (stage3 _prepare_fp32_grad_for_sub_group), beside torch AdamW's temporaries on a CPU.
+        flat = min(REDUCE_BUCKET, P) * w
+        reduce = flat + flat // N
+        step = 0 if opt_off else 4 * P // N + (0 if gpu else 4 * P // part)
+        dev.activations = max(trace.peak(0), reduce - gathered, step - gathered, 0)
+
+    # Workspace: the CUDA context.
     if gpu:
         dev.workspace += CUDA_CONTEXT
 
-    # Host: a frozen text encoder only beside a trained one (a T5 beside a trained CLIP: loaded, used once,
-    # dropped); otherwise the encode task computes the frozen parts' outputs off the workers (encode.py),
-    # the cached-latents VAE's too. And async checkpoints' host buffers (weights and optimizer partition).
-    te_bytes = 2 if s.mixed_precision in ("bf16", "bf16-weights") else 4
-    if s.train_text_encoder or (s.method == "lora" and s.lora_text_encoder):
-        host.weights += counts.encoders * te_bytes
+    # Host: no frozen text encoder (a T5 beside trained CLIPs included) nor a cached-latents VAE: the encode
+    # task computes their outputs off the workers (encode.py). Async checkpoints' host buffers (weights and
+    # optimizer partition).
     if s.checkpoint_async:
         host.workspace += P * w // shard + (STATE_BYTES.get(s.optimizer, 8) * P + 4 * P) // part
     notes = []

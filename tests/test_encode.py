@@ -80,3 +80,42 @@ def test_a_lane_that_encodes_first_trains_as_with_the_encode_task(ray_cluster, t
     a, _ = final_weights(by_task.checkpoint)
     b, _ = final_weights(in_lane.checkpoint)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("ref", ["tiny-flux", "tiny-sd3"])
+def test_a_frozen_t5_beside_trained_clips_is_encoded_off_the_worker(group, tmp_path, ref):
+    """SD3/Flux with train_text_encoder: the CLIP encoders train, T5 stays frozen. The encode task
+    computes T5's states (family.frozen_states) and the worker never builds a T5, yet trains exactly as
+    the worker that loads T5, computes them and drops it (bf16: frozen T5 in bf16, as in training)."""
+    from transformers import T5EncoderModel
+
+    cfg = TrainConfig(resolution=32, mixed_precision="bf16", zero_stage=2, learning_rate=1e-3, batch_size=1,
+                      train_text_encoder=True)
+    rng = np.random.default_rng(0)
+    photos = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(2)]
+    classes = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))]
+    spec = parse_spec(tiny_spec(str(tmp_path), str(tmp_path), model=ref, train=dict(
+        resolution=32, mixed_precision="bf16", learning_rate=1e-3, train_text_encoder=True)))
+    full = models.load_components(ref)
+    fam = full["family"]
+    assert encode.needed(spec) == {fam.t5, "vae"}
+    task = models.load_components(ref, skip={fam.denoiser, *(set(fam.text_encoders) - encode.needed(spec))})
+    made = engine.frozen_inputs(task, photos, classes, "a sks toy", "a toy", cfg, CPU)
+    assert set(made.conditioning) == {"t5_states"} and made.conditioning["t5_states"].dtype == torch.bfloat16
+    storage = Storage(str(tmp_path / "store"))
+    encode.save(storage, spec, "run-1", made)
+    frozen = encode.load(storage, spec, "run-1")
+
+    gc.collect()
+    before = sum(isinstance(o, T5EncoderModel) for o in gc.get_objects())
+    lean = models.load_components(ref, skip=encode.needed(spec))
+    assert sum(isinstance(o, T5EncoderModel) for o in gc.get_objects()) == before and lean[fam.t5] is None
+    torch.manual_seed(0)
+    a = engine.build(lean, photos, classes, "a sks toy", "a toy", cfg, 1.0, CPU, frozen=frozen)
+    torch.manual_seed(0)
+    b = engine.build(copy.deepcopy(full), photos, classes, "a sks toy", "a toy", cfg, 1.0, CPU)
+    assert set(fam.trainable_encoders) <= {n for n, _ in a.ds.module.named_children()}
+    for step in range(3):
+        assert a.step(step).tolist() == b.step(step).tolist(), step
+    wa, wb = a.ds.module.state_dict(), b.ds.module.state_dict()
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -373,3 +373,42 @@ def test_zero_offload_trains_as_the_on_device_optimizer_and_resumes_bit_identica
         resumed.step(step)
     c = weights(resumed)
     assert all(torch.equal(c[k], b[k]) for k in b)
+
+
+@pytest.mark.parametrize("model,mixed,zero_stage", [("tiny", "bf16", 3), ("tiny", "fp32", 3), ("tiny-sd3", "bf16", 3),
+                                                    ("tiny", "bf16", 2), ("tiny-sd3", "bf16", 2)])
+def test_lora_loads_its_base_in_its_dtype_and_trains_the_same_adapters(group, model, mixed, zero_stage):
+    """ZeRO-3 LoRA: partitioned_loader builds the frozen base sharded, its shards already in the dtype
+    freeze_to would give it (bf16 under `mixed_precision: bf16`), so no worker holds an fp32 copy of
+    the base. The adapters it trains equal, bit for bit, those of the whole fp32 load cast after the
+    adapters are added (today's path until this loader): the same init (fp32, over an fp32 view of the
+    base), the same bf16 base values, the same steps. tiny-sd3 has a positional table computed in its
+    constructor, which must stay as the whole-model path computes it (fp32). At ZeRO 0-2 the base is
+    loaded whole, straight into bf16 (engine.load_whole)."""
+    cfg = TrainConfig(resolution=32, mixed_precision=mixed, zero_stage=zero_stage, learning_rate=1e-3,
+                      random_flip=False, method="lora", lora={"rank": 4})
+    loader = engine.partitioned_loader(cfg)
+    assert loader is not None
+    photo = [Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))]
+    classes = [Image.new("RGB", (32, 32), (128, 128, 128))]
+    runs = {}
+    for how in ("whole", "partitioned"):
+        parts = models.load_components(model, partitioned=loader if how == "partitioned" else None)
+        denoiser = parts[parts["family"].denoiser]
+        want = torch.bfloat16 if mixed == "bf16" else torch.float32
+        if how == "partitioned" and zero_stage == 3:
+            assert {p.ds_tensor.dtype for p in denoiser.parameters()} == {want}
+            assert all(p.data.numel() == 0 for p in denoiser.parameters())  # sharded before build
+        elif how == "partitioned":
+            assert {p.dtype for p in denoiser.parameters()} == {want} and not denoiser.training
+        torch.manual_seed(0)  # the adapters' gaussian init draws from it
+        eng = engine.build(parts, photo, classes, "a sks toy", "a toy", cfg, 1.0, CPU)
+        buffers = {k: b.clone() for k, b in eng.ds.module.named_buffers()}
+        for step in range(3):
+            eng.step(step)
+        runs[how] = (export.live_state_dict(eng.ds, cfg, 0), buffers)
+    (whole, wb), (part, pb) = runs["whole"], runs["partitioned"]
+    assert whole.keys() == part.keys() and len(whole) > 10 and all(v.dtype == torch.float32 for v in part.values())
+    assert [k for k in whole if not torch.equal(whole[k], part[k])] == []
+    assert {k: b.dtype for k, b in wb.items()} == {k: b.dtype for k, b in pb.items()}
+    assert all(torch.equal(wb[k], pb[k]) for k in wb)

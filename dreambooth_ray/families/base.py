@@ -146,9 +146,14 @@ class Family:
         parts[self.denoiser] = None if self.denoiser in skip else self.load_denoiser(path, partitioned)
         return parts
 
-    def trained_inputs(self, parts: dict, inputs: dict, device) -> dict:
-        """The step's prompt inputs when text encoders train (computed in the forward pass)."""
+    def trained_inputs(self, parts: dict, inputs: dict, device, frozen: dict | None = None) -> dict:
+        """The step's prompt inputs when text encoders train (computed in the forward pass); `frozen`:
+        the frozen encoders' share (frozen_states), computed once elsewhere."""
         return {k: v.to(device) for k, v in inputs.items()}
+
+    def frozen_states(self, parts: dict, inputs: dict, device) -> dict | None:
+        """What frozen encoders beside trained ones contribute, computed once (None: no such encoder)."""
+        return None
 
     def fixed_conditioning(self, cfg, denoiser) -> dict:
         """Denoiser inputs every step shares (Flux's embedded guidance)."""

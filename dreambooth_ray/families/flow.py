@@ -122,12 +122,17 @@ class FlowMatchingFamily(Family):
     def t5_key(self) -> str:
         return self.prompt_keys[self.text_encoders.index(self.t5)]
 
-    def trained_inputs(self, parts: dict, inputs: dict, device) -> dict:
-        """With trained CLIP encoders the frozen T5's states are still computed only once."""
+    def frozen_states(self, parts: dict, inputs: dict, device) -> dict:
+        """Beside trained CLIP encoders, the frozen T5's states, computed once."""
         key = self.t5_key()
-        states = self.encode_frozen({self.t5: parts[self.t5]}, {key: inputs[key]}, device,
-                                    encode=lambda encs, **ids: self.t5_states(encs[self.t5], ids[key]))
-        return {**{k: v.to(device) for k, v in inputs.items() if k != key}, "t5_states": states}
+        return {"t5_states": self.encode_frozen({self.t5: parts[self.t5]}, {key: inputs[key]}, device,
+                                                encode=lambda encs, **ids: self.t5_states(encs[self.t5], ids[key]))}
+
+    def trained_inputs(self, parts: dict, inputs: dict, device, frozen: dict | None = None) -> dict:
+        """The CLIP token ids, and the frozen T5's states: `frozen` (the encode task's), else computed here."""
+        key = self.t5_key()
+        states = frozen if frozen is not None else self.frozen_states(parts, inputs, device)
+        return {**{k: v.to(device) for k, v in inputs.items() if k != key}, **{k: v.to(device) for k, v in states.items()}}
 
     @staticmethod
     def t5_states(t5, ids):
