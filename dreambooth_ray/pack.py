@@ -252,7 +252,8 @@ def build(parts: dict, members: list[Member], cfg: TrainConfig, prior_weight: fl
     if frozen[0].instance is None and family.latent:
         inputs["vae"] = parts["vae"].requires_grad_(False).to(device, torch.float32 if family.vae_fp32 else dtype)
     denoiser = parts[family.denoiser].train()
-    pack_lora(denoiser, family, cfg, [m.seed for m in members])
+    with engine.fp32_view(denoiser):  # a base loaded in bf16 (engine.partitioned_loader): fp32 adapters, as solo
+        pack_lora(denoiser, family, cfg, [m.seed for m in members])
     if cfg.mixed_precision == "bf16":
         engine.freeze_to(denoiser, torch.bfloat16)
     engine.configure_denoiser(denoiser, cfg, family)

@@ -252,7 +252,9 @@ def train_pack(config: dict, rank: int) -> dict:
                                  captions=[subject.prompt(s.caption) if s.caption else None for s in photos]))
     phase("photos_and_class_images")
     skipped = sorted(encode.needed(spec)) if all(b.frozen is not None for b in built) else []
-    parts = models.load_components(spec.model, spec.s3, skip=skipped)  # the frozen base, whole: adapters are ZeRO-0
+    # The frozen base whole (the adapters are ZeRO-0), read in the dtype it trains in, as a solo LoRA run's
+    parts = models.load_components(spec.model, spec.s3, engine.partitioned_loader(cfg.model_copy(update={"zero_stage": 0})),
+                                   skip=skipped)
     phase("model_load")
     eng = pack.build(parts, built, cfg, spec.prior.loss_weight, device)
     phase("latent_cache_and_engine")

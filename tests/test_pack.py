@@ -132,6 +132,21 @@ def test_coupled_subjects_would_fail_the_equality(group, monkeypatch):
         assert _worst(_packed(parts, members, STEPS), solos) > 1e-4  # measured 7.9e-3
 
 
+def test_a_pack_over_a_base_read_in_bf16_trains_the_adapters_of_the_fp32_load(group):
+    """train_pack reads the frozen base straight into bf16 under mixed_precision bf16 (engine.load_whole, as
+    a solo LoRA run does): the adapters still start in fp32 (engine.fp32_view) and end bit-identical to the
+    pack over the fp32 load that pack.build casts."""
+    cfg = _cfg(mixed_precision="bf16")
+    members = _subjects()[:2]
+    runs = []
+    for loader in (None, engine.partitioned_loader(cfg.model_copy(update={"zero_stage": 0}))):
+        parts = models.load_components("tiny", partitioned=loader)
+        eng = _packed(parts, members, 2, mixed_precision="bf16")
+        runs.append([eng.subject_state_dict(i) for i in range(2)])
+    assert {v.dtype for v in runs[1][0].values()} == {torch.float32}
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(*runs) for k in a)
+
+
 def test_a_pack_resumed_from_its_checkpoint_ends_bit_identical(group, tmp_path):
     """The checkpoint holds every adapter of the pack and its optimizer state, as a LoRA run's does
     (trainable parameters only): a pack saved at step 2 and resumed in a new engine ends bit-identical

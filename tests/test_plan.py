@@ -67,7 +67,9 @@ def test_plan_is_the_measured_deepspeed_step(planner, stage, workers, ck):
     assert 0.88 * planned <= measured <= 1.12 * planned, (planned / MB, measured / MB)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+# Two workers: where the gathered layers are held (one worker measured 1.053 of the plan; `plan_memory.py
+# --stages 3` measures it, kept out of the suite for its 32 s).
+@pytest.mark.parametrize("workers", [2])
 def test_plan_models_what_zero3_holds(planner, workers):
     """ZeRO-3 (fp32, 512 px): beside its partitions a worker holds the gathered layers (every one at
     the forward's end, under the default stage3_max_reuse_distance; none on one worker, whose shard is
