@@ -234,8 +234,13 @@ def _run_subjects(spec: JobSpec, storage: Storage, identity: str, use_gpu: bool,
     window *= 2
     running: dict[ray.ObjectRef, tuple] = {}
     while pending or running:
-        while pending and len(running) < window:
-            kind, what = pending.pop(0)
+        # Packs and subject tasks each up to `window` in flight: a pack's subjects finishing (export,
+        # samples) never hold back the next pack from a lane.
+        waiting, pending = pending, []
+        for kind, what in waiting:
+            if sum(r[0] == kind for r in running.values()) >= window:
+                pending.append((kind, what))
+                continue
             if kind == "pack":
                 ref = pack_task.remote(spec, [s for s, _ in what], identity, use_gpu, [p for _, p in what],
                                        [Reporter(s.name, board) for s, _ in what], lanes, queued_at, time.time())
@@ -254,13 +259,13 @@ def _run_subjects(spec: JobSpec, storage: Storage, identity: str, use_gpu: bool,
                 trained = ray.get(ready[0])
             except Exception as e:  # noqa: BLE001 -- the pack task itself died
                 trained = {s.name: {"error": _first_line(e)} for s, _ in what}
-            for subject, pref in reversed(what):
+            for subject, pref in what:
                 got = trained.get(subject.name, {"error": "not trained by its pack"})
                 if "error" in got:
                     _finish(spec, storage, results, console, SubjectResult(subject.name, "failed", "", "", 0, None, 0.0,
                                                                            error=got["error"]), announce=True)
                 else:
-                    pending.insert(0, ("subject", (subject, pref, got["packed"])))
+                    pending.append(("subject", (subject, pref, got["packed"])))
             continue
         name = what[0].name
         try:
@@ -407,8 +412,9 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeli
         spec, subject, ckpt, out, record, name, sr_ckpt, sr_name))
     stages.update(export="ran", samples="ran")
     reporter.stage("done", f"model -> {model_url}; samples -> {samples_url}")
+    seconds = time.perf_counter() - t0 + (packed["seconds"] if packed else 0.0)  # and its share of the pack's task
     return SubjectResult(subject.name, "done", model_url, samples_url, int(metrics.get("step", spec.train.steps)),
-                         metrics.get("loss"), time.perf_counter() - t0, stages, train_start=train_start,
+                         metrics.get("loss"), seconds, stages, train_start=train_start,
                          train_end=train_end, timeline=timeline)
 
 
@@ -443,16 +449,22 @@ def pack_task(spec: JobSpec, subjects: list[Subject], identity: str, use_gpu: bo
     all of them (train.fit_pack), whose workers export each subject's adapter. Returns {subject name:
     {"packed": ...} for its subject task, or {"error": why}}: a subject whose class images failed fails
     alone and the others train without it."""
-    storage, results, members = Storage(spec.storage, spec.s3), {}, []
+    storage, results, members, t0 = Storage(spec.storage, spec.s3), {}, [], time.perf_counter()
+
+    def failed(m_subject, reporter, e, when: str = "") -> None:  # on the board and in the result, as a subject task's
+        msg = _first_line(e)
+        reporter.stage("failed", f"FAILED{when}: {msg}")
+        results[m_subject.name] = {"error": msg}
+
     for subject, ref, reporter in zip(subjects, prior_refs, reporters):
-        try:
+        try:  # its class images, its identifier: a subject whose own step fails fails alone
             counts = ray.get(ref) if ref is not None else None
-        except Exception as e:  # noqa: BLE001 -- its class images failed: it fails alone
-            results[subject.name] = {"error": _first_line(e)}
+            key = counts["key"] if counts else None
+            name = run_name(spec, subject, identity, key)
+            resolved = _resolve_identifier(spec, subject, reporter.say)
+        except Exception as e:  # noqa: BLE001
+            failed(subject, reporter, e)
             continue
-        key = counts["key"] if counts else None
-        name = run_name(spec, subject, identity, key)
-        resolved = _resolve_identifier(spec, subject, reporter.say)
         members.append({"subject": resolved, "run_name": name, "prior_key": key, "reporter": reporter,
                         "export_to": (("outputs", spec.name, subject.name), name), "validator": None})
     if not members:
@@ -487,7 +499,9 @@ def pack_task(spec: JobSpec, subjects: list[Subject], identity: str, use_gpu: bo
                 for e in ray.get(m["validator"].drain.remote())["errors"]:
                     m["reporter"].say(f"warning: validation images of {e}")
     except Exception as e:  # noqa: BLE001 -- the pack's subjects fail together; the job goes on
-        return {**results, **{m["subject"].name: {"error": _first_line(e)} for m in members}}
+        for m in members:
+            failed(m["subject"], m["reporter"], e, " (its pack's training)")
+        return results
     finally:
         for m in members:
             if m["validator"] is not None:
@@ -502,7 +516,7 @@ def pack_task(spec: JobSpec, subjects: list[Subject], identity: str, use_gpu: bo
         encode.discard(storage, spec, m["run_name"])
         started = (result.metrics.get("timeline") or {}).get("worker_started_at")
         results[m["subject"].name] = {"packed": {
-            "train_start": train_start, "train_end": train_end,
+            "train_start": train_start, "train_end": train_end, "seconds": (time.perf_counter() - t0) / len(members),
             "timeline": {**timeline, **({"worker_start": (started - train_start) / len(members)} if started else {})}}}
     return results
 

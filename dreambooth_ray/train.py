@@ -321,8 +321,14 @@ def train_pack(config: dict, rank: int) -> dict:
     share = {k: round(v / len(members), 3) for k, v in timeline.items() if k != "worker_started_at"}
     pipe = None  # one pipeline, each subject's adapter loaded in turn
     for i, m in enumerate(members):  # also after a resume at the last step: a failed export is redone
-        record, pipe = export.from_state_dict(spec, storage, m["export_to"][0], m["run_name"],
-                                              eng.subject_state_dict(i, dtype), timeline=dict(share), pipe=pipe)
+        try:
+            record, pipe = export.from_state_dict(spec, storage, m["export_to"][0], m["run_name"],
+                                                  eng.subject_state_dict(i, dtype), timeline=dict(share), pipe=pipe)
+        except Exception as e:  # noqa: BLE001 -- trained: the job exports it from the pack's checkpoint (pack.unpacked)
+            print(f"[{m['subject'].name}] export failed ({type(e).__name__}: {e}); the job exports it from the "
+                  f"pack's checkpoint", flush=True)
+            pipe = None
+            continue
         print(f"[{m['subject'].name}] exported {record['model']} ({record['dtype']}, {record['seconds']:.1f} s)",
               flush=True)
     checkpoint.prune(run_root, cfg.keep_checkpoints)

@@ -155,7 +155,13 @@ def test_a_pack_resumed_from_its_checkpoint_ends_bit_identical(group, tmp_path):
     members = _subjects()
     straight = pack.build(copy.deepcopy(parts), members, _cfg(), PRIOR_WEIGHT, CPU)
     _packed(parts, members, 2, eng=straight)
+    at2 = [straight.subject_state_dict(i) for i in range(len(members))]
     checkpoint._save_state(straight.ds, str(tmp_path), 2, lora=True)
+    # What the job exports a subject from when the workers' export is missing (job._stage_model): its row.
+    saved = checkpoint.consolidated_state_dict(str(tmp_path))
+    for i, want in enumerate(at2):
+        got = pack.unpacked(saved, i)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), i
     _packed(parts, members, STEPS, start=2, eng=straight)
     resumed = pack.build(copy.deepcopy(parts), members, _cfg(), PRIOR_WEIGHT, CPU)
     with checkpoint.weights_only():
