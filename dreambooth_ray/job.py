@@ -204,20 +204,20 @@ def _run_subjects(spec: JobSpec, storage: Storage, identity: str, use_gpu: bool,
     # Priors: one task per distinct cache key, started now; subjects depend on their class's task,
     # so Ray starts each subject as soon as its own priors are ready (others may still be generating).
     prior_refs: dict[str, ray.ObjectRef] = {}
-    subject_priors = []
+    subject_priors, prior_keys = [], []
     for subject in subjects:
         cache = priors.PriorCache.for_subject(spec, subject, storage, identity) if spec.prior.enabled else None
         if cache and cache.key not in prior_refs:
             prior_refs[cache.key] = prior_task.remote(cache, spec, use_gpu, Reporter(f"priors {cache.prompt!r}", board))
         subject_priors.append(prior_refs[cache.key] if cache else None)
+        prior_keys.append(cache.key if cache else None)
 
     # With train.pack, the subjects still to train go in packs of that many (one run each, pack_task); a
     # subject already trained goes on alone (export, samples), as without packing.
     pending: list[tuple[str, object]] = []
     fresh = []
-    for subject, pref in zip(subjects, subject_priors):
-        if spec.train.pack > 1 and _needs_training(storage, spec, subject, run_name(
-                spec, subject, identity, _prior_key(spec, subject, storage, identity))):
+    for subject, pref, key in zip(subjects, subject_priors, prior_keys):
+        if spec.train.pack > 1 and _needs_training(storage, spec, subject, run_name(spec, subject, identity, key)):
             fresh.append((subject, pref))
         else:
             pending.append(("subject", (subject, pref, None)))
@@ -276,10 +276,6 @@ def _run_subjects(spec: JobSpec, storage: Storage, identity: str, use_gpu: bool,
         _finish(spec, storage, results, console, r)
     ray.get(lanes.close.remote())  # idle lanes end now
     return results, prior_refs
-
-
-def _prior_key(spec: JobSpec, subject: Subject, storage: Storage, identity: str) -> str | None:
-    return priors.PriorCache.for_subject(spec, subject, storage, identity).key if spec.prior.enabled else None
 
 
 def _finish(spec: JobSpec, storage: Storage, results: dict, console: Console, r: SubjectResult,
@@ -361,11 +357,12 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeli
                      f"ZeRO-{t.zero_stage}, {t.mixed_precision}, {'GPU' if use_gpu else 'CPU'} (run {name})", total=t.steps)
         # On GPUs the lane encodes before it loads the model (train.encode_first): the lanes hold the GPUs
         # an encode task would wait for. On CPUs a task does it, beside the lane's previous subject.
-        in_lane = use_gpu and stage_needs_encoding(spec, storage, name)
+        needs = stage_needs_encoding(spec, storage, name)
+        in_lane = use_gpu and needs
         if in_lane:
             reporter.say(f"the training lane encodes the prompts and images with the frozen "
                          f"{', '.join(sorted(encode.needed(spec)))} first")
-        elif stage_needs_encoding(spec, storage, name):
+        elif needs:
             t1 = time.perf_counter()
             reporter.say(f"encoding the prompts and images with the frozen {', '.join(sorted(encode.needed(spec)))}")
             done = ray.get(encode.encode_task.options(num_gpus=1 if use_gpu else 0).remote(spec, subject, name, prior_key))
