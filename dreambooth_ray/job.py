@@ -215,13 +215,15 @@ def _run_subjects(spec: JobSpec, storage: Storage, identity: str, use_gpu: bool,
     # With train.pack, the subjects still to train go in packs of that many (one run each, pack_task); a
     # subject already trained goes on alone (export, samples), as without packing.
     pending: list[tuple[str, object]] = []
-    fresh = []
+    fresh, fresh_runs = [], []
     for subject, pref, key in zip(subjects, subject_priors, prior_keys):
-        if spec.train.pack > 1 and _needs_training(storage, spec, subject, run_name(spec, subject, identity, key)):
+        run = run_name(spec, subject, identity, key)
+        if spec.train.pack > 1 and _needs_training(storage, spec, subject, run):
             fresh.append((subject, pref))
+            fresh_runs.append((subject.name, run))
         else:
             pending.append(("subject", (subject, pref, None)))
-    pending += [("pack", fresh[i : i + spec.train.pack]) for i in range(0, len(fresh), spec.train.pack)]
+    pending += [("pack", [fresh[i] for i in group]) for group in pack_groups(spec, storage, fresh_runs)]
 
     # Training lanes: up to `capacity` worker groups, each training subject after subject (or pack after
     # pack); Ray's scheduler places each lane's workers wherever resources free up. Twice as many in
@@ -296,7 +298,7 @@ def _finish(spec: JobSpec, storage: Storage, results: dict, console: Console, r:
 
 def planned_runs(spec: JobSpec, storage: Storage, identity: str) -> list[tuple[str, str, int]]:
     """(what, run name, workers) of every training run the job may resume, for the preflight."""
-    runs, fresh = [], []
+    runs, fresh = [], []  # fresh: (subject, run) of the subjects still to train, when packing
     sr_identity = models.identity(spec.sr.model, spec.s3) if spec.sr.enabled else None
     for s in spec.subjects:
         key = priors.PriorCache.for_subject(spec, s, storage, identity).key if spec.prior.enabled else None
@@ -308,10 +310,9 @@ def planned_runs(spec: JobSpec, storage: Storage, identity: str) -> list[tuple[s
                       if spec.sr.prior_preservation else None)
             runs.append((f"subject {s.name} (SR)", sr_run_name(spec, s, sr_identity, sr_key),
                          spec.stage_train("sr").num_workers))
-    for i in range(0, len(fresh), spec.train.pack):  # the packs _run_subjects will make (when no subject is refused)
-        group = fresh[i : i + spec.train.pack]
-        runs.append((f"the pack of {', '.join(n for n, _ in group)}", pack_name(spec, [r for _, r in group]),
-                     spec.train.num_workers))
+    for group in pack_groups(spec, storage, fresh):  # the packs _run_subjects will make (when no subject is refused)
+        runs.append((f"the pack of {', '.join(fresh[i][0] for i in group)}",
+                     pack_name(spec, [fresh[i][1] for i in group]), spec.train.num_workers))
     return runs
 
 
@@ -428,9 +429,31 @@ def _resolve_identifier(spec: JobSpec, subject: Subject, say=None) -> Subject:
     return subject
 
 
+PACK_RECORD = "pack.json"  # a packed subject's pack, written before it trains
+
+
 def pack_name(spec: JobSpec, runs: list[str]) -> str:
     """A pack's run: named by its subjects' runs, in order (each subject's adapter is its row of the pack)."""
     return f"pack-{spec.fingerprint(runs)}"
+
+
+def pack_groups(spec: JobSpec, storage: Storage, fresh: list[tuple[str, str]]) -> list[list[int]]:
+    """The packs of the subjects still to train ((name, run) each, in spec order), as index lists: first
+    each pack an earlier attempt started (its members' pack.json) whose members all still train the same
+    runs, so it resumes from its checkpoint whatever was added, fixed or finished since; then the rest
+    in spec order, `train.pack` at a time."""
+    at = {member: i for i, member in enumerate(fresh)}
+    groups, taken = [], set()
+    for name, _ in fresh:
+        rec = storage.read_json("outputs", spec.name, name, PACK_RECORD) or {}
+        members = [tuple(m) for m in rec.get("members", [])]
+        idx = [at.get(m) for m in members]
+        if (members and None not in idx and not taken & set(idx) and len(members) <= spec.train.pack
+                and rec.get("pack") == pack_name(spec, [r for _, r in members])):
+            groups.append(idx)
+            taken.update(idx)
+    rest = [i for i in range(len(fresh)) if i not in taken]
+    return groups + [rest[i : i + spec.train.pack] for i in range(0, len(rest), spec.train.pack)]
 
 
 def _needs_training(storage: Storage, spec: JobSpec, subject: Subject, run: str) -> bool:
@@ -469,6 +492,9 @@ def pack_task(spec: JobSpec, subjects: list[Subject], identity: str, use_gpu: bo
     # As a subject task's: the time before a slot, then before its class images (here: every member's).
     timeline = {"waiting_for_a_slot": submitted_at - queued_at, "waiting_for_class_images": time.time() - submitted_at}
     pack = pack_name(spec, [m["run_name"] for m in members])
+    for m in members:  # so that a re-run packs them together again (pack_groups) and resumes this run
+        storage.write_json({"pack": pack, "members": [[x["subject"].name, x["run_name"]] for x in members]},
+                           *m["export_to"][0], PACK_RECORD)
     t = spec.train
     for m in members:
         m["reporter"].stage("training", f"training {t.steps} steps in a pack of {len(members)} "

@@ -274,6 +274,9 @@ def test_a_job_trains_subjects_in_packs_each_as_alone_and_a_killed_worker_resume
         adapters.append(load_file(out / "lora" / "pytorch_lora_weights.safetensors"))
         records.append(trained)
     assert records[0]["checkpoint"] == records[1]["checkpoint"]  # one run, one checkpoint for both
+    for name in ("red", "blue"):  # the members recorded before training, for a re-run to pack them again
+        assert json.loads((store / "outputs" / "t" / name / job.PACK_RECORD).read_text()) == {
+            "pack": records[0]["pack"]["run"], "members": [["red", records[0]["run"]], ["blue", records[1]["run"]]]}
 
     solo = parse_spec({**data, "name": "solo", "train": {**data["train"], "pack": 1}, "subjects": data["subjects"][:1]})
     [r] = job.run_job(solo)
@@ -296,3 +299,43 @@ def test_a_job_trains_subjects_in_packs_each_as_alone_and_a_killed_worker_resume
     for i, name in enumerate(("red", "blue")):  # and what the killed pack's workers exported is each subject's own
         again = load_file(store / "outputs" / "k" / name / "lora" / "pytorch_lora_weights.safetensors")
         assert all(torch.equal(again[k], adapters[i][k]) for k in again)
+
+
+def test_a_rerun_packs_the_subjects_of_a_started_pack_together_again(tmp_path):
+    """A pack records its members (pack.json) before it trains; a re-run whose subject list shifted (a
+    subject added in front, another already done) groups that pack first, so its run name, and with it
+    its checkpoint, is the same. Without the record the grouping is by position (here: a new pack)."""
+    from conftest import tiny_spec
+
+    from dreambooth_ray import job
+    from dreambooth_ray.identity import run_name
+    from dreambooth_ray.spec import parse_spec
+    from dreambooth_ray.storage import Storage
+    from dreambooth_ray.tiny import make_subject_images
+
+    make_subject_images(tmp_path / "photos", n=2, seed=0)
+    names = ["new", "a", "b", "c"]
+    spec = parse_spec(tiny_spec(str(tmp_path / "store"), "", prior={"enabled": False}, train={"method": "lora", "pack": 2},
+                                subjects=[{"name": n, "images": str(tmp_path / "photos"), "class": "toy"} for n in names]))
+    storage = Storage(spec.storage)
+    fresh = [(s.name, run_name(spec, s, "model", None)) for s in spec.subjects]
+    assert job.pack_groups(spec, storage, fresh) == [[0, 1], [2, 3]]  # by position
+
+    # The first attempt's pack was (a, b): what pack_task writes for each member before it trains.
+    started = job.pack_name(spec, [fresh[1][1], fresh[2][1]])
+    for name in ("a", "b"):
+        storage.write_json({"pack": started, "members": [list(fresh[1]), list(fresh[2])]}, "outputs", "t", name,
+                           job.PACK_RECORD)
+    assert job.pack_groups(spec, storage, fresh) == [[1, 2], [0, 3]]
+    planned = [n for _, n, _ in job.planned_runs(spec, storage, "model") if n.startswith("pack-")]
+    assert planned == [started, job.pack_name(spec, [fresh[0][1], fresh[3][1]])]  # the preflight's packs are the job's
+
+    # A member whose run changed (its settings or photos did) cannot rebuild the pack: by position again.
+    changed = [fresh[0], fresh[1], (fresh[2][0], fresh[2][1] + "x"), fresh[3]]
+    assert job.pack_groups(spec, storage, changed) == [[0, 1], [2, 3]]
+    # A record whose pack name does not follow from its members (written by hand, or by another spec) is ignored.
+    storage.write_json({"pack": "pack-other", "members": [list(fresh[1]), list(fresh[2])]}, "outputs", "t", "a",
+                       job.PACK_RECORD)
+    storage.write_json({"pack": "pack-other", "members": [list(fresh[1]), list(fresh[2])]}, "outputs", "t", "b",
+                       job.PACK_RECORD)
+    assert job.pack_groups(spec, storage, fresh) == [[0, 1], [2, 3]]
