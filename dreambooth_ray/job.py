@@ -218,7 +218,7 @@ def _run_subjects(spec: JobSpec, storage: Storage, identity: str, use_gpu: bool,
     fresh, fresh_runs = [], []
     for subject, pref, key in zip(subjects, subject_priors, prior_keys):
         run = run_name(spec, subject, identity, key)
-        if spec.train.pack > 1 and _needs_training(storage, spec, subject, run):
+        if _packable(storage, spec, subject, run):
             fresh.append((subject, pref))
             fresh_runs.append((subject.name, run))
         else:
@@ -303,7 +303,7 @@ def planned_runs(spec: JobSpec, storage: Storage, identity: str) -> list[tuple[s
     for s in spec.subjects:
         key = priors.PriorCache.for_subject(spec, s, storage, identity).key if spec.prior.enabled else None
         runs.append((f"subject {s.name}", run_name(spec, s, identity, key), spec.train.num_workers))
-        if spec.train.pack > 1 and _needs_training(storage, spec, s, runs[-1][1]):
+        if _packable(storage, spec, s, runs[-1][1]):
             fresh.append((s.name, runs[-1][1]))
         if sr_identity:
             sr_key = (priors.PriorCache.for_sr(spec, s, storage, identity, sr_identity).key
@@ -454,6 +454,14 @@ def pack_groups(spec: JobSpec, storage: Storage, fresh: list[tuple[str, str]]) -
             taken.update(idx)
     rest = [i for i in range(len(fresh)) if i not in taken]
     return groups + [rest[i : i + spec.train.pack] for i in range(0, len(rest), spec.train.pack)]
+
+
+def _packable(storage: Storage, spec: JobSpec, subject: Subject, run: str) -> bool:
+    """Packed when it still trains, unless a solo run of it (`pack: 1`) left a checkpoint: it resumes that."""
+    if spec.train.pack <= 1 or not _needs_training(storage, spec, subject, run):
+        return False
+    path, fs = storage.ray_storage("checkpoints", spec.name)  # where train.fit keeps the run's checkpoints
+    return not checkpoint.complete_steps((f"{path}/{run}", fs))
 
 
 def _needs_training(storage: Storage, spec: JobSpec, subject: Subject, run: str) -> bool:

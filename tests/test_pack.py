@@ -339,3 +339,11 @@ def test_a_rerun_packs_the_subjects_of_a_started_pack_together_again(tmp_path):
     storage.write_json({"pack": "pack-other", "members": [list(fresh[1]), list(fresh[2])]}, "outputs", "t", "b",
                        job.PACK_RECORD)
     assert job.pack_groups(spec, storage, fresh) == [[0, 1], [2, 3]]
+
+    # A subject whose solo run (pack: 1) left a complete checkpoint resumes it alone: it is not packed.
+    step = tmp_path / "store" / "checkpoints" / "t" / fresh[3][1] / "step-2"
+    (step / "uploaded").mkdir(parents=True)
+    (step / "state.json").write_text('{"world_size": 1}')
+    (step / "uploaded" / "rank-00000").touch()  # what checkpoint.save leaves once every rank has uploaded
+    planned = [w for w, n, _ in job.planned_runs(spec, storage, "model") if n.startswith("pack-")]
+    assert planned == ["the pack of new, a", "the pack of b"]
