@@ -1,10 +1,12 @@
-"""Encode: what a subject's base run computes from its frozen parts, once, off the training workers.
+"""Encode: what a subject's run computes from its frozen parts, once, off the training workers.
 
 A DreamBooth run encodes two prompts (instance, class) with frozen text encoders and, with cached
 latents, a few photos and the class images with a frozen VAE. A Ray task does it after the class
 images are ready, on one device, and stores the result beside the run (safetensors: nothing
 unpickled); the training workers load only what they train (the denoiser; text encoders only when
-trained), so a T5-XXL (19 GB in fp32) or the VAE is never built on them.
+trained), so a T5-XXL (19 GB in fp32) or the VAE is never built on them. Both stages: the base run
+(engine.frozen_inputs) and the SR run (sr.frozen_inputs: IF stage II's T5, the x4 upscaler's CLIP and
+its VAE's latent pairs), each under its own run's name.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import ray
 import torch
 
-from . import engine, models
+from . import engine, models, sr
 from .images import load_subject_images
 from .priors import PriorCache
 from .spec import JobSpec, Subject
@@ -29,8 +31,10 @@ def where(spec: JobSpec, run: str) -> tuple[str, ...]:
     return ("encoded", spec.name, run, FILE)
 
 
-def needed(spec: JobSpec) -> frozenset:
-    """The parts a base run's workers can skip: what the encode task computes for them."""
+def needed(spec: JobSpec, stage: str = "base") -> frozenset:
+    """The parts a run's workers can skip: what the encode task computes for them."""
+    if stage == "sr":
+        return frozenset(sr.frozen_parts(models.family(spec.sr.model, spec.s3, role="sr")))
     return frozenset(engine.frozen_parts(models.family(spec.model, spec.s3), spec.train))
 
 
@@ -73,9 +77,9 @@ def _metadata(blob: bytes) -> dict:
 
 
 @ray.remote(num_cpus=0)
-def encode_task(spec: JobSpec, subject: Subject, run: str, prior_key: str | None) -> dict:
-    """Compute and store the base run's frozen inputs (GPU when the task is given one)."""
-    return encode_runs(spec, [(subject, run, prior_key)])
+def encode_task(spec: JobSpec, subject: Subject, run: str, prior_key: str | None, stage: str = "base") -> dict:
+    """Compute and store a run's frozen inputs (GPU when the task is given one)."""
+    return encode_runs(spec, [(subject, run, prior_key)], stage)
 
 
 @ray.remote(num_cpus=0)
@@ -84,26 +88,37 @@ def encode_pack_task(spec: JobSpec, runs: list[tuple[Subject, str, str | None]])
     return encode_runs(spec, runs)
 
 
-def encode_runs(spec: JobSpec, runs: list[tuple[Subject, str, str | None]]) -> dict:
-    """Each (subject, run, prior key)'s frozen inputs, computed and stored; the parts loaded once."""
+def encode_runs(spec: JobSpec, runs: list[tuple[Subject, str, str | None]], stage: str = "base") -> dict:
+    """Each (subject, run, prior key)'s frozen inputs for `stage`, computed and stored; the parts loaded once."""
     import time
 
     from .storage import io_counts
 
-    t0, cfg, io_start = time.perf_counter(), spec.train, io_counts()
+    t0, cfg, io_start = time.perf_counter(), spec.stage_train(stage), io_counts()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     storage = Storage(spec.storage, spec.s3)
-    fam = models.family(spec.model, spec.s3)
-    # Only the parts it encodes with (tokenizers aside): not the denoiser, not a text encoder that trains
-    parts = models.load_components(spec.model, spec.s3, skip={fam.denoiser, *(set(fam.text_encoders) - needed(spec))})
+    if stage == "sr":  # the frozen parts alone: not the UNet
+        parts = models.load_sr_components(spec.sr.model, spec.s3, skip={"unet"})
+        in_res = spec.sr.input_resolution or spec.train.resolution
+
+        def compute(subject, photos, classes):
+            return sr.frozen_inputs(parts, [p.image for p in photos], classes, subject.instance_text,
+                                    subject.class_text, cfg, in_res, device)
+    else:
+        fam = models.family(spec.model, spec.s3)
+        # Only the parts it encodes with (tokenizers aside): not the denoiser, not a text encoder that trains
+        parts = models.load_components(spec.model, spec.s3,
+                                       skip={fam.denoiser, *(set(fam.text_encoders) - needed(spec))})
+
+        def compute(subject, photos, classes):
+            return engine.frozen_inputs(parts, [p.image for p in photos], classes, subject.instance_text,
+                                        subject.class_text, cfg, device, [p.mask for p in photos],
+                                        [subject.prompt(p.caption) if p.caption else None for p in photos])
     for subject, run, prior_key in runs:
         photos = load_subject_images(subject.images, cfg.resolution, spec.s3, spec.skip_bad_images, quiet=True)
         classes = (PriorCache(storage, prior_key, subject.class_text, cfg.resolution, spec.prior)
                    .load(spec.prior.num_class_images) if prior_key else [])
-        frozen = engine.frozen_inputs(parts, [p.image for p in photos], classes, subject.instance_text,
-                                      subject.class_text, cfg, device, [p.mask for p in photos],
-                                      [subject.prompt(p.caption) if p.caption else None for p in photos])
-        save(storage, spec, run, frozen)
+        save(storage, spec, run, compute(subject, photos, classes))
     written, read = (now - then for now, then in zip(io_counts(), io_start))
-    return {"seconds": round(time.perf_counter() - t0, 3), "parts": sorted(needed(spec)), "bytes_written": written,
-            "bytes_read": read}
+    return {"seconds": round(time.perf_counter() - t0, 3), "parts": sorted(needed(spec, stage)),
+            "bytes_written": written, "bytes_read": read}

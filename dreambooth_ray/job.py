@@ -356,19 +356,7 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeli
         t = spec.train
         reporter.stage("training", f"training {t.steps} steps, {t.method}, {t.describe_lr()}, {t.describe_batch()}, "
                      f"ZeRO-{t.zero_stage}, {t.mixed_precision}, {'GPU' if use_gpu else 'CPU'} (run {name})", total=t.steps)
-        # On GPUs the lane encodes before it loads the model (train.encode_first): the lanes hold the GPUs
-        # an encode task would wait for. On CPUs a task does it, beside the lane's previous subject.
-        needs = stage_needs_encoding(spec, storage, name)
-        in_lane = use_gpu and needs
-        if in_lane:
-            reporter.say(f"the training lane encodes the prompts and images with the frozen "
-                         f"{', '.join(sorted(encode.needed(spec)))} first")
-        elif needs:
-            t1 = time.perf_counter()
-            reporter.say(f"encoding the prompts and images with the frozen {', '.join(sorted(encode.needed(spec)))}")
-            done = ray.get(encode.encode_task.options(num_gpus=1 if use_gpu else 0).remote(spec, subject, name, prior_key))
-            timeline["encode"] = time.perf_counter() - t1
-            timeline["bytes_written"], timeline["bytes_read"] = done["bytes_written"], done["bytes_read"]
+        in_lane = _encode(spec, storage, subject, name, prior_key, use_gpu, reporter, timeline)
         train_start = time.time()
         validator = (samples.Validator.options(num_gpus=spec.samples.validation_gpus if use_gpu else 0)
                      .remote(spec, subject, name) if spec.samples.validation_every else None)
@@ -394,8 +382,11 @@ def _run_subject(spec, subject, storage, identity, use_gpu, prior_counts, timeli
     sr_ckpt = sr_metrics = None
     if sr_name:
         sr_start = time.perf_counter()
-        sr_ckpt, sr_metrics, stages["sr"] = _run_sr(spec, subject, storage, out, sr_name, sr_prior, use_gpu, reporter)
-        timeline["sr"] = time.perf_counter() - sr_start  # its class images, training and export
+        encoded = timeline.get("encode", 0.0)
+        sr_ckpt, sr_metrics, stages["sr"] = _run_sr(spec, subject, storage, out, sr_name, sr_prior, use_gpu, reporter,
+                                                    timeline)
+        # its class images, training and export (its encode task is under "encode")
+        timeline["sr"] = time.perf_counter() - sr_start - (timeline.get("encode", 0.0) - encoded)
 
     reporter.stage("samples", "exporting and rendering samples")
     record = {"run": complete, "subject": subject.name, "sr_metrics": sr_metrics, "identifier": subject.identifier,
@@ -552,12 +543,33 @@ def pack_task(spec: JobSpec, subjects: list[Subject], identity: str, use_gpu: bo
     return results
 
 
-def stage_needs_encoding(spec: JobSpec, storage: Storage, run: str) -> bool:
-    return bool(encode.needed(spec)) and not storage.exists(*encode.where(spec, run))
+def stage_needs_encoding(spec: JobSpec, storage: Storage, run: str, stage: str = "base") -> bool:
+    return bool(encode.needed(spec, stage)) and not storage.exists(*encode.where(spec, run))
 
 
-def _run_sr(spec, subject, storage, out, name, prior_cache, use_gpu, reporter: Reporter):
-    """The SR stage: fine-tune the SR model on the subject (resumable like the base stage)."""
+def _encode(spec: JobSpec, storage: Storage, subject: Subject, run: str, prior_key: str | None, use_gpu: bool,
+            reporter: Reporter, timeline: dict, stage: str = "base") -> bool:
+    """A run's frozen inputs (encode.py), before it trains, unless stored. On CPUs a task computes them,
+    beside the lane's previous subject; on GPUs the lane does, before it loads the model
+    (train.encode_first): the lanes hold the GPUs an encode task would wait for. True: the lane encodes."""
+    if not stage_needs_encoding(spec, storage, run, stage):
+        return False
+    frozen = ", ".join(sorted(encode.needed(spec, stage)))
+    if use_gpu:
+        reporter.say(f"the training lane encodes the prompts and images with the frozen {frozen} first")
+        return True
+    t1 = time.perf_counter()
+    reporter.say(f"encoding the prompts and images with the frozen {frozen}")
+    done = ray.get(encode.encode_task.remote(spec, subject, run, prior_key, stage))
+    timeline["encode"] = timeline.get("encode", 0.0) + time.perf_counter() - t1
+    for key in ("bytes_written", "bytes_read"):
+        timeline[key] = timeline.get(key, 0) + done[key]
+    return False
+
+
+def _run_sr(spec, subject, storage, out, name, prior_cache, use_gpu, reporter: Reporter, timeline: dict):
+    """The SR stage: fine-tune the SR model on the subject (resumable like the base stage), its frozen
+    inputs encoded first as the base stage's are."""
     done = storage.read_json(*out, "sr.json")
     if done and done.get("run") == name:
         reporter.say(f"SR training already finished ({done['checkpoint']})")
@@ -569,9 +581,12 @@ def _run_sr(spec, subject, storage, out, name, prior_cache, use_gpu, reporter: R
     s = spec.sr
     reporter.stage("training", f"SR stage: {s.input_resolution or spec.train.resolution}->{s.output_resolution}px, "
                  f"{s.steps} steps, noise augmentation {s.noise_aug:g} (run {name})", total=s.steps)
-    result = train.fit(spec, subject, storage, name, prior_cache and prior_cache.key, use_gpu, stage="sr",
-                       export_to=(out, name), reporter=reporter)
+    prior_key = prior_cache and prior_cache.key
+    in_lane = _encode(spec, storage, subject, name, prior_key, use_gpu, reporter, timeline, "sr")
+    result = train.fit(spec, subject, storage, name, prior_key, use_gpu, stage="sr", export_to=(out, name),
+                       reporter=reporter, encode_here=in_lane)
     storage.write_json({"run": name, "checkpoint": result.checkpoint.path, "metrics": result.metrics}, *out, "sr.json")
+    encode.discard(storage, spec, name)
     return result.checkpoint, result.metrics, "ran"
 
 

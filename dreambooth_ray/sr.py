@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import engine, families
+from . import engine
 from .data import DreamBoothData
 from .loss import diffusion_target
 from .spec import SRConfig, TrainConfig
@@ -111,32 +111,54 @@ def sr_step(model, noise_scheduler, noising_scheduler, rows, n_instance, g, prio
                                class_labels=labels, **text)
 
 
-def build(parts: dict, instance, classes, instance_text: str, class_text: str, cfg: TrainConfig, sr: SRConfig,
-          in_res: int, device: torch.device) -> engine.Engine:
-    """The SR stage's engine: same DeepSpeed path as the base stage, another loss."""
-    dtype = engine.weight_dtype(cfg)
-    family = parts.get("family")
-    kind = family.layout if family is not None else layout(parts["unet"])
-    if kind == "x4":  # latents cached once, as in the base stage; the VAE then leaves the device
+def frozen_parts(family) -> set[str]:
+    """What an SR run's FrozenInputs carry, so its workers need none of these: the text encoder (never
+    trained here) and the x4 layout's VAE (its latent pairs cached)."""
+    return set(family.text_encoders) | ({"vae"} if family.latent else set())
+
+
+@torch.no_grad()
+def frozen_inputs(parts: dict, instance, classes, instance_text: str, class_text: str, cfg: TrainConfig,
+                  in_res: int, device: torch.device) -> engine.FrozenInputs:
+    """The SR run's frozen parts' outputs, in `build` or in the encode task (encode.py): the prompts'
+    states and, for x4, the latent pairs of every photo and class image, each flip (DreamBoothData.pool:
+    a flipped image's latents are not its latents flipped). IF's pairs are pixels, made on the worker."""
+    family = parts["family"]
+    out = engine.FrozenInputs()
+    if family.latent:  # the VAE then leaves the device
         vae = parts["vae"].requires_grad_(False).to(device)
-        data = DreamBoothData(instance, classes, cfg.random_flip, encode=latent_pairs(vae, in_res, device))
+        encode = latent_pairs(vae, in_res, device)
+        out.instance = DreamBoothData.pool(instance, cfg.random_flip, encode)
+        out.classes = DreamBoothData.pool(classes, cfg.random_flip, encode) if classes else None
+        out.scaling_factor = vae.config.scaling_factor
         vae.to("cpu")
+    # The family encodes the prompts: IF's T5 sees the attention mask; the x4 upscaler's CLIP gets none.
+    encoders = {n: te.to(engine.frozen_dtype(cfg)).eval() for n, te in family.encoders(parts).items()}
+    prompts = engine.prompts_of(instance_text, class_text, cfg, bool(classes))
+    out.conditioning = family.encode_frozen(encoders, family.prompt_inputs(parts, prompts), device)
+    return out
+
+
+def build(parts: dict, instance, classes, instance_text: str, class_text: str, cfg: TrainConfig, sr: SRConfig,
+          in_res: int, device: torch.device, frozen: engine.FrozenInputs | None = None) -> engine.Engine:
+    """The SR stage's engine: same DeepSpeed path as the base stage, another loss. `frozen`: what the
+    frozen parts make, computed elsewhere (encode.py: then `parts` need not hold them), else here."""
+    dtype = engine.weight_dtype(cfg)
+    family = parts["family"]
+    if frozen is None:
+        frozen = frozen_inputs(parts, instance, classes, instance_text, class_text, cfg, in_res, device)
+    if frozen.instance is not None:  # x4: latent pairs, cached as in the base stage
+        data = DreamBoothData.of_pools(frozen.instance, frozen.classes, cfg.random_flip)
     else:
         data = DreamBoothData(instance, classes, cfg.random_flip, encode=lowres_pairs(in_res))
-    # The family encodes the prompts: IF's T5 sees the attention mask; the x4 upscaler's CLIP gets none.
-    family = family or (families.X4 if kind == "x4" else families.IF_STAGE_II)
-    prompts = engine.prompts_of(instance_text, class_text, cfg, data.with_prior)
-    encoders = {n: te.to(engine.frozen_dtype(cfg)).eval() for n, te in family.encoders(parts).items()}
-    states = family.encode_frozen(encoders, family.prompt_inputs(parts, prompts),
-                                  device)["encoder_hidden_states"].to(dtype)
-    scaling = parts["vae"].config.scaling_factor if kind == "x4" else 1.0
-    for name in list(encoders) + (["vae"] if kind == "x4" else []):  # frozen, used: not kept for the run
+    states = frozen.conditioning["encoder_hidden_states"].to(device, dtype)
+    for name in frozen_parts(family):  # frozen, used: not kept for the run
         parts[name] = None
     parts["unet"].train()
     engine.configure_denoiser(parts["unet"], cfg, family)
     model = engine.DreamBoothModel(parts["unet"], family=family)
     noise_s, noising_s = parts["noise_scheduler"], parts["image_noising_scheduler"]
-    autocast = engine.autocast_dtype(cfg)
+    autocast, kind, scaling = engine.autocast_dtype(cfg), family.layout, frozen.scaling_factor or 1.0
 
     def loss(model, rows, n, g):
         return sr_step(model, noise_s, noising_s, rows, n, g, sr.prior_loss_weight, sr.noise_aug, dtype, device,

@@ -103,17 +103,17 @@ def train_subject(config: dict, rank: int) -> dict:
                              cfg.resolution, spec.prior).load(spec.prior.num_class_images)
     phase("photos_and_class_images")
     # The frozen parts' outputs, computed off the workers (encode.py): those parts are not loaded here.
-    if stage == "base" and config.get("encode_here"):
-        encode_first(spec, [(subject, config["run_name"], config["prior_key"])], rank)
+    if config.get("encode_here"):
+        encode_first(spec, [(subject, config["run_name"], config["prior_key"])], rank, stage)
         phase("encode")
-    frozen = encode.load(Storage(spec.storage, spec.s3), spec, config["run_name"]) if stage == "base" else None
-    skipped = sorted(encode.needed(spec)) if frozen is not None else []
-    parts = (models.load_sr_components(spec.sr.model, spec.s3) if stage == "sr"
+    frozen = encode.load(Storage(spec.storage, spec.s3), spec, config["run_name"])
+    skipped = sorted(encode.needed(spec, stage)) if frozen is not None else []
+    parts = (models.load_sr_components(spec.sr.model, spec.s3, skip=skipped) if stage == "sr"
              else models.load_components(spec.model, spec.s3, engine.partitioned_loader(cfg), skip=skipped))
     phase("model_load")
     if stage == "sr":
-        eng = sr.build(parts, instance, classes, subject.instance_text,
-                       subject.class_text, cfg, spec.sr, spec.sr.input_resolution or spec.train.resolution, device)
+        eng = sr.build(parts, instance, classes, subject.instance_text, subject.class_text, cfg, spec.sr,
+                       spec.sr.input_resolution or spec.train.resolution, device, frozen=frozen)
     else:
         eng = engine.build(parts, instance, classes, subject.instance_text,
                            subject.class_text, cfg, spec.prior.loss_weight, device,
@@ -208,7 +208,7 @@ def train_subject(config: dict, rank: int) -> dict:
     return {"checkpoint": final.path if final else None, "metrics": metrics or {}}
 
 
-def encode_first(spec: JobSpec, runs: list[tuple[Subject, str, str | None]], rank: int) -> None:
+def encode_first(spec: JobSpec, runs: list[tuple[Subject, str, str | None]], rank: int, stage: str = "base") -> None:
     """A GPU job's frozen inputs (encode.py), computed by the lane's rank 0 on its own GPU before any
     model loads: an encode task would wait for a GPU that the lanes hold. The frozen parts are loaded,
     used and gone before the denoiser loads, so the worker never holds both. The other ranks wait."""
@@ -216,7 +216,7 @@ def encode_first(spec: JobSpec, runs: list[tuple[Subject, str, str | None]], ran
     if rank == 0:
         todo = [r for r in runs if not storage.exists(*encode.where(spec, r[1]))]
         if todo:
-            encode.encode_runs(spec, todo)
+            encode.encode_runs(spec, todo, stage)
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

@@ -115,3 +115,66 @@ def test_a_frozen_t5_beside_trained_clips_is_encoded_off_the_worker(group, tmp_p
         assert a.step(step).tolist() == b.step(step).tolist(), step
     wa, wb = a.ds.module.state_dict(), b.ds.module.state_dict()
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("ref", ["tiny-sr", "tiny-x4"])  # IF stage II (T5, pixel pairs); x4 (CLIP, VAE latent pairs)
+def test_an_sr_worker_given_the_frozen_inputs_builds_no_text_encoder_or_vae_and_trains_as_before(
+        group, tmp_path, toy_images, monkeypatch, ref):
+    """The SR stage's frozen inputs (the prompts' states; x4: the latent pairs of the photos and class
+    images, both flips) computed as a GPU lane's rank 0 does (train.encode_first, the encode task's
+    encode_runs), stored, and read back by the worker path (load_sr_components with skip, sr.build with
+    frozen): every module that path constructs is counted, and none is a text encoder or a VAE; its
+    losses and weights equal, bit for bit, those of the worker that loads and uses them itself."""
+    import io
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import PreTrainedModel
+
+    from dreambooth_ray import sr, train
+    from dreambooth_ray.images import load_subject_images
+    from dreambooth_ray.priors import PriorCache
+
+    spec = parse_spec(tiny_spec(str(tmp_path / "store"), str(toy_images), prior={"num_class_images": 2},
+                                train={"random_flip": True},
+                                sr={"enabled": True, "model": ref, "input_resolution": 16, "output_resolution": 64,
+                                    "learning_rate": 1e-3, "mixed_precision": "fp32", "prior_preservation": True}))
+    storage, subject, cfg = Storage(spec.storage), spec.subjects[0], spec.stage_train("sr")
+    rng = np.random.default_rng(0)
+    for i in range(2):  # the SR stage's class images, at its output resolution
+        png = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(png, "PNG")
+        storage.write_bytes(png.getvalue(), "priors", "k", PriorCache.image_name(i))
+    train.encode_first(spec, [(subject, "sr-run", "k")], 0, "sr")
+    frozen = encode.load(storage, spec, "sr-run")
+    photos = [p.image for p in load_subject_images(subject.images, 64, None, quiet=True)]
+    classes = PriorCache(storage, "k", subject.class_text, 64, spec.prior).load(2)
+    if ref == "tiny-x4":
+        assert encode.needed(spec, "sr") == {"text_encoder", "vae"}
+        # [photo, flip, 4 + 4 + 3 (latent mean, std, low-res image), 16, 16]; class images alike
+        assert frozen.instance.shape == (4, 2, 11, 16, 16) and frozen.classes.shape == (2, 2, 11, 16, 16)
+    else:
+        assert encode.needed(spec, "sr") == {"text_encoder"} and frozen.instance is None  # pixel pairs: the worker's
+
+    built = []
+    init = torch.nn.Module.__init__
+
+    def counted(self, *args, **kwargs):
+        built.append(type(self))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "__init__", counted)
+    full = models.load_sr_components(ref)  # today's worker: the counter sees the frozen parts it builds
+    assert any(issubclass(c, PreTrainedModel) for c in built)
+    assert any(issubclass(c, AutoencoderKL) for c in built) == (ref == "tiny-x4")
+    built.clear()
+    lean = models.load_sr_components(ref, skip=encode.needed(spec, "sr"))
+    a = sr.build(lean, photos, classes, subject.instance_text, subject.class_text, cfg, spec.sr, 16, CPU, frozen=frozen)
+    assert UNet2DConditionModel in built  # (the counter counts)
+    assert not [c for c in built if issubclass(c, (PreTrainedModel, AutoencoderKL))]
+    monkeypatch.undo()
+
+    b = sr.build(full, photos, classes, subject.instance_text, subject.class_text, cfg, spec.sr, 16, CPU)
+    for step in range(3):
+        assert a.step(step).tolist() == b.step(step).tolist(), step
+    wa, wb = a.ds.module.state_dict(), b.ds.module.state_dict()
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -272,6 +272,12 @@ def test_cascade_job_base_then_sr_to_s3(ray_cluster, s3_endpoint, bucket, toy_im
     assert base_m["step"] == 2 and sr_m["step"] == 3
     for m, w in ((base_m, 0.25), (sr_m, 0.5)):
         assert m["prior_loss"] > 0 and m["loss"] == pytest.approx(m["instance_loss"] + w * m["prior_loss"], rel=1e-6)
+    # No worker of either stage built a T5: encode tasks computed the prompts' states (encode.py), deleted once
+    # trained.
+    assert base_m["parts_not_loaded"] == sr_m["parts_not_loaded"] == ["text_encoder"]
+    from dreambooth_ray import encode
+
+    assert not storage.exists(*encode.where(spec, storage.read_json(*where, "sr.json")["run"]))
 
     # Both stages were exported by their training workers, in train.export_dtype, and hold their final
     # checkpoints' trained UNets.

@@ -59,15 +59,15 @@ class SRFamily(Family):
 
         index = DiffusionPipeline.load_config(path)
         parts = dict(
-            unet=self.load_denoiser(path, partitioned),
+            unet=None if "unet" in skip else self.load_denoiser(path, partitioned),
             tokenizer=self._tokenizer(path),
-            text_encoder=self._text_encoder(path, index, "text_encoder"),
+            text_encoder=None if "text_encoder" in skip else self._text_encoder(path, index, "text_encoder"),
             noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
             image_noising_scheduler=DDPMScheduler.from_pretrained(path, subfolder=self.noising_scheduler),
             family=self,
         )
         if self.latent:
-            parts["vae"] = AutoencoderKL.from_pretrained(path, subfolder="vae")
+            parts["vae"] = None if "vae" in skip else AutoencoderKL.from_pretrained(path, subfolder="vae")
         return parts
 
     def noising(self, pipe):

@@ -169,6 +169,8 @@ def test_sr_stage_on_gpu(ray_cluster, tmp_path, toy_images):
     assert_finite_losses(record["metrics"])
     assert_finite_losses(record["sr_metrics"])
     assert Path(record["sr_model"], "model_index.json").exists()
+    # Both lanes encoded first on their GPU (train.encode_first): no worker built a T5
+    assert record["metrics"]["parts_not_loaded"] == record["sr_metrics"]["parts_not_loaded"] == ["text_encoder"]
 
     with checkpoint_dir(storage.read_json(*out, "train.json")["checkpoint"]) as d:
         assert_ran_on_gpu(d)
