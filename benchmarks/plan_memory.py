@@ -2,7 +2,7 @@
 CPU: a Stable Diffusion 1.5 UNet layout scaled down (channels 64-256 instead of 320-1280, the same
 blocks), at 512 px with prior preservation (2 rows), through the real engine (DreamBoothModel,
 engine.denoise_loss, engine.initialize: DeepSpeed, torch AdamW), in gloo process groups as Ray
-Train's CPU workers are, across ZeRO stages, gradient checkpointing and precision.
+Train's CPU workers are, across ZeRO stages, gradient checkpointing, precision and offload.
 
 Measured: each worker's peak RSS (VmHWM) over its second optimizer step (the first creates the
 optimizer state; VmHWM is reset through /proc/self/clear_refs before the second), above its RSS after
@@ -10,9 +10,11 @@ imports. glibc's malloc is told to map every block over 64 KB (MALLOC_MMAP_THRES
 tensor leaves RSS at once instead of staying in the heap; what is left is kernel scratch the trace does
 not see, Python objects and DeepSpeed's own small buffers.
 
-    .venv/bin/python benchmarks/plan_memory.py [--stages 3] [--out benchmarks/results/plan_memory.json]
+    .venv/bin/python benchmarks/plan_memory.py [--stages 3] [--offload] [--out benchmarks/results/plan_memory.json]
 
-`--stages`: only those ZeRO stages' cases, their rows replacing the same cases' in the results file.
+`--stages`: only those ZeRO stages' cases; `--offload`: only the offload cases; their rows replace the
+same cases' in the results file. Planned is device + host: on a CPU they are one memory, so an
+offload case (DeepSpeed's CPU Adam, the partitions "moved" to the host) measures both.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def worker(rank: int, world: int, port: int, settings: dict, out: str) -> None:
     if s.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     cfg = TrainConfig(zero_stage=s.zero_stage, mixed_precision=s.mixed_precision, num_workers=world,
-                      batch_size=s.batch_size, method=s.method, learning_rate=1e-4)
+                      batch_size=s.batch_size, method=s.method, learning_rate=1e-4, offload=s.offload)
     ds = engine.initialize(engine.DreamBoothModel(unet, family=lay.family), cfg, torch.device("cpu"))
     dtype = engine.weight_dtype(cfg)
     g = torch.Generator().manual_seed(rank)
@@ -193,15 +195,19 @@ def planned(settings, planner=None):
     return planner.plan(settings, gpu=False)
 
 
-CASES = [  # (zero stage, workers, mixed precision, gradient checkpointing, method)
-    (0, 1, "fp32", False, "full"), (0, 1, "fp32", True, "full"),
-    (1, 1, "fp32", False, "full"),
-    (2, 1, "fp32", False, "full"), (2, 1, "fp32", True, "full"),
-    (3, 1, "fp32", False, "full"), (3, 1, "fp32", True, "full"),
-    (2, 2, "fp32", False, "full"), (3, 2, "fp32", False, "full"),
-    (2, 1, "bf16", False, "full"), (2, 1, "bf16", True, "full"),
-    (2, 1, "bf16", False, "lora"),
-    (3, 2, "bf16", False, "lora"),
+CASES = [  # (zero stage, workers, mixed precision, gradient checkpointing, method, offload)
+    (0, 1, "fp32", False, "full", "none"), (0, 1, "fp32", True, "full", "none"),
+    (1, 1, "fp32", False, "full", "none"),
+    (2, 1, "fp32", False, "full", "none"), (2, 1, "fp32", True, "full", "none"),
+    (3, 1, "fp32", False, "full", "none"), (3, 1, "fp32", True, "full", "none"),
+    (2, 2, "fp32", False, "full", "none"), (3, 2, "fp32", False, "full", "none"),
+    (2, 1, "bf16", False, "full", "none"), (2, 1, "bf16", True, "full", "none"),
+    (2, 1, "bf16", False, "lora", "none"),
+    (3, 2, "bf16", False, "lora", "none"),
+    (2, 1, "fp32", False, "full", "optimizer"), (2, 1, "fp32", True, "full", "optimizer"),
+    (2, 2, "fp32", False, "full", "optimizer"),
+    (3, 1, "fp32", False, "full", "optimizer"), (3, 1, "fp32", False, "full", "optimizer+params"),
+    (3, 2, "fp32", False, "full", "optimizer+params"),
 ]
 
 
@@ -210,31 +216,37 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "plan_memory.json"))
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
+    ap.add_argument("--offload", action="store_true", help="only the cases with train.offload")
     args = ap.parse_args()
     from dreambooth_ray import plan
 
     planner = plan.Planner(layout(), cache_dir=tempfile.mkdtemp())
     rows = []
-    for stage, world, mp_, ck, method in CASES:
-        if stage not in args.stages:
+    for stage, world, mp_, ck, method, off in CASES:
+        if stage not in args.stages or args.offload and off == "none":
             continue
         s = plan.Settings(resolution=args.resolution, zero_stage=stage, num_workers=world, mixed_precision=mp_,
-                          gradient_checkpointing=ck, method=method, checkpoint_async=False)
+                          gradient_checkpointing=ck, method=method, checkpoint_async=False, offload=off)
         p = planner.plan(s, gpu=False)
+        total = p.device.total + p.host.total
         t0 = time.perf_counter()
         m = measure(s, world)
         row = {"zero_stage": stage, "workers": world, "mixed_precision": mp_, "gradient_checkpointing": ck,
-               "method": method, "planned_mb": round(p.device.total / 2**20, 1), "measured_mb": round(m / 2**20, 1),
-               "ratio": round(m / p.device.total, 3), **{f"{k}_mb": round(getattr(p.device, k) / 2**20, 1) for k in plan.PARTS},
+               "method": method, "offload": off, "planned_mb": round(total / 2**20, 1), "measured_mb": round(m / 2**20, 1),
+               "ratio": round(m / total, 3), **{f"{k}_mb": round(getattr(p.device, k) / 2**20, 1) for k in plan.PARTS},
+               **{f"host_{k}_mb": round(getattr(p.host, k) / 2**20, 1) for k in plan.PARTS if getattr(p.host, k)},
                "seconds": round(time.perf_counter() - t0, 1)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     c = planner.counts(plan.Settings())
-    case = ("zero_stage", "workers", "mixed_precision", "gradient_checkpointing", "method")
-    if set(args.stages) != {0, 1, 2, 3} and Path(args.out).exists():  # merge: other stages' rows as they were
-        new = {tuple(r[k] for k in case): r for r in rows}
+    def case(r):
+        return (r["zero_stage"], r["workers"], r["mixed_precision"], r["gradient_checkpointing"], r["method"],
+                r.get("offload", "none"))
+
+    if (set(args.stages) != {0, 1, 2, 3} or args.offload) and Path(args.out).exists():  # merge: other rows as they were
+        new = {case(r): r for r in rows}
         old = json.loads(Path(args.out).read_text())["rows"]
-        rows = [new.pop(tuple(r[k] for k in case), r) for r in old] + list(new.values())
+        rows = [new.pop(case(r), r) for r in old] + list(new.values())
     Path(args.out).write_text(json.dumps({"layout": {"unet": UNET}, "trained_parameters": c.trained,
                                           "resolution": args.resolution, "rows": rows}, indent=2) + "\n")
     print(f"-> {args.out}")

@@ -444,6 +444,26 @@ class MemoryPlan:
 STATE_BYTES = {"adamw": 8, "prodigy": 16, "adafactor": 4}
 
 
+def offload_buffers(counts: Counts, s: Settings, dev: Split, host: Split) -> None:
+    """What ZeRO-Offload holds beyond the partitions it moves to the host (`account`'s columns), read off
+    DeepSpeed's optimizers and measured phase by phase on a CPU (benchmarks/plan_memory.py --offload).
+    ZeRO 1-2 (stage_1_and_2.py): a copy of the weight partition in the weights' dtype, which the CPU Adam
+    update is cast through on its way back (param_buffer_of_bit16_for_cpu_offload_groups), and a buffer
+    of the largest parameter on each side for gradients in transit; the offloaded gradient partition is
+    fp32 whatever the weights' dtype, where the grads column counts w bytes. ZeRO-3 (stage3.py): the fp32
+    gradient of each subgroup's master partition, beside the gradient partitions (the grads column).
+    A CPU worker holds the same buffers: its device and host are one memory, the sum is what it peaks at."""
+    if s.offload == "none" or s.zero_stage == 0:
+        return
+    P, N, w = counts.trained, s.num_workers, s.weight_bytes
+    if s.zero_stage == 3:
+        host.grads += 4 * P // N
+        return
+    host.grads += (4 - w) * P // N
+    host.workspace += P * w // N + counts.largest_layer * w  # largest_layer: a bound on the largest parameter
+    dev.workspace += counts.largest_layer * w
+
+
 def account(counts: Counts, trace: Trace, s: Settings, family=None, gpu: bool = True) -> MemoryPlan:
     """The arithmetic of one worker's memory under DeepSpeed (engine.deepspeed_config: ZeRO `stage`,
     torch AdamW, DeepSpeed's default buckets), from parameter counts and a traced step.
@@ -501,7 +521,7 @@ def account(counts: Counts, trace: Trace, s: Settings, family=None, gpu: bool = 
         # layer whose backward comes within stage3_max_reuse_distance: with the default, all of a model
         # under 0.5G elements (DeepSpeed's coordinator releases a layer only if not used again within it).
         # One worker without offload uses its shard, which is the whole parameter, in place.
-        gathers = N > 1 or params_off
+        gathers = N > 1 or params_off and gpu  # a CPU's offloaded partition is where its layer runs: no copy
         per = (P * w + F * fz) / max(P + F, 1)  # bytes per gathered element: trained w, frozen fz
         rest = max(0, P + F - counts.persistent)
         gathered = int(min(rest, MAX_REUSE // 2 + PREFETCH_BUCKET + counts.largest_layer) * per) if gathers else 0
@@ -524,6 +544,7 @@ def account(counts: Counts, trace: Trace, s: Settings, family=None, gpu: bool = 
     # optimizer partition).
     if s.checkpoint_async:
         host.workspace += P * w // shard + (STATE_BYTES.get(s.optimizer, 8) * P + 4 * P) // part
+    offload_buffers(counts, s, dev, host)  # ZeRO-Offload's own buffers
     notes = []
     if st == 3 and N == 1:
         notes.append("ZeRO-3 on one worker partitions nothing")
