@@ -7,8 +7,8 @@ Train's CPU workers are, across ZeRO stages, gradient checkpointing, precision a
 Measured: each worker's peak RSS (VmHWM) over its second optimizer step (the first creates the
 optimizer state; VmHWM is reset through /proc/self/clear_refs before the second), above its RSS after
 imports. glibc's malloc is told to map every block over 64 KB (MALLOC_MMAP_THRESHOLD_), so a freed
-tensor leaves RSS at once instead of staying in the heap; what is left is kernel scratch the trace does
-not see, Python objects and DeepSpeed's own small buffers.
+tensor leaves RSS at once instead of staying in the heap; and oneDNN's kernel cache is off (ENV). What
+is left is what the trace does not see: Python objects, DeepSpeed's small buffers, malloc's heap.
 
     .venv/bin/python benchmarks/plan_memory.py [--stages 3] [--precision bf16] [--offload] [--out benchmarks/results/plan_memory.json]
 
@@ -42,7 +42,10 @@ CLIP = dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_
             max_position_embeddings=77, projection_dim=256)
 VAE = dict(block_out_channels=[32, 32, 32, 32], latent_channels=4, norm_num_groups=8)
 MMAP_THRESHOLD = str(64 << 10)
-ENV = {"MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
+# oneDNN's cache of the kernels it JIT-compiles per shape: a CPU's, not a GPU's (whose kernels are in the
+# CUDA context the plan counts apart). Off in the measured workers: 40 MB of bf16 kernels here (the bf16
+# rows' peaks 1091 -> 1051, LoRA 554 -> 514, LoRA ZeRO-3 752 -> 712 MB), 2 MB in fp32 (1329 -> 1327).
+ENV = {"MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}
 
 
 @contextmanager

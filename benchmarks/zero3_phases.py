@@ -137,7 +137,7 @@ def main() -> None:
 
     from dreambooth_ray import plan
 
-    os.environ.update(plan_memory.ENV)  # read by the spawned workers' malloc
+    os.environ.update(plan_memory.ENV)  # read by the spawned workers' malloc and oneDNN
     planner = plan.Planner(plan_memory.layout(), cache_dir=tempfile.mkdtemp())
     rows = []
     for world in args.workers:

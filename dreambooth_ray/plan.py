@@ -494,7 +494,9 @@ def account(counts: Counts, trace: Trace, s: Settings, family=None, gpu: bool = 
     torch AdamW, DeepSpeed's default buckets), from parameter counts and a traced step.
 
     `gpu=False` counts as a CPU worker does (the comparison the tests make on this machine): only the
-    touched pages of a gradient bucket, no CUDA context, and torch AdamW's foreach temporaries."""
+    touched pages of a gradient bucket, no CUDA context, and torch AdamW's foreach temporaries. Neither
+    form counts oneDNN's cache of the kernels it compiles for a CPU's bf16 ops (40 MB on the scaled SD 1.5
+    UNet; a GPU's kernels are in its CUDA context), which benchmarks/plan_memory.py turns off."""
     P, F, N, st = counts.trained, counts.frozen, s.num_workers, s.zero_stage
     w, fz = s.weight_bytes, s.frozen_bytes
     params_off = s.offload == "optimizer+params" and st == 3
