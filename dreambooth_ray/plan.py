@@ -306,10 +306,11 @@ def fake_modules():
 @contextmanager
 def zero3_linear(on: bool):
     """torch.nn.functional.linear as ZeRO-3 leaves it: DeepSpeed swaps in its LinearFunctionForZeroStage3
-    for the whole process (Init._enable_mem_efficient_linear), which saves the input as it is given, not
-    autocast's bf16 copy, and no bf16 copy of the weight. Under bf16 autocast a LoRA layer's input,
-    which peft casts to its fp32 adapters' dtype, is then kept for backward in fp32 (measured on the
-    scaled SD 1.5 UNet at 512 px: 459 MB live at the forward's end, 465 traced with it, 358 without)."""
+    for the whole process (Init._enable_mem_efficient_linear), which saves every input as it is given
+    (torch's linear saves none for a frozen weight, and autocast's bf16 copy otherwise) and no bf16
+    copy of the weight. Under bf16 autocast a LoRA layer's input, which peft casts to its fp32
+    adapters' dtype, is then kept for backward in fp32 (measured on the scaled SD 1.5 UNet at 512 px:
+    462 MB live at the forward's peak, 465 traced with it, 358 without)."""
     if not on:
         yield
         return
