@@ -7,12 +7,12 @@ Train's CPU workers are, across ZeRO stages, gradient checkpointing, precision a
 Measured: each worker's peak RSS (VmHWM) over its second optimizer step (the first creates the
 optimizer state; VmHWM is reset through /proc/self/clear_refs before the second), above its RSS after
 imports. glibc's malloc is told to map every block over 64 KB (MALLOC_MMAP_THRESHOLD_), so a freed
-tensor leaves RSS at once instead of staying in the heap; what is left is kernel scratch the trace does
-not see, Python objects and DeepSpeed's own small buffers.
+tensor leaves RSS at once instead of staying in the heap; and oneDNN's kernel cache is off (ENV). What
+is left is what the trace does not see: Python objects, DeepSpeed's small buffers, malloc's heap.
 
-    .venv/bin/python benchmarks/plan_memory.py [--stages 3] [--offload] [--out benchmarks/results/plan_memory.json]
+    .venv/bin/python benchmarks/plan_memory.py [--stages 3] [--precision bf16] [--offload] [--out benchmarks/results/plan_memory.json]
 
-`--stages`: only those ZeRO stages' cases; `--offload`: only the offload cases; their rows replace the
+`--stages`, `--precision`: only those cases; `--offload`: only the offload cases; their rows replace the
 same cases' in the results file. Planned is device + host: on a CPU they are one memory, so an
 offload case (DeepSpeed's CPU Adam, the partitions "moved" to the host) measures both.
 """
@@ -26,6 +26,7 @@ import socket
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -41,6 +42,25 @@ CLIP = dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_
             max_position_embeddings=77, projection_dim=256)
 VAE = dict(block_out_channels=[32, 32, 32, 32], latent_channels=4, norm_num_groups=8)
 MMAP_THRESHOLD = str(64 << 10)
+# oneDNN's cache of the kernels it JIT-compiles per shape: a CPU's, not a GPU's (whose kernels are in the
+# CUDA context the plan counts apart). Off in the measured workers: 40 MB of bf16 kernels here (the bf16
+# rows' peaks 1091 -> 1051, LoRA 554 -> 514, LoRA ZeRO-3 752 -> 712 MB), 2 MB in fp32 (1329 -> 1327).
+ENV = {"MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}
+
+
+@contextmanager
+def worker_env():
+    """ENV for the workers spawned inside: this process (the tests') keeps its malloc and oneDNN as they are."""
+    kept = {k: os.environ.get(k) for k in ENV}
+    os.environ.update(ENV)
+    try:
+        yield
+    finally:
+        for k, v in kept.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
 
 
 def layout():
@@ -77,25 +97,13 @@ def warm_up(lay, s) -> None:
     engine.release_freed_memory()
 
 
-def worker(rank: int, world: int, port: int, settings: dict, out: str) -> None:
-    """One rank: the engine over the scaled UNet, two optimizer steps; writes its peak over the second."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+def build(lay, s, world: int):
+    """The engine over the scaled UNet at settings `s` (torch.distributed initialised), and its TrainConfig."""
     import torch
-    import torch.distributed as dist
 
     from dreambooth_ray import engine, plan
     from dreambooth_ray.spec import TrainConfig
 
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    import deepspeed  # noqa: F401
-
-    engine.no_shm_comm()
-    s = plan.Settings(**settings)
-    lay = layout()
-    warm_up(lay, s)
-    base = rss()
     torch.manual_seed(0)
     unet = lay.build_denoiser().train()
     if s.method == "lora":
@@ -106,7 +114,28 @@ def worker(rank: int, world: int, port: int, settings: dict, out: str) -> None:
         unet.enable_gradient_checkpointing()
     cfg = TrainConfig(zero_stage=s.zero_stage, mixed_precision=s.mixed_precision, num_workers=world,
                       batch_size=s.batch_size, method=s.method, learning_rate=1e-4, offload=s.offload)
-    ds = engine.initialize(engine.DreamBoothModel(unet, family=lay.family), cfg, torch.device("cpu"))
+    return engine.initialize(engine.DreamBoothModel(unet, family=lay.family), cfg, torch.device("cpu")), cfg
+
+
+def worker(rank: int, world: int, port: int, settings: dict, out: str) -> None:
+    """One rank: the engine over the scaled UNet, two optimizer steps; writes its peak over the second."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import torch
+    import torch.distributed as dist
+
+    from dreambooth_ray import engine, plan
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    import deepspeed  # noqa: F401
+
+    engine.no_shm_comm()
+    s = plan.Settings(**settings)
+    lay = layout()
+    warm_up(lay, s)
+    base = rss()
+    ds, cfg = build(lay, s, world)
     dtype = engine.weight_dtype(cfg)
     g = torch.Generator().manual_seed(rank)
     channels, side = lay.latent_shape(s.resolution)
@@ -164,10 +193,52 @@ def measure_step(settings) -> int:
     """Bytes above the RSS before it that the forward and backward of `step_worker` peak at."""
     import torch.multiprocessing as mp
 
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
-    with tempfile.TemporaryDirectory() as tmp:
+    with worker_env(), tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(step_worker, args=(asdict(settings), tmp), nprocs=1, start_method="spawn")
         return json.loads(Path(tmp, "step.json").read_text())["peak"]
+
+
+def forward_worker(rank: int, port: int, settings: dict, out: str) -> None:
+    """One training forward through the engine (DeepSpeed at the settings' stage, one gloo worker), its
+    tensors counted by plan.LiveBytes as the plan's trace counts fake ones: what the stage's forward
+    keeps for backward, without the process's own memory (Python objects, oneDNN's kernels) that RSS
+    also holds. ZeRO-3 swaps torch.nn.functional.linear for DeepSpeed's (plan.zero3_linear)."""
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch
+    import torch.distributed as dist
+
+    from dreambooth_ray import engine, plan
+
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    torch.set_num_threads(1)
+    import deepspeed  # noqa: F401
+
+    engine.no_shm_comm()
+    s = plan.Settings(**settings)
+    lay = layout()
+    ds, cfg = build(lay, s, 1)
+    channels, side = lay.latent_shape(s.resolution)
+    live = plan.LiveBytes()
+    # Views of what exists before are no new bytes: the weights, or under ZeRO-3 their shards (not the
+    # parameters' empty placeholders, freed once gathered, whose storages' addresses new tensors take).
+    live.ignore([getattr(p, "ds_tensor", p) for p in ds.module.parameters()] + list(ds.module.buffers()))
+    with live:
+        x = torch.randn(s.rows, channels, side, side)
+        cond = {"encoder_hidden_states": torch.randn(s.rows, 77, CLIP["hidden_size"])}
+        loss, _, _ = engine.denoise_loss(ds, x, torch.full((s.rows,), 500), torch.randn(x.shape), s.batch_size, 1.0,
+                                         torch.device("cpu"), engine.autocast_dtype(cfg), **cond)
+    Path(out, "forward.json").write_text(json.dumps({"peak": max(o + g for o, g in live.frontier(set())),
+                                                     "end": sum(n for _, n in live.live.values())}))
+    dist.destroy_process_group()
+
+
+def measure_forward(settings) -> dict:
+    """Live tensor bytes of one forward through a one-worker engine (`forward_worker`): {"peak", "end"}."""
+    import torch.multiprocessing as mp
+
+    with worker_env(), tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(forward_worker, args=(free_port(), asdict(settings), tmp), nprocs=1, start_method="spawn")
+        return json.loads(Path(tmp, "forward.json").read_text())
 
 
 def free_port() -> int:
@@ -181,8 +252,7 @@ def measure(settings, world: int = 1, detail: bool = False):
     (`detail`: each rank's peak, RSS once the engine is built and before the measured step)."""
     import torch.multiprocessing as mp
 
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD  # read by each spawned worker's malloc
-    with tempfile.TemporaryDirectory() as tmp:
+    with worker_env(), tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(worker, args=(world, free_port(), asdict(settings), tmp), nprocs=world, start_method="spawn")
         ranks = [json.loads(Path(tmp, f"{r}.json").read_text()) for r in range(world)]
         return ranks if detail else max(r["peak"] for r in ranks)
@@ -216,6 +286,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "plan_memory.json"))
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
+    ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--offload", action="store_true", help="only the cases with train.offload")
     args = ap.parse_args()
     from dreambooth_ray import plan
@@ -223,7 +294,7 @@ def main() -> None:
     planner = plan.Planner(layout(), cache_dir=tempfile.mkdtemp())
     rows = []
     for stage, world, mp_, ck, method, off in CASES:
-        if stage not in args.stages or args.offload and off == "none":
+        if stage not in args.stages or mp_ not in args.precision or args.offload and off == "none":
             continue
         s = plan.Settings(resolution=args.resolution, zero_stage=stage, num_workers=world, mixed_precision=mp_,
                           gradient_checkpointing=ck, method=method, checkpoint_async=False, offload=off)
@@ -243,7 +314,8 @@ def main() -> None:
         return (r["zero_stage"], r["workers"], r["mixed_precision"], r["gradient_checkpointing"], r["method"],
                 r.get("offload", "none"))
 
-    if (set(args.stages) != {0, 1, 2, 3} or args.offload) and Path(args.out).exists():  # merge: other rows as they were
+    some = set(args.stages) != {0, 1, 2, 3} or set(args.precision) != {"fp32", "bf16"} or args.offload
+    if some and Path(args.out).exists():  # merge: other rows as they were
         new = {case(r): r for r in rows}
         old = json.loads(Path(args.out).read_text())["rows"]
         rows = [new.pop(case(r), r) for r in old] + list(new.values())

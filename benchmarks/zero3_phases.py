@@ -1,11 +1,14 @@
 """What a ZeRO-3 worker holds, phase by phase: the scaled SD 1.5 UNet of plan_memory.py through
-engine.initialize (DeepSpeed stage 3, torch AdamW, fp32) in gloo workers. For each phase of the second
+engine.initialize (DeepSpeed stage 3, torch AdamW; fp32, or bf16 autocast, full or LoRA) in gloo workers. For each phase of the second
 step (forward, backward, optimizer step): the peak RSS above the RSS after warm-up (VmHWM, reset
 before each phase), the RSS after it, how much of the model is gathered after forward and backward,
 and (rank 0) the largest tensor storages alive after backward, named where they are the optimizer's.
 It is what plan.account's ZeRO-3 terms were read from.
 
-    .venv/bin/python benchmarks/zero3_phases.py [--workers 1 2] [--resolution 256] [--out benchmarks/results/zero3_phases.json]
+    .venv/bin/python benchmarks/zero3_phases.py [--workers 1 2] [--resolution 256] [--precision bf16] [--method lora]
+        [--out benchmarks/results/zero3_phases.json]
+
+A case other than fp32 full fine-tuning merges its rows into the results file beside the others.
 """
 
 from __future__ import annotations
@@ -74,7 +77,12 @@ def worker(rank: int, world: int, port: int, settings: dict, out: str) -> None:
     base = plan_memory.rss()
     torch.manual_seed(0)
     unet = lay.build_denoiser().train()
-    cfg = TrainConfig(zero_stage=3, mixed_precision="fp32", num_workers=world, learning_rate=1e-4)
+    if s.method == "lora":
+        plan.add_lora(lay.family, unet, {}, s)
+        if s.mixed_precision == "bf16":
+            engine.freeze_to(unet, torch.bfloat16)
+    cfg = TrainConfig(zero_stage=3, mixed_precision=s.mixed_precision, num_workers=world, method=s.method,
+                      learning_rate=1e-4)
     ds = engine.initialize(engine.DreamBoothModel(unet, family=lay.family), cfg, torch.device("cpu"))
     g = torch.Generator().manual_seed(rank)
     channels, side = lay.latent_shape(s.resolution)
@@ -90,15 +98,15 @@ def worker(rank: int, world: int, port: int, settings: dict, out: str) -> None:
                       "after_mb": round((plan_memory.rss() - base) / MB, 1)}
         reset()
 
-    def gathered():  # parameters whose full data is present now
-        return round(sum(p.ds_numel for p in ds.module.parameters() if p.data.numel() > 0) * 4 / MB, 1)
+    def gathered():  # bytes of the parameters whose full data is present now
+        return round(sum(p.ds_numel * p.element_size() for p in ds.module.parameters() if p.data.numel() > 0) / MB, 1)
 
     for k in range(2):  # the first step records DeepSpeed's trace of the modules; the second runs by it
         reset()
         x = torch.randn(s.rows, channels, side, side, generator=g)
         cond = {"encoder_hidden_states": torch.randn(s.rows, 77, plan_memory.CLIP["hidden_size"], generator=g)}
         loss, _, _ = engine.denoise_loss(ds, x, torch.full((s.rows,), 500), torch.randn(x.shape, generator=g),
-                                         s.batch_size, 1.0, torch.device("cpu"), None, **cond)
+                                         s.batch_size, 1.0, torch.device("cpu"), engine.autocast_dtype(cfg), **cond)
         rec[f"step{k}_gathered_after_forward_mb"] = gathered()
         mark(f"step{k}_forward")
         ds.backward(loss)
@@ -107,10 +115,12 @@ def worker(rank: int, world: int, port: int, settings: dict, out: str) -> None:
             rec["storages_after_backward"] = storages(ds)
         mark(f"step{k}_backward")
         ds.step()
+        rec[f"step{k}_gathered_after_step_mb"] = gathered()
         mark(f"step{k}_step")
     persistent = [p for p in ds.module.parameters() if getattr(p, "ds_persist", False)]
-    rec.update(persistent_mb=round(sum(p.ds_numel for p in persistent) * 4 / MB, 1), persistent_params=len(persistent),
-               model_mb=round(sum(p.ds_numel for p in ds.module.parameters()) * 4 / MB, 1))
+    rec.update(persistent_mb=round(sum(p.ds_numel * p.element_size() for p in persistent) / MB, 1),
+               persistent_params=len(persistent),
+               model_mb=round(sum(p.ds_numel * p.element_size() for p in ds.module.parameters()) / MB, 1))
     Path(out, f"{rank}.json").write_text(json.dumps(rec))
     dist.destroy_process_group()
 
@@ -119,24 +129,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--resolution", type=int, default=256)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--method", default="full", choices=["full", "lora"])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "zero3_phases.json"))
     args = ap.parse_args()
     import torch.multiprocessing as mp
 
     from dreambooth_ray import plan
 
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = plan_memory.MMAP_THRESHOLD
+    os.environ.update(plan_memory.ENV)  # read by the spawned workers' malloc and oneDNN
     planner = plan.Planner(plan_memory.layout(), cache_dir=tempfile.mkdtemp())
     rows = []
     for world in args.workers:
-        s = plan.Settings(resolution=args.resolution, zero_stage=3, num_workers=world, mixed_precision="fp32",
-                          checkpoint_async=False)
+        s = plan.Settings(resolution=args.resolution, zero_stage=3, num_workers=world, mixed_precision=args.precision,
+                          method=args.method, checkpoint_async=False)
         with tempfile.TemporaryDirectory() as tmp:
             mp.start_processes(worker, args=(world, plan_memory.free_port(), asdict(s), tmp), nprocs=world,
                                start_method="spawn")
             ranks = [json.loads(Path(tmp, f"{r}.json").read_text()) for r in range(world)]
         p = planner.plan(s, gpu=False)
-        row = {"workers": world, "resolution": args.resolution, "ranks": ranks,
+        row = {"workers": world, "resolution": args.resolution, "mixed_precision": args.precision,
+               "method": args.method, "ranks": ranks,
                "planned_mb": {k: round(getattr(p.device, k) / MB, 1) for k in plan.PARTS} | {"total": round(p.device.total / MB, 1)},
                "activations_traced_mb": round(planner.trace(s).peak(0) / MB, 1)}
         rows.append(row)
@@ -144,6 +157,11 @@ def main() -> None:
         print(f"{world} worker(s): peak {peak:.0f} MB over the second step, planned {row['planned_mb']['total']:.0f} MB; "
               + ", ".join(f"{k[6:]} {v['peak_mb']:.0f}" for k, v in ranks[0].items() if k.startswith("step1_") and isinstance(v, dict)),
               flush=True)
+    case = ("workers", "resolution", "mixed_precision", "method")
+    if Path(args.out).exists():  # merge: other cases' rows as they were (rows before this field: fp32 full)
+        old = [{"mixed_precision": "fp32", "method": "full", **r} for r in json.loads(Path(args.out).read_text())["rows"]]
+        new = {tuple(r[k] for k in case): r for r in rows}
+        rows = [new.pop(tuple(r[k] for k in case), r) for r in old] + list(new.values())
     Path(args.out).write_text(json.dumps({"layout": {"unet": plan_memory.UNET}, "rows": rows}, indent=1) + "\n")
     print(f"-> {args.out}")
 
