@@ -1,7 +1,7 @@
 """The memory plan against one GPU: SD 1.5 (512 px) and SDXL (1024 px) real architectures, random weights.
 
     source .gpu/setup.sh && python3 benchmarks/plan_gpu.py [--cases NAME,...] [--steps 5]
-    .venv/bin/python benchmarks/plan_gpu.py --traces-only    # here, on the CPU: fill the trace cache
+    .venv/bin/python benchmarks/plan_gpu.py --traces-only    # here, on the CPU: the plans alone
     .venv/bin/python benchmarks/plan_gpu.py --tiny           # here: the same code path on a tiny UNet
 
 Issue 31's GPU check. For each case, in a fresh process (one rank, NCCL; so each starts from an empty
@@ -11,9 +11,8 @@ checkpointing), wrapped by `engine.initialize` (DeepSpeed, the product's config)
 step and `--steps` timed steps on fixed conditioning (`plan._conditioning`: what the encode task would
 hand the workers). Recorded: `torch.cuda.max_memory_allocated` over the whole run (the plan's device
 total less its CUDA context, which the allocator does not count), the allocator's reserved peak, the
-peak of the timed steps alone, and steps/s. The plan is `Planner.plan(gpu=True)`; its traces come from
-`--trace-cache` (default benchmarks/results/plan_gpu_traces/, filled here with `--traces-only`, about
-1 min per SDXL case on 2 CPUs), so the GPU machine spends no time tracing.
+peak of the timed steps alone, and steps/s. The plan is `Planner.plan(gpu=True)`, traced by this code
+(2-11 s a case on 2 CPUs; `--traces-only` prints the plans alone).
 
 Output: benchmarks/results/plan_gpu.json (one row per case; a case that fails, an OOM included, is a row
 with its error and the peak reached). Budget: ~30 s a case on an H100 (process start, DeepSpeed, the
@@ -27,6 +26,7 @@ import json
 import os
 import socket
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -151,7 +151,6 @@ def worker(rank: int, case: str, steps: int, tiny: bool, port: int, out: str) ->
 def measure(case: str, steps: int, tiny: bool, timeout: float) -> dict:
     """One case in a fresh process (the GPU empty at its start and after it)."""
     import subprocess
-    import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp, "row.json")
@@ -182,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cases", default=",".join(CASES), help="comma-separated, from: " + ", ".join(CASES))
     ap.add_argument("--steps", type=int, default=5, help="timed steps after the first")
     ap.add_argument("--timeout", type=float, default=150, help="seconds a case may take")
-    ap.add_argument("--trace-cache", default=str(RESULTS / "plan_gpu_traces"))
+    ap.add_argument("--trace-cache", default=None, help="default: a new temporary folder (traces of this code)")
     ap.add_argument("--traces-only", action="store_true", help="trace every case's plan here (CPU) and stop")
     ap.add_argument("--tiny", action="store_true", help="a tiny UNet on the CPU: checks the code path, measures nothing")
     ap.add_argument("--out", default=None)
@@ -191,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         ap.error(f"--cases: unknown {', '.join(unknown)} (known: {', '.join(CASES)})")
-    cache = Path(args.trace_cache)
+    cache = Path(args.trace_cache or tempfile.mkdtemp(prefix="plan-traces-"))
     if args.traces_only:
         for c in cases:
             t0 = time.perf_counter()
