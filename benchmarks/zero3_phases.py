@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +65,6 @@ def worker(rank: int, world: int, port: int, settings: dict, out: str) -> None:
     import torch.distributed as dist
 
     from dreambooth_ray import engine, plan
-    from dreambooth_ray.spec import TrainConfig
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -75,15 +74,7 @@ def worker(rank: int, world: int, port: int, settings: dict, out: str) -> None:
     s, lay = plan.Settings(**settings), plan_memory.layout()
     plan_memory.warm_up(lay, s)
     base = plan_memory.rss()
-    torch.manual_seed(0)
-    unet = lay.build_denoiser().train()
-    if s.method == "lora":
-        plan.add_lora(lay.family, unet, {}, s)
-        if s.mixed_precision == "bf16":
-            engine.freeze_to(unet, torch.bfloat16)
-    cfg = TrainConfig(zero_stage=3, mixed_precision=s.mixed_precision, num_workers=world, method=s.method,
-                      learning_rate=1e-4)
-    ds = engine.initialize(engine.DreamBoothModel(unet, family=lay.family), cfg, torch.device("cpu"))
+    ds, cfg = plan_memory.build(lay, replace(s, zero_stage=3), world)
     g = torch.Generator().manual_seed(rank)
     channels, side = lay.latent_shape(s.resolution)
     rec: dict = {}
