@@ -167,11 +167,12 @@ def sampler_scheduler(model_scheduler, kind: str):
     return DPMSolverMultistepScheduler.from_config(model_scheduler.config, algorithm_type="dpmsolver++")
 
 
-def load_sr_components(ref: str, s3: S3Settings | None = None, skip: frozenset = frozenset()):
+def load_sr_components(ref: str, s3: S3Settings | None = None, skip: frozenset = frozenset(), partitioned=None):
     """An SR model's parts, as its family loads them: DeepFloyd IF stage II (6 input channels: noisy
     image + upsampled low-res image; T5 text) or the Stable Diffusion x4 upscaler (7: noisy latents +
     low-res image; CLIP text, a VAE). `image_noising_scheduler` is the schedule that noise-augments the
-    low-res input in both. `skip`: parts not to load (None in the dict), as for `load_components`."""
+    low-res input in both. `skip`: parts not to load (None in the dict), `partitioned`: the UNet's loader
+    (engine.partitioned_loader: built sharded under ZeRO-3), as for `load_components`."""
     from diffusers import UNet2DConditionModel
 
     from . import families
@@ -184,7 +185,7 @@ def load_sr_components(ref: str, s3: S3Settings | None = None, skip: frozenset =
             raise ModelError(f"sr.model {ref!r}: its UNet is not a super-resolution UNet (6 or 7 input channels, "
                              "noise-level class labels)")
         fam = families.X4 if unet["in_channels"] == 7 else families.IF_STAGE_II
-        return fam.load_parts(path, skip=frozenset(skip))
+        return fam.load_parts(path, partitioned, skip=frozenset(skip))
     except OSError as e:
         raise ModelError(f"sr.model {ref!r}: cannot load an IF stage II or x4 upscaler pipeline ({e})") from None
 

@@ -108,8 +108,9 @@ def train_subject(config: dict, rank: int) -> dict:
         phase("encode")
     frozen = encode.load(Storage(spec.storage, spec.s3), spec, config["run_name"])
     skipped = sorted(encode.needed(spec, stage)) if frozen is not None else []
-    parts = (models.load_sr_components(spec.sr.model, spec.s3, skip=skipped) if stage == "sr"
-             else models.load_components(spec.model, spec.s3, engine.partitioned_loader(cfg), skip=skipped))
+    loader = engine.partitioned_loader(cfg)  # ZeRO-3: the trained UNet or transformer built sharded
+    parts = (models.load_sr_components(spec.sr.model, spec.s3, skip=skipped, partitioned=loader) if stage == "sr"
+             else models.load_components(spec.model, spec.s3, loader, skip=skipped))
     phase("model_load")
     if stage == "sr":
         eng = sr.build(parts, instance, classes, subject.instance_text, subject.class_text, cfg, spec.sr,

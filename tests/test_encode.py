@@ -178,3 +178,27 @@ def test_an_sr_worker_given_the_frozen_inputs_builds_no_text_encoder_or_vae_and_
         assert a.step(step).tolist() == b.step(step).tolist(), step
     wa, wb = a.ds.module.state_dict(), b.ds.module.state_dict()
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_an_sr_unet_under_zero3_is_built_sharded_and_trains_as_the_whole_load(group, tmp_path, toy_images):
+    """The SR stage under ZeRO-3 loads its UNet as the base stage does (engine.partitioned_loader): built
+    sharded (DeepSpeed's partitioned parameters before the engine exists), not whole on each worker; and
+    its steps are those of the UNet loaded whole, bit for bit (one worker: the shard is the parameter)."""
+    from dreambooth_ray import engine, sr
+    from dreambooth_ray.images import load_subject_images
+
+    spec = parse_spec(tiny_spec(str(tmp_path / "store"), str(toy_images), prior={"enabled": False},
+                                sr={"enabled": True, "model": "tiny-sr", "input_resolution": 16, "output_resolution": 64,
+                                    "learning_rate": 1e-3, "mixed_precision": "fp32", "zero_stage": 3}))
+    subject, cfg = spec.subjects[0], spec.stage_train("sr")
+    photos = [p.image for p in load_subject_images(subject.images, 64, None, quiet=True)]
+    sharded = models.load_sr_components("tiny-sr", partitioned=engine.partitioned_loader(cfg))
+    assert all(hasattr(p, "ds_id") for p in sharded["unet"].parameters())  # ZeRO-3's, from construction
+    whole = models.load_sr_components("tiny-sr")
+    assert not any(hasattr(p, "ds_id") for p in whole["unet"].parameters())
+    torch.manual_seed(cfg.seed)
+    a = sr.build(sharded, photos, [], subject.instance_text, subject.class_text, cfg, spec.sr, 16, CPU)
+    torch.manual_seed(cfg.seed)
+    b = sr.build(whole, photos, [], subject.instance_text, subject.class_text, cfg, spec.sr, 16, CPU)
+    for step in range(3):  # a wrong load (other weights, an unshared shard) moves the losses at once
+        assert a.step(step).tolist() == b.step(step).tolist(), step
