@@ -436,8 +436,12 @@ def pack_groups(spec: JobSpec, storage: Storage, fresh: list[tuple[str, str]]) -
     at = {member: i for i, member in enumerate(fresh)}
     groups, taken = [], set()
     for name, _ in fresh:
-        rec = storage.read_json("outputs", spec.name, name, PACK_RECORD) or {}
-        members = [tuple(m) for m in rec.get("members", [])]
+        rec = storage.read_json("outputs", spec.name, name, PACK_RECORD)
+        listed = rec.get("members") if isinstance(rec, dict) else None
+        if not isinstance(listed, list) or not all(isinstance(m, list) and len(m) == 2
+                                                   and all(isinstance(x, str) for x in m) for m in listed):
+            continue  # none, or not one we wrote: the subject is grouped by position
+        members = [tuple(m) for m in listed]
         idx = [at.get(m) for m in members]
         if (members and None not in idx and not taken & set(idx) and len(members) <= spec.train.pack
                 and rec.get("pack") == pack_name(spec, [r for _, r in members])):

@@ -339,6 +339,9 @@ def test_a_rerun_packs_the_subjects_of_a_started_pack_together_again(tmp_path):
     storage.write_json({"pack": "pack-other", "members": [list(fresh[1]), list(fresh[2])]}, "outputs", "t", "b",
                        job.PACK_RECORD)
     assert job.pack_groups(spec, storage, fresh) == [[0, 1], [2, 3]]
+    for bad in ([1, 2], {"pack": started, "members": [7, None]}, {"pack": started, "members": [[["a"], "b"]]}):
+        storage.write_json(bad, "outputs", "t", "a", job.PACK_RECORD)  # not a record it wrote: ignored, no crash
+        assert job.pack_groups(spec, storage, fresh) == [[0, 1], [2, 3]]
 
     # A subject whose solo run (pack: 1) left a complete checkpoint resumes it alone: it is not packed.
     step = tmp_path / "store" / "checkpoints" / "t" / fresh[3][1] / "step-2"
