@@ -59,7 +59,7 @@ def test_traced_step_is_the_measured_step_with_and_without_checkpointing(planner
 @pytest.mark.parametrize("stage,workers,ck", [(0, 1, False), (2, 1, True), (2, 2, False)])
 def test_plan_is_the_measured_deepspeed_step(planner, stage, workers, ck):
     """A whole step (engine.initialize: DeepSpeed + torch AdamW, gloo workers): plan vs VmHWM.
-    Measured at 512 px, ZeRO 0-2 fp32: 0.92-1.05 of the plan; bf16 autocast 1.12 (README); 12% here.
+    Measured at 512 px, ZeRO 0-2 fp32: 0.92-1.05 of the plan; bf16 autocast 0.95-1.08 (README, oneDNN cache off); 12% here.
     ZeRO-3: test_plan_models_what_zero3_holds."""
     s = settings(zero_stage=stage, num_workers=workers, gradient_checkpointing=ck)
     planned = planner.plan(s, gpu=False).device.total
