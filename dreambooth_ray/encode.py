@@ -77,15 +77,9 @@ def _metadata(blob: bytes) -> dict:
 
 
 @ray.remote(num_cpus=0)
-def encode_task(spec: JobSpec, subject: Subject, run: str, prior_key: str | None, stage: str = "base") -> dict:
-    """Compute and store a run's frozen inputs (GPU when the task is given one)."""
-    return encode_runs(spec, [(subject, run, prior_key)], stage)
-
-
-@ray.remote(num_cpus=0)
-def encode_pack_task(spec: JobSpec, runs: list[tuple[Subject, str, str | None]]) -> dict:
-    """A pack's subjects' frozen inputs, the frozen parts loaded once for all of them."""
-    return encode_runs(spec, runs)
+def encode_task(spec: JobSpec, runs: list[tuple[Subject, str, str | None]], stage: str = "base") -> dict:
+    """encode_runs in a Ray task: one run's frozen inputs, or a pack's, the frozen parts loaded once."""
+    return encode_runs(spec, runs, stage)
 
 
 def encode_runs(spec: JobSpec, runs: list[tuple[Subject, str, str | None]], stage: str = "base") -> dict:

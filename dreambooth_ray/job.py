@@ -510,8 +510,7 @@ def pack_task(spec: JobSpec, subjects: list[Subject], identity: str, use_gpu: bo
     if todo and not in_lane:
         for m in todo:
             m["reporter"].say(f"encoding the prompts and images with the frozen {', '.join(sorted(encode.needed(spec)))}")
-        ray.get(encode.encode_pack_task.options(num_gpus=1 if use_gpu else 0).remote(
-            spec, [(m["subject"], m["run_name"], m["prior_key"]) for m in todo]))
+        ray.get(encode.encode_task.remote(spec, [(m["subject"], m["run_name"], m["prior_key"]) for m in todo]))
         timeline["encode"] = (time.perf_counter() - t1) / len(members)  # each subject's share
     train_start = time.time()
     if spec.samples.validation_every:
@@ -564,7 +563,7 @@ def _encode(spec: JobSpec, storage: Storage, subject: Subject, run: str, prior_k
         return True
     t1 = time.perf_counter()
     reporter.say(f"encoding the prompts and images with the frozen {frozen}")
-    done = ray.get(encode.encode_task.remote(spec, subject, run, prior_key, stage))
+    done = ray.get(encode.encode_task.remote(spec, [(subject, run, prior_key)], stage))
     timeline["encode"] = timeline.get("encode", 0.0) + time.perf_counter() - t1
     for key in ("bytes_written", "bytes_read"):
         timeline[key] = timeline.get(key, 0) + done[key]

@@ -72,7 +72,7 @@ def test_a_lane_that_encodes_first_stores_what_the_encode_task_stores(ray_cluste
     storage, subject = Storage(spec.storage), spec.subjects[0]
     in_lane = train.fit(spec, subject, storage, "in-lane", None, False, encode_here=True)
     assert in_lane.metrics["parts_not_loaded"] == sorted(encode.needed(spec)) == ["text_encoder", "vae"]
-    ray.get(encode.encode_task.remote(spec, subject, "by-task", None))  # a Ray worker, as the lane (1 thread)
+    ray.get(encode.encode_task.remote(spec, [(subject, "by-task", None)]))  # a Ray worker, as the lane (1 thread)
     a, b = (load(storage.read_bytes(*encode.where(spec, run))) for run in ("in-lane", "by-task"))
     assert set(a) == set(b) >= {"instance", "conditioning.encoder_hidden_states"}
     assert all(torch.equal(a[k], b[k]) for k in a)
